@@ -1,0 +1,5 @@
+"""Allow ``python -m bpstream``."""
+
+from bpstream.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The deployables: one sub-package per service (bridge, processor, inference, alerting, writer)."""

@@ -1,0 +1,70 @@
+"""The InfluxDB schema (measurements, tags, fields) and line-protocol encoding of bpstream's points.
+
+Every point is identified by its measurement, tags and timestamp, so writing the same estimate or alert
+twice (a replay, a restart) overwrites the point instead of duplicating it. Timestamps are nanoseconds.
+
+Measurements (documented for Grafana in docs/INFLUX_SCHEMA.md):
+
+``bp_estimate``   tags clinic, device            time = window end (device time)
+                  fields sbp, dbp, sbp_sd, dbp_sd (mmHg), anomaly_prob, sqi (0-1), quality_ok (0/1),
+                  latency_ms (bridge receipt of the newest chunk -> estimate), model_version (string)
+``bp_alert``      tags clinic, device, kind, severity     time = the event (window end)
+                  fields state ("raised"/"resolved"), active (1 raised, 0 resolved), sbp, dbp,
+                  n_windows, confidence, alert_id, message
+``signal_quality`` tags clinic, device           time = window end
+                  fields sqi_ecg, sqi_ppg, quality_ok (0/1), gap_fraction
+``signal_gap``    tags clinic, device            time = device time where the gap starts
+                  fields missing_chunks, seq_from, seq_to
+``dead_letter``   tags stage, reason             time = receipt time (ns, unique per record)
+                  fields count (1), source
+``pipeline``      tags service, instance         time = sample time
+                  fields consumer_lag (messages), lag_ms, processed, rate_per_s
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+MEASUREMENT_ESTIMATE = "bp_estimate"
+MEASUREMENT_ALERT = "bp_alert"
+MEASUREMENT_QUALITY = "signal_quality"
+MEASUREMENT_GAP = "signal_gap"
+MEASUREMENT_DEAD_LETTER = "dead_letter"
+MEASUREMENT_PIPELINE = "pipeline"
+
+FieldValue = float | int | bool | str
+
+
+def _escape_key(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ")
+
+
+def _escape_measurement(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", r"\,").replace(" ", r"\ ")
+
+
+def _field(value: FieldValue) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value}i"
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else repr(value)
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+    return f'"{escaped}"'
+
+
+def line(measurement: str, tags: Mapping[str, str], fields: Mapping[str, FieldValue | None], time_ns: int) -> str:
+    """One line-protocol point. Non-finite floats and None fields are left out; tags are sorted."""
+    tag_part = "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in sorted(tags.items()) if v != "")
+    rendered = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = _field(value)
+        if text is not None:
+            rendered.append(f"{_escape_key(key)}={text}")
+    if not rendered:
+        raise ValueError(f"point {measurement} at {time_ns} has no finite field")
+    return f"{_escape_measurement(measurement)}{tag_part} {','.join(rendered)} {int(time_ns)}"

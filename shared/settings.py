@@ -1,0 +1,94 @@
+"""Typed, frozen settings read from the environment, validated at start and logged once (secrets masked).
+
+Connection settings are shared (``BPSTREAM_KAFKA_*``, ``BPSTREAM_MQTT_*``, ``BPSTREAM_INFLUX_*``); each
+service adds its own settings class with its own prefix (``BPSTREAM_BRIDGE_*``, ...) built on
+``ServiceSettings``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class _Frozen(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+
+class KafkaSettings(_Frozen):
+    """How to reach Kafka."""
+
+    model_config = SettingsConfigDict(env_prefix="BPSTREAM_KAFKA_", frozen=True, extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    #: Prepended to every topic name (tests give each test its own prefix).
+    topic_prefix: str = ""
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    request_timeout_ms: int = 30_000
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments common to aiokafka producers, consumers and admin clients."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        return kwargs
+
+
+class MqttSettings(_Frozen):
+    """How to reach the MQTT broker."""
+
+    model_config = SettingsConfigDict(env_prefix="BPSTREAM_MQTT_", frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    keepalive_s: int = 30
+
+
+class InfluxSettings(_Frozen):
+    """How to reach InfluxDB (v1 HTTP API: /write and /query)."""
+
+    model_config = SettingsConfigDict(env_prefix="BPSTREAM_INFLUX_", frozen=True, extra="ignore")
+
+    url: str = "http://127.0.0.1:8086"
+    database: str = "bpstream"
+    username: str | None = None
+    password: SecretStr | None = None
+    retention_policy: str | None = None
+    timeout_s: float = 10.0
+
+
+class ServiceSettings(_Frozen):
+    """Settings every service has. Subclass with ``model_config = SettingsConfigDict(env_prefix=...)``."""
+
+    log_level: str = "INFO"
+    log_json: bool = True
+    #: Port for Prometheus metrics and /healthz (0 disables; bound to ``metrics_host``).
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    influx: InfluxSettings = Field(default_factory=InfluxSettings)
+
+
+def log_settings(settings: BaseSettings, name: str) -> None:
+    """Log the effective settings once at start; SecretStr values print as '**********'."""
+    log.info("settings", extra={"service": name, "settings": settings.model_dump(mode="json")})

@@ -1,0 +1,76 @@
+"""MQTT topic layout and Kafka topic names, in one place.
+
+Devices publish to ``bpstream/<clinic>/<device>/signals`` and announce presence (and their last will) on
+``bpstream/<clinic>/<device>/status``. Bridges read the signals through an MQTT 5 shared subscription so
+several bridges split the load.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MQTT_ROOT = "bpstream"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def mqtt_signals_topic(clinic_id: str, device_id: str) -> str:
+    """Topic a device publishes its signal chunks to."""
+    return f"{MQTT_ROOT}/{clinic_id}/{device_id}/signals"
+
+
+def mqtt_status_topic(clinic_id: str, device_id: str) -> str:
+    """Topic for a device's online/offline status (retained, also its MQTT last will)."""
+    return f"{MQTT_ROOT}/{clinic_id}/{device_id}/status"
+
+
+MQTT_SIGNALS_WILDCARD = f"{MQTT_ROOT}/+/+/signals"
+MQTT_STATUS_WILDCARD = f"{MQTT_ROOT}/+/+/status"
+
+
+def mqtt_shared_subscription(group: str, topic_filter: str = MQTT_SIGNALS_WILDCARD) -> str:
+    """MQTT 5 shared subscription filter: each message goes to one member of ``group``."""
+    return f"$share/{group}/{topic_filter}"
+
+
+def parse_signals_topic(topic: str) -> tuple[str, str]:
+    """Return ``(clinic_id, device_id)`` of a signals topic or raise ``ValueError``."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != MQTT_ROOT or parts[3] != "signals":
+        raise ValueError(f"not a signals topic: {topic!r}")
+    clinic_id, device_id = parts[1], parts[2]
+    if not ID_PATTERN.match(clinic_id) or not ID_PATTERN.match(device_id):
+        raise ValueError(f"bad clinic or device id in topic {topic!r}")
+    return clinic_id, device_id
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaTopic:
+    """A Kafka topic the system creates explicitly before any service starts."""
+
+    name: str
+    partitions: int
+    #: Retention in milliseconds (-1 keeps forever).
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    compacted: bool = False
+
+
+#: Raw signal chunks from the bridge, keyed by device id.
+SIGNALS_RAW = KafkaTopic("signals.raw", partitions=6)
+#: Anything malformed, at any hop, with the reason and the original bytes.
+SIGNALS_DLQ = KafkaTopic("signals.dlq", partitions=1, retention_ms=30 * 24 * 3600 * 1000)
+#: Model-ready windows from the processor, keyed by device id.
+WINDOWS = KafkaTopic("windows", partitions=6)
+#: Blood-pressure estimates from inference, keyed by device id.
+ESTIMATES = KafkaTopic("estimates", partitions=6)
+#: Alerts raised and resolved by alerting, keyed by device id.
+ALERTS = KafkaTopic("alerts", partitions=3, retention_ms=90 * 24 * 3600 * 1000)
+#: Signal quality and gap events from the processor (for InfluxDB), keyed by device id.
+QUALITY = KafkaTopic("quality", partitions=3)
+
+ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY)
+
+
+def topic_name(topic: KafkaTopic, prefix: str = "") -> str:
+    """The topic's name with an optional prefix (tests use a unique prefix per test)."""
+    return f"{prefix}{topic.name}"

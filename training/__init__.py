@@ -1,0 +1,1 @@
+"""Training, subject-independent validation, export and benchmarks of the ResNet-LSTM."""
