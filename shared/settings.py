@@ -28,6 +28,7 @@ class KafkaSettings(_Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
     #: Prepended to every topic name (tests give each test its own prefix).
     topic_prefix: str = ""
+    replication_factor: int = 1
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

@@ -1,0 +1,197 @@
+"""Kafka building blocks every service uses: topic creation, an idempotent producer, a manual-commit consumer,
+and dead-lettering.
+
+Both clients are async context managers around aiokafka. Kafka errors that aiokafka marks retriable become
+``TransientError`` so ``retry_async`` can retry them; everything else propagates as ``KafkaClientError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import RecordMetadata
+
+from bpstream.shared.errors import BpstreamError, TransientError
+from bpstream.shared.messages import DeadLetter, encode_json
+from bpstream.shared.settings import KafkaSettings
+from bpstream.shared.topics import SIGNALS_DLQ, KafkaTopic, topic_name
+
+log = logging.getLogger(__name__)
+
+
+class KafkaClientError(BpstreamError):
+    """A Kafka error that retrying will not fix."""
+
+    reason = "kafka"
+
+
+def translate_kafka_error(exc: KafkaError) -> BpstreamError:
+    """Map an aiokafka error to the project's errors, keeping aiokafka's retriable flag."""
+    if getattr(exc, "retriable", False):
+        return TransientError(f"kafka: {exc!r}", reason="kafka_retriable")
+    return KafkaClientError(f"kafka: {exc!r}")
+
+
+async def ensure_topics(settings: KafkaSettings, topics: Iterable[KafkaTopic]) -> list[str]:
+    """Create the topics that do not exist yet (with the prefix from settings); return the names created."""
+    admin = AIOKafkaAdminClient(**settings.client_kwargs())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in topics if topic_name(t, settings.topic_prefix) not in existing]
+        if not wanted:
+            return []
+        new = []
+        for t in wanted:
+            configs = {"retention.ms": str(t.retention_ms)}
+            if t.compacted:
+                configs["cleanup.policy"] = "compact"
+            new.append(NewTopic(topic_name(t, settings.topic_prefix), t.partitions, settings.replication_factor,
+                                topic_configs=configs))
+        try:
+            await admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            pass  # another process created them between list and create
+        created = [n.name for n in new]
+        log.info("created topics", extra={"topics": created})
+        return created
+    finally:
+        await admin.close()
+
+
+class KafkaProducer:
+    """Idempotent producer (acks=all): a send returns only once Kafka has the record."""
+
+    def __init__(self, settings: KafkaSettings, *, linger_ms: int = 5, max_request_size: int = 4 * 1024 * 1024,
+                 **extra: Any) -> None:
+        self.settings = settings
+        self._producer = AIOKafkaProducer(
+            **settings.client_kwargs(),
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=linger_ms,
+            max_request_size=max_request_size,
+            **extra,
+        )
+
+    def topic(self, topic: KafkaTopic) -> str:
+        return topic_name(topic, self.settings.topic_prefix)
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def send(self, topic: KafkaTopic, value: bytes, key: str | bytes | None = None,
+                   timestamp_ms: int | None = None) -> RecordMetadata:
+        """Send one record and wait until Kafka acknowledged it."""
+        key_bytes = key.encode() if isinstance(key, str) else key
+        try:
+            fut = await self._producer.send(self.topic(topic), value, key=key_bytes, timestamp_ms=timestamp_ms)
+            return await fut
+        except KafkaError as exc:
+            raise translate_kafka_error(exc) from exc
+
+    async def send_many(self, records: Sequence[tuple[KafkaTopic, bytes, str | bytes | None]]) -> list[RecordMetadata]:
+        """Send records without waiting on each; return once all of them are acknowledged (order per key kept)."""
+        futures = []
+        try:
+            for topic, value, key in records:
+                key_bytes = key.encode() if isinstance(key, str) else key
+                futures.append(await self._producer.send(self.topic(topic), value, key=key_bytes))
+            return [await f for f in futures]
+        except KafkaError as exc:
+            raise translate_kafka_error(exc) from exc
+
+    async def dead_letter(self, *, stage: str, reason: str, detail: str, source: str, payload: bytes,
+                          key: str | None = None, partition: int | None = None, offset: int | None = None) -> None:
+        """Send a dead-letter record (reason and original bytes) to ``signals.dlq``, keyed by ``stage``."""
+        record = DeadLetter(stage=stage, reason=reason, detail=detail[:1000], source=source, payload=payload,
+                            key=key, partition=partition, offset=offset, received_ns=time.time_ns())
+        await self.send(SIGNALS_DLQ, encode_json(record), key=stage)
+
+
+class KafkaConsumer:
+    """Consumer-group member with manual commits: commit only after the outputs were accepted downstream."""
+
+    def __init__(self, settings: KafkaSettings, topics: Sequence[KafkaTopic], group_id: str, *,
+                 max_poll_records: int = 500, auto_offset_reset: str = "earliest", **extra: Any) -> None:
+        self.settings = settings
+        self.topic_names = [topic_name(t, settings.topic_prefix) for t in topics]
+        self._consumer = AIOKafkaConsumer(
+            *self.topic_names,
+            **settings.client_kwargs(),
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset,
+            max_poll_records=max_poll_records,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            **extra,
+        )
+
+    @property
+    def client(self) -> AIOKafkaConsumer:
+        return self._consumer
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def getmany(self, timeout_ms: int, max_records: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
+        """Fetch up to ``max_records`` records across partitions, waiting at most ``timeout_ms``."""
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        return [record for records in batches.values() for record in records]
+
+    async def commit_records(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
+        """Commit, per partition, the offset after the highest record given."""
+        offsets: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        if offsets:
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:
+                raise translate_kafka_error(exc) from exc
+
+    async def lag(self) -> int:
+        """Total messages between the committed/consumed position and the end of the assigned partitions."""
+        assigned = list(self._consumer.assignment())
+        if not assigned:
+            return 0
+        ends = await self._consumer.end_offsets(assigned)
+        total = 0
+        for tp in assigned:
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError:
+                continue
+            total += max(0, ends[tp] - position)
+        return total
