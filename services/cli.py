@@ -1,9 +1,74 @@
-"""Commands of this area (filled in by its owner)."""
+"""Commands of the pipeline: one per service, the one-command demo and the pipeline benchmark.
+
+Every service reads its settings from the environment (``BPSTREAM_*``), so the commands take no options;
+``bpstream demo`` and ``bpstream bench pipeline`` start the whole system themselves.
+"""
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import typer
+
+#: ``bpstream <name>`` -> the module whose ``main()`` runs that service.
+SERVICES: dict[str, tuple[str, str]] = {
+    "bridge": ("bpstream.services.bridge.main", "MQTT -> Kafka signals.raw (validates, dead-letters bad input)."),
+    "processor": ("bpstream.services.processor.main",
+                  "Faust: reassemble chunks, filter, score quality, emit model windows."),
+    "inference": ("bpstream.services.inference.main",
+                  "Kafka windows -> batched ResNet-LSTM (TorchScript/ONNX, CPU/GPU) -> estimates."),
+    "alerting": ("bpstream.services.alerting.main", "Kafka estimates -> per-patient alert episodes -> alerts."),
+    "writer": ("bpstream.services.writer.main",
+               "Kafka estimates/alerts/quality/DLQ -> InfluxDB (batched, retried, idempotent)."),
+}
+
+
+def _service_command(module: str, help_text: str) -> typer.models.CommandFunctionType:
+    def command() -> None:
+        importlib.import_module(module).main()
+
+    command.__doc__ = help_text + " Settings come from BPSTREAM_* environment variables; SIGTERM drains."
+    return command
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this area's commands to the ``bpstream`` app and its ``bench`` group."""
+    """Add the service commands, ``demo`` and ``bench pipeline``."""
+    for name, (module, help_text) in SERVICES.items():
+        app.command(name, help=help_text + " Settings from BPSTREAM_* env; SIGTERM drains and exits.")(
+            _service_command(module, help_text))
+
+    @app.command("demo")
+    def demo(
+        patients: int = typer.Option(8, "--patients", min=2, help="Simulated patients (one crisis, one noisy)."),
+        duration: float = typer.Option(120.0, "--duration", min=20.0, help="Simulated seconds of signal."),
+        speed: float = typer.Option(2.0, "--speed", min=0.1, help="Simulation speed (1 = real time)."),
+        report_dir: Path = typer.Option(Path("reports"), "--report-dir", help="Where the report is written."),
+        seed: int = typer.Option(7, "--seed", help="Simulator seed."),
+        live: bool = typer.Option(True, "--live/--no-live", help="Show the live terminal view."),
+    ) -> None:
+        """Run the whole system on a simulated clinic and write a report (the Quick start).
+
+        Starts (or reuses) the local Mosquitto, Kafka and InfluxDB, creates the topics, starts every service,
+        streams a simulated clinic, shows live pressures, quality, alerts and lag, then writes a Markdown
+        report with plots of estimated vs true pressure and an alert timeline, and prints its path.
+        """
+        from bpstream.demo.run import DemoConfig, run_demo
+
+        report = run_demo(DemoConfig(patients=patients, duration_s=duration, speed=speed,
+                                     report_dir=report_dir, seed=seed, live=live))
+        typer.echo(f"report: {report}")
+
+    @bench.command("pipeline")
+    def bench_pipeline(
+        devices: int = typer.Option(100, "--devices", min=1, help="Simulated devices streaming at once."),
+        duration: float = typer.Option(60.0, "--duration", min=10.0, help="Seconds of real-time streaming."),
+        inference_workers: int = typer.Option(1, "--inference-workers", min=1,
+                                               help="Inference processes in the consumer group."),
+        output: Path | None = typer.Option(None, "--output", help="Also write the results as JSON here."),
+    ) -> None:
+        """The whole system in real time: devices sustained, p50/p99 latency, consumer lag, messages lost."""
+        from bpstream.demo.bench import BenchConfig, run_bench
+
+        run_bench(BenchConfig(devices=devices, duration_s=duration, inference_workers=inference_workers,
+                              output=output))

@@ -7,14 +7,19 @@ Measurements (documented for Grafana in docs/INFLUX_SCHEMA.md):
 
 ``bp_estimate``   tags clinic, device            time = window end (device time)
                   fields sbp, dbp, sbp_sd, dbp_sd (mmHg), anomaly_prob, sqi (0-1), quality_ok (0/1),
-                  latency_ms (bridge receipt of the newest chunk -> estimate), model_version (string)
+                  latency_ms (bridge receipt of the newest chunk -> estimate), stored_latency_ms (same
+                  receipt -> handed to InfluxDB by the writer), model_version (string). Windows too poor
+                  to score (quality_ok 0) carry no sbp/dbp/sd/anomaly_prob fields: a visible gap.
 ``bp_alert``      tags clinic, device, kind, severity     time = the event (window end)
                   fields state ("raised"/"resolved"), active (1 raised, 0 resolved), sbp, dbp,
-                  n_windows, confidence, alert_id, message
+                  n_windows, confidence, alert_id, message, started_ns
 ``signal_quality`` tags clinic, device           time = window end
-                  fields sqi_ecg, sqi_ppg, quality_ok (0/1), gap_fraction
+                  fields sqi_ecg, sqi_ppg, quality_ok (0/1), inputs ("ecg+ppg"/"ppg"/"none"),
+                  heart_rate_bpm, problems (comma-separated)
 ``signal_gap``    tags clinic, device            time = device time where the gap starts
-                  fields missing_chunks, seq_from, seq_to
+                  fields missing_chunks, seq_from, seq_to, end_ns
+``stream_event``  tags clinic, device, kind (clock_jump, format_change, stream_reset, window_error)
+                  time = device time of the event's end; fields count (1), seq_first, seq_last, detail
 ``dead_letter``   tags stage, reason             time = receipt time (ns, unique per record)
                   fields count (1), source
 ``pipeline``      tags service, instance         time = sample time
@@ -32,6 +37,7 @@ MEASUREMENT_QUALITY = "signal_quality"
 MEASUREMENT_GAP = "signal_gap"
 MEASUREMENT_DEAD_LETTER = "dead_letter"
 MEASUREMENT_PIPELINE = "pipeline"
+MEASUREMENT_STREAM_EVENT = "stream_event"
 
 FieldValue = float | int | bool | str
 

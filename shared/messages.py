@@ -17,6 +17,7 @@ Every decoder raises ``DecodeError`` (with a stable ``reason``) and nothing else
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -310,6 +311,11 @@ def _decode(data: bytes, kind: type[_S], fmt: str, limit: int) -> _S:
 
 def decode_window(data: bytes) -> Window:
     window = _decode(data, Window, "msgpack", MAX_WINDOW_BYTES)
+    if not window.channels or window.n_samples <= 0 or len(set(window.channels)) != len(window.channels):
+        raise DecodeError("window carries no samples or repeats a channel", reason="empty")
+    if not (math.isfinite(window.sample_rate) and MIN_SAMPLE_RATE <= window.sample_rate <= MAX_SAMPLE_RATE):
+        raise DecodeError(f"window sample rate {window.sample_rate} Hz outside [{MIN_SAMPLE_RATE}, "
+                          f"{MAX_SAMPLE_RATE}]", reason="bad_sample_rate")
     if len(window.samples) != 4 * len(window.channels) * window.n_samples:
         raise DecodeError("window sample bytes do not match channels x n_samples", reason="sample_count_mismatch")
     for name in window.channels:

@@ -68,6 +68,10 @@ ALERTS = KafkaTopic("alerts", partitions=3, retention_ms=90 * 24 * 3600 * 1000)
 #: Signal quality and gap events from the processor (for InfluxDB), keyed by device id.
 QUALITY = KafkaTopic("quality", partitions=3)
 
+#: The alerting service's per-patient detector state, keyed by device id (compacted: latest state per device).
+#: Created by the alerting service at start (it is that service's private state, not part of ALL_TOPICS).
+ALERTING_STATE = KafkaTopic("alerting.state", partitions=3, retention_ms=-1, compacted=True)
+
 ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY)
 
 

@@ -1,9 +1,189 @@
-"""Commands of this area (filled in by its owner)."""
+"""``bpstream simulate ...`` (fleet, replay, dataset, calibrate, scenarios) and ``bpstream bench simulator``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
 import typer
+
+from bpstream.shared.errors import BpstreamError
+
+simulate = typer.Typer(help="The wearable simulator: MQTT fleets, replays of recordings, training datasets.",
+                       no_args_is_help=True)
+
+
+def _broker(url: str | None) -> tuple[str, int, str | None, str | None]:
+    """``mqtt://[user:pass@]host[:port]``; without a URL, the BPSTREAM_MQTT_* settings."""
+    from bpstream.shared.settings import MqttSettings
+
+    settings = MqttSettings()
+    if not url:
+        password = settings.password.get_secret_value() if settings.password else None
+        return settings.host, settings.port, settings.username, password
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
+        raise typer.BadParameter(f"broker URL must look like mqtt://host:port, got {url!r}")
+    password = parsed.password or (settings.password.get_secret_value() if settings.password else None)
+    return parsed.hostname, parsed.port or 1883, parsed.username or settings.username, password
+
+
+def _fail(exc: BpstreamError) -> None:
+    typer.secho(f"error ({exc.reason}): {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@simulate.command("fleet")
+def fleet_cmd(
+    devices: int = typer.Option(10, help="Number of devices."),
+    broker: str = typer.Option(None, help="mqtt://host:port (default: BPSTREAM_MQTT_HOST/PORT)."),
+    speed: float = typer.Option(1.0, help="Chunks of 1 s published every 1/speed s."),
+    duration: float = typer.Option(120.0, help="Device seconds to simulate."),
+    scenario: str = typer.Option("mixed", help="Scenario or mix (see `bpstream simulate scenarios`)."),
+    seed: int = typer.Option(0),
+    clinic: str = typer.Option("clinic-1"),
+    prefix: str = typer.Option("dev", help="Device id prefix."),
+    loss_rate: float = typer.Option(0.0), duplicate_rate: float = typer.Option(0.0),
+    reorder_rate: float = typer.Option(0.0), clock_drift_ppm: float = typer.Option(0.0),
+    reconnect_every: float = typer.Option(None, help="Drop every connection about this often (device s)."),
+    burst_every: float = typer.Option(None, help="Stall the link about this often (device s)..."),
+    burst_len: float = typer.Option(5.0, help="...for this long, then send the backlog at once."),
+    crisis_onset: float = typer.Option(30.0, help="Device second at which crisis/hypotension episodes start."),
+    connections: int = typer.Option(None, help="MQTT connections (default: per device up to 100 devices)."),
+    truth: Path = typer.Option(None, help="Write ground truth (JSON lines) here."),
+) -> None:
+    """Publish a simulated fleet over MQTT v5, QoS 1."""
+    from bpstream.simulators.fleet import FleetConfig, run_fleet
+
+    host, port, user, password = _broker(broker)
+    try:
+        cfg = FleetConfig(host, port, devices=devices, duration_s=duration, speed=speed, clinic_id=clinic,
+                          device_prefix=prefix, scenario=scenario, seed=seed, loss_rate=loss_rate,
+                          duplicate_rate=duplicate_rate, reorder_rate=reorder_rate, clock_drift_ppm=clock_drift_ppm,
+                          reconnect_every_s=reconnect_every, burst_every_s=burst_every, burst_len_s=burst_len,
+                          crisis_onset_s=crisis_onset, connections=connections, truth_path=truth, username=user,
+                          password=password)
+        report = asyncio.run(run_fleet(cfg))
+    except BpstreamError as exc:
+        _fail(exc)
+        return
+    counts: dict[str, int] = {}
+    for name in report.scenarios.values():
+        counts[name] = counts.get(name, 0) + 1
+    typer.echo(json.dumps({
+        "devices": len(report.device_ids), "chunks_per_device": report.chunks_per_device,
+        "published": report.published, "publishes_incl_duplicates": report.publishes,
+        "lost_by_design": sum(len(v) for v in report.lost_by_design.values()),
+        "duplicates": sum(len(v) for v in report.duplicates.values()),
+        "reordered": sum(len(v) for v in report.reordered.values()), "reconnects": report.reconnects,
+        "unacked": report.unacked, "wall_s": round(report.wall_s, 2), "max_lag_s": round(report.max_lag_s, 3),
+        "scenarios": counts}, indent=1))
+
+
+@simulate.command("replay")
+def replay_cmd(
+    data: Path = typer.Option(..., help="MIMIC windows folder (CSV) or a simulator dataset folder."),
+    broker: str = typer.Option(None, help="mqtt://host:port (default: BPSTREAM_MQTT_HOST/PORT)."),
+    speed: float = typer.Option(1.0),
+    clinic: str = typer.Option("replay"),
+    prefix: str = typer.Option("rec"),
+    limit: int = typer.Option(None, help="Replay only the first N records."),
+    truth: Path = typer.Option(None, help="Write the recorded reference (JSON lines) here."),
+) -> None:
+    """Publish recordings as devices so the live pipeline can be compared with the recorded reference."""
+    from bpstream.simulators.replay import load_sources, replay
+
+    host, port, user, password = _broker(broker)
+    try:
+        sources = load_sources(data, prefix, limit)
+        report = asyncio.run(replay(sources, host, port, clinic_id=clinic, speed=speed, truth_path=truth,
+                                    username=user, password=password))
+    except BpstreamError as exc:
+        _fail(exc)
+        return
+    typer.echo(json.dumps({"devices": len(report.device_ids), "published": report.published,
+                           "skipped_gap_chunks": sum(len(v) for v in report.skipped_gaps.values()),
+                           "wall_s": round(report.wall_s, 2)}, indent=1))
+
+
+@simulate.command("dataset")
+def dataset_cmd(
+    subjects: int = typer.Option(60), minutes: float = typer.Option(10.0), seed: int = typer.Option(0),
+    out: Path = typer.Option(..., help="Output folder (manifest.json + one .npz per subject)."),
+    scenario: str = typer.Option("training", help="Scenario or mix for the subjects."),
+) -> None:
+    """Write a training dataset with signals, beat-level ground truth and per-sample labels."""
+    import time
+
+    from bpstream.simulators.dataset import simulate_cohort, write_dataset
+
+    t = time.perf_counter()
+    try:
+        ds = simulate_cohort(subjects, minutes, seed, scenario)
+    except BpstreamError as exc:
+        _fail(exc)
+        return
+    gen_s = time.perf_counter() - t
+    write_dataset(ds, out)
+    typer.echo(f"wrote {len(ds.records)} subjects x {minutes:g} min to {out} "
+               f"(generated in {gen_s:.1f} s, total {time.perf_counter() - t:.1f} s)")
+
+
+@simulate.command("calibrate")
+def calibrate_cmd(
+    data: Path = typer.Option(None, help="MIMIC windows folder (default ../shared/data/mimic3-windows)."),
+    out: Path = typer.Option(Path("docs"), help="Writes SIMULATOR_CALIBRATION.md and figures/ here."),
+    subjects: int = typer.Option(40), seed: int = typer.Option(0),
+) -> None:
+    """Compare simulated and real signals (HR, PAT vs SBP, PPG shape, ECG amplitude, noise): table + PNG."""
+    from bpstream.simulators.calibrate import run_calibration
+
+    try:
+        table = run_calibration(data, out, subjects=subjects, seed=seed)
+    except BpstreamError as exc:
+        _fail(exc)
+        return
+    typer.echo(table)
+
+
+@simulate.command("scenarios")
+def scenarios_cmd() -> None:
+    """List scenarios and mixes."""
+    from bpstream.simulators.scenarios import MIXES, SCENARIOS
+
+    for spec in SCENARIOS.values():
+        typer.echo(f"{spec.name:13s} SBP {spec.sbp_limits[0]:.0f}-{spec.sbp_limits[1]:.0f}  {spec.description}")
+    for name, mix in MIXES.items():
+        typer.echo(f"{name:13s} mix of {', '.join(mix)}")
+    typer.echo("clinic        demo mix: one crisis device, one noisy sensor, the rest normal or hypertensive")
+
+
+def bench_simulator(
+    devices: str = typer.Option("100,1000,5000", help="Device counts for the generation benchmark."),
+    seconds: int = typer.Option(10, help="Device seconds per measurement."),
+    broker: str = typer.Option(None, help="Also publish to this broker (default: the local Mosquitto)."),
+    publish_devices: str = typer.Option("100,1000,2000", help="Device counts for the publishing benchmark."),
+    no_publish: bool = typer.Option(False, help="Only measure generation."),
+) -> None:
+    """Devices generated (and published) in real time per core."""
+    from bpstream.simulators.bench import run_bench
+
+    host = port = None
+    if not no_publish:
+        if broker:
+            host, port, _, _ = _broker(broker)
+        else:
+            from bpstream.localservers import ensure_up
+
+            eps = ensure_up()
+            host, port = eps.mqtt_host, eps.mqtt_port
+    run_bench([int(x) for x in devices.split(",")], seconds, host, port,
+              [int(x) for x in publish_devices.split(",")])
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this area's commands to the ``bpstream`` app and its ``bench`` group."""
+    app.add_typer(simulate, name="simulate")
+    bench.command("simulator")(bench_simulator)

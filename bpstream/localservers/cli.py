@@ -1,9 +1,88 @@
-"""Commands of this area (filled in by its owner)."""
+"""``bpstream services up|down|status|restart|env``: the local Mosquitto, Kafka and InfluxDB servers."""
 
 from __future__ import annotations
 
+import time
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from bpstream.localservers import core, install
+
+console = Console()
+
+
+def _print_endpoints(endpoints: core.ServerEndpoints) -> None:
+    console.print(f"MQTT      mqtt://{endpoints.mqtt_host}:{endpoints.mqtt_port}  (MQTT 5 and 3.1.1, anonymous)")
+    console.print(f"Kafka     {endpoints.kafka_bootstrap}  (Apache Kafka {install.KAFKA_VERSION}, KRaft, PLAINTEXT)")
+    console.print(f"InfluxDB  {endpoints.influx_url}  (v1 HTTP API: /write, /query; no auth)")
+    console.print("Environment for services and tools:")
+    for key, value in endpoints.env().items():
+        console.print(f"  export {key}={value}", highlight=False)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}", highlight=False)
+    return typer.Exit(1)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this area's commands to the ``bpstream`` app and its ``bench`` group."""
+    """Add the ``services`` group to the ``bpstream`` app."""
+    group = typer.Typer(help="Local real servers (Mosquitto, Apache Kafka KRaft, InfluxDB 1.x) on 127.0.0.1.",
+                        no_args_is_help=True)
+    app.add_typer(group, name="services")
+
+    @group.command("up")
+    def up(timeout: float = typer.Option(core.STARTUP_TIMEOUT_S, help="Seconds to wait for each server.")) -> None:
+        """Install what is missing, start the servers (reusing healthy ones) and wait for a real round trip."""
+        began = time.monotonic()
+        try:
+            endpoints, report = core.ensure_up_report(timeout)
+        except (core.ServerError, install.InstallError) as exc:
+            raise _fail(exc) from exc
+        for item in report:
+            how = "reused" if item.reused else "started"
+            console.print(f"{item.name:<10}{how} pid {item.pid}, answered after {item.started_s or 0:.1f} s")
+        console.print(f"All servers answer ({time.monotonic() - began:.1f} s). Data and logs: {core.state_dir()}")
+        _print_endpoints(endpoints)
+
+    @group.command("down")
+    def down(wipe: bool = typer.Option(False, help="Also delete the servers' data.")) -> None:
+        """Stop the servers started from this checkout."""
+        stopped = core.down(wipe=wipe)
+        console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}"
+                      + (" (data wiped)" if wipe else ""))
+
+    @group.command("status")
+    def status() -> None:
+        """Show each server's PID, ports and whether it answers a round trip. Exit 1 if any does not."""
+        table = Table("server", "pid", "ports", "state", "log")
+        items = core.status()
+        for item in items:
+            state = "[green]healthy[/green]" if item.healthy else f"[red]{item.detail}[/red]"
+            ports = ", ".join(f"{k}={v}" for k, v in item.ports.items())
+            table.add_row(item.name, str(item.pid or "-"), ports, state, item.log_file)
+        console.print(table)
+        if not all(item.healthy for item in items):
+            raise typer.Exit(1)
+
+    @group.command("restart")
+    def restart(name: str = typer.Argument(..., help="mosquitto, kafka or influxdb"),
+                down_s: float = typer.Option(0.0, help="Seconds to stay down before starting again.")) -> None:
+        """Restart one server on the same ports (fault-tolerance tests)."""
+        began = time.monotonic()
+        try:
+            core.restart(name, down_s=down_s)
+        except (ValueError, core.ServerError, install.InstallError) as exc:
+            raise _fail(exc) from exc
+        console.print(f"{name} restarted and answers ({time.monotonic() - began:.1f} s)")
+
+    @group.command("env")
+    def env() -> None:
+        """Print ``export BPSTREAM_...`` lines for the running servers (eval "$(bpstream services env)")."""
+        endpoints = core.endpoints()
+        if endpoints is None:
+            raise _fail(core.ServerError("servers were never started; run `bpstream services up`"))
+        for key, value in endpoints.env().items():
+            typer.echo(f"export {key}={value}")

@@ -1,0 +1,33 @@
+# bpstream developer and CI entry points. `make test` is the one command CI and the README use.
+BIN := .venv/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup lint test-unit test-integration test demo services-up services-down services-status
+
+setup:  ## Install Debian packages, the Python environment and the Kafka jars (idempotent)
+	bash scripts/bootstrap.sh
+
+lint:  ## ruff on everything, mypy --strict on shared/ and services/
+	$(BIN)/ruff check .
+	$(BIN)/mypy -p bpstream.shared -p bpstream.services
+
+test-unit:  ## Fast tests that need no server
+	$(BIN)/pytest -m unit -q $(PYTEST_ARGS)
+
+test-integration: services-up  ## Tests against the real local Mosquitto, Kafka and InfluxDB
+	$(BIN)/pytest -m integration -q $(PYTEST_ARGS)
+
+test:  ## Everything: set-up, lint, servers, unit and integration tests, summary
+	bash scripts/run_tests.sh
+
+demo: setup  ## The end-to-end pipeline demo on the local servers
+	$(BIN)/bpstream demo
+
+services-up:
+	$(BIN)/bpstream services up
+
+services-down:
+	$(BIN)/bpstream services down
+
+services-status:
+	$(BIN)/bpstream services status

@@ -1,0 +1,459 @@
+"""Start, reuse, check, restart and stop the three local servers, tracked by PID in a state file.
+
+State lives in ``.local/servers/state.json`` of the checkout (override with ``BPSTREAM_LOCAL_DIR``). Servers
+run detached (their own session, parent = init), so they outlive the command or test session that started
+them; the next ``ensure_up`` reuses them when they still answer a round trip. A file lock serialises
+concurrent callers (parallel test sessions, two terminals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bpstream.localservers import install, probes, servers
+
+HOST = "127.0.0.1"
+SERVER_NAMES: tuple[str, ...] = ("mosquitto", "kafka", "influxdb")
+STARTUP_TIMEOUT_S = float(os.environ.get("BPSTREAM_SERVERS_TIMEOUT_S", "120"))
+_STOP_TIMEOUT_S = 30.0
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """A local server could not be started or does not answer; the message includes its log tail."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEndpoints:
+    """Where the running servers listen (all on loopback)."""
+
+    mqtt_host: str
+    mqtt_port: int
+    kafka_bootstrap: str
+    influx_url: str
+
+    def env(self) -> dict[str, str]:
+        """The ``BPSTREAM_*`` variables that point services and tools at these servers."""
+        return {
+            "BPSTREAM_MQTT_HOST": self.mqtt_host,
+            "BPSTREAM_MQTT_PORT": str(self.mqtt_port),
+            "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
+            "BPSTREAM_INFLUX_URL": self.influx_url,
+        }
+
+
+@dataclass(slots=True)
+class ServerStatus:
+    """What ``status()`` knows about one server."""
+
+    name: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    ports: dict[str, int] = field(default_factory=dict)
+    detail: str = ""
+    log_file: str = ""
+    started_s: float | None = None
+    reused: bool = False
+
+
+def project_root() -> Path:
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def state_dir() -> Path:
+    override = os.environ.get("BPSTREAM_LOCAL_DIR")
+    return Path(override).resolve() if override else project_root() / ".local" / "servers"
+
+
+def _state_file() -> Path:
+    return state_dir() / "state.json"
+
+
+def _load_state() -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(_state_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("servers", {}) if isinstance(data, dict) else {}
+
+
+def _save_state(state: dict[str, dict[str, Any]]) -> None:
+    path = _state_file()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"servers": state}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a process, or None when there is none."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def _alive(entry: dict[str, Any]) -> bool:
+    pid = entry.get("pid")
+    if not isinstance(pid, int):
+        return False
+    info = _proc_stat(pid)
+    # The start time guards against a recycled PID belonging to some other process.
+    return info is not None and info[0] not in ("Z", "X") and info[1] == entry.get("start_ticks")
+
+
+def _spawn(argv: list[str], log_file: Path, extra_env: dict[str, str]) -> tuple[int, int]:
+    """Start ``argv`` detached (reparented to init, own session), output appended to ``log_file``."""
+    script = 'log=$1; shift; "$@" >>"$log" 2>&1 </dev/null & echo $!'
+    result = subprocess.run(["sh", "-c", script, "sh", str(log_file), *argv], env={**os.environ, **extra_env},
+                            capture_output=True, text=True, start_new_session=True, check=True)
+    pid = int(result.stdout.strip())
+    for _ in range(50):
+        info = _proc_stat(pid)
+        if info is not None:
+            return pid, info[1]
+        time.sleep(0.01)
+    raise ServerError(f"{argv[0]} exited immediately; see {log_file}")
+
+
+def _stop_pid(entry: dict[str, Any], timeout_s: float = _STOP_TIMEOUT_S) -> None:
+    if not _alive(entry):
+        return
+    pid = int(entry["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(entry):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while _alive(entry):
+        time.sleep(0.05)
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(avoid: set[int]) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            avoid.add(port)
+            return port
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+# ---------------------------------------------------------------- servers
+
+
+def _endpoints(state: dict[str, dict[str, Any]]) -> ServerEndpoints:
+    return ServerEndpoints(
+        mqtt_host=HOST,
+        mqtt_port=int(state["mosquitto"]["ports"]["port"]),
+        kafka_bootstrap=f"{HOST}:{state['kafka']['ports']['port']}",
+        influx_url=f"http://{HOST}:{state['influxdb']['ports']['port']}",
+    )
+
+
+@contextlib.contextmanager
+def _quiet_kafka_client() -> Iterator[None]:
+    # aiokafka logs every refused connection at ERROR while the broker boots; that is expected here.
+    logger = logging.getLogger("aiokafka")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+async def _probe(name: str, ports: dict[str, int]) -> None:
+    port = int(ports["port"])
+    if not _port_open(port):
+        raise probes.ProbeFailed(f"{name} is not listening on {HOST}:{port} yet")
+    if name == "mosquitto":
+        await asyncio.to_thread(probes.mqtt_round_trip, HOST, port)
+    elif name == "kafka":
+        with _quiet_kafka_client():
+            await probes.kafka_round_trip(f"{HOST}:{port}")
+    else:
+        await probes.influx_round_trip(f"http://{HOST}:{port}")
+
+
+async def _wait_healthy(name: str, entry: dict[str, Any], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        if not _alive(entry):
+            raise ServerError(f"{name} exited while starting. Last lines of {entry['log']}:\n"
+                              f"{_log_tail(Path(entry['log']))}")
+        try:
+            await _probe(name, entry["ports"])
+            return
+        except probes.ProbeFailed as exc:
+            last = str(exc)
+        if time.monotonic() > deadline:
+            raise ServerError(f"{name} did not answer a round trip within {timeout_s:.0f} s ({last}). "
+                              f"Last lines of {entry['log']}:\n{_log_tail(Path(entry['log']))}")
+        await asyncio.sleep(0.25)
+
+
+def _choose_ports(name: str, previous: dict[str, int] | None, taken: set[int]) -> dict[str, int]:
+    keys = {"mosquitto": ("port",), "kafka": ("port", "controller_port"), "influxdb": ("port", "rpc_port")}[name]
+    # Keep the ports of a previous run when they are free, so clients configured before a restart reconnect.
+    if previous and all(key in previous for key in keys) and all(_port_free(previous[k]) for k in keys):
+        taken.update(previous[k] for k in keys)
+        return {k: int(previous[k]) for k in keys}
+    return {k: _free_port(taken) for k in keys}
+
+
+def _start(name: str, paths: dict[str, str], ports: dict[str, int]) -> dict[str, Any]:
+    root = state_dir() / name
+    root.mkdir(parents=True, exist_ok=True)
+    log_file = root / "server.log"
+    if name == "mosquitto":
+        launch = servers.prepare_mosquitto(root, paths["mosquitto"], ports["port"])
+    elif name == "influxdb":
+        launch = servers.prepare_influxdb(root, paths["influxd"], ports["port"], ports["rpc_port"])
+    else:
+        launch, format_cmd = servers.prepare_kafka(root, paths["java"], paths["kafka_libs"], ports["port"],
+                                                   ports["controller_port"])
+        if format_cmd is not None:
+            result = subprocess.run(format_cmd, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise ServerError(f"formatting the Kafka log folder failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    with open(log_file, "a") as handle:
+        handle.write(f"\n--- started by bpstream at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ---\n")
+    pid, ticks = _spawn(launch.argv, log_file, launch.env)
+    return {"pid": pid, "start_ticks": ticks, "ports": launch.ports, "log": str(log_file),
+            "argv": launch.argv, "started_at": time.time()}
+
+
+def _run(coro_factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run a coroutine to completion, also when called from inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro_factory())
+    box: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            box["value"] = asyncio.run(coro_factory())
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=worker, name="bpstream-localservers")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    value: _T = box["value"]
+    return value
+
+
+async def _bring_up(name: str, state: dict[str, dict[str, Any]], paths: dict[str, str], taken: set[int],
+                    report: dict[str, ServerStatus], timeout_s: float) -> None:
+    began = time.monotonic()
+    entry = state.get(name)
+    if entry and _alive(entry):
+        try:
+            await _wait_healthy(name, entry, min(timeout_s, 30.0))
+        except ServerError as exc:
+            log.warning("restarting unhealthy %s: %s", name, exc)
+            await asyncio.to_thread(_stop_pid, entry)
+        else:
+            report[name] = ServerStatus(name, entry["pid"], True, True, entry["ports"], "reused", entry["log"],
+                                        time.monotonic() - began, reused=True)
+            return
+    ports = _choose_ports(name, entry["ports"] if entry else None, taken)
+    entry = await asyncio.to_thread(_start, name, paths, ports)
+    state[name] = entry
+    _save_state(state)
+    await _wait_healthy(name, entry, timeout_s)
+    report[name] = ServerStatus(name, entry["pid"], True, True, entry["ports"], "started", entry["log"],
+                                time.monotonic() - began)
+
+
+def ensure_up_report(timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[ServerEndpoints, list[ServerStatus]]:
+    """Like ``ensure_up`` and also say, per server, whether it was reused or started and how long it took."""
+    paths = install.ensure_installed()
+    with _locked():
+        state = _load_state()
+        taken: set[int] = set()
+        for entry in state.values():
+            taken.update(int(p) for p in entry.get("ports", {}).values())
+        report: dict[str, ServerStatus] = {}
+
+        async def all_up() -> None:
+            results = await asyncio.gather(
+                *(_bring_up(name, state, paths, taken, report, timeout_s) for name in SERVER_NAMES),
+                return_exceptions=True,
+            )
+            errors = [exc for exc in results if isinstance(exc, BaseException)]
+            if errors:
+                raise ServerError("\n\n".join(str(exc) for exc in errors))
+
+        try:
+            _run(all_up)
+        finally:
+            _save_state(state)
+        return _endpoints(state), [report[name] for name in SERVER_NAMES]
+
+
+def ensure_up(timeout_s: float = STARTUP_TIMEOUT_S) -> ServerEndpoints:
+    """Install what is missing, reuse healthy servers, start the others; return where they listen.
+
+    Raises ``ServerError`` (with the server's log tail) or ``install.InstallError`` when that fails.
+    """
+    return ensure_up_report(timeout_s)[0]
+
+
+def endpoints() -> ServerEndpoints | None:
+    """Endpoints from the state file without any check (None when the servers were never started)."""
+    state = _load_state()
+    if not all(name in state for name in SERVER_NAMES):
+        return None
+    return _endpoints(state)
+
+
+def status() -> list[ServerStatus]:
+    """Running and healthy (one real round trip) state of every server."""
+    state = _load_state()
+
+    async def check(name: str) -> ServerStatus:
+        entry = state.get(name)
+        if not entry:
+            return ServerStatus(name, None, False, False, detail="never started")
+        running = _alive(entry)
+        healthy, detail = False, "not running"
+        if running:
+            try:
+                await asyncio.wait_for(_probe(name, entry["ports"]), 15)
+                healthy, detail = True, "answers"
+            except (probes.ProbeFailed, TimeoutError) as exc:
+                detail = str(exc) or "probe timed out"
+        return ServerStatus(name, entry.get("pid"), running, healthy, entry.get("ports", {}), detail,
+                            entry.get("log", ""))
+
+    async def check_all() -> list[ServerStatus]:
+        return list(await asyncio.gather(*(check(name) for name in SERVER_NAMES)))
+
+    return _run(check_all)
+
+
+def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 0.0) -> ServerEndpoints:
+    """Stop one server and start it again on the same ports (for fault-tolerance tests).
+
+    ``down_s`` keeps it stopped that long before starting it again.
+    """
+    if name not in SERVER_NAMES:
+        raise ValueError(f"unknown server {name!r}; choose one of {', '.join(SERVER_NAMES)}")
+    paths = install.ensure_installed()
+    with _locked():
+        state = _load_state()
+        entry = state.get(name)
+        if entry is None:
+            raise ServerError(f"{name} was never started; run `bpstream services up` first")
+        _stop_pid(entry)
+        if down_s > 0:
+            time.sleep(down_s)
+        ports = dict(entry["ports"])
+        new_entry = _start(name, paths, ports)
+        state[name] = new_entry
+        _save_state(state)
+
+        async def wait() -> None:
+            await _wait_healthy(name, new_entry, timeout_s)
+
+        _run(wait)
+        if not all(n in state for n in SERVER_NAMES):
+            raise ServerError("other servers are not started; run `bpstream services up`")
+        return _endpoints(state)
+
+
+def stop(name: str) -> None:
+    """Stop one server, keeping its ports and data (``restart`` or ``ensure_up`` starts it again)."""
+    with _locked():
+        state = _load_state()
+        if name in state:
+            _stop_pid(state[name])
+
+
+def down(wipe: bool = False) -> list[str]:
+    """Stop every server started from this checkout; with ``wipe`` also delete their data."""
+    stopped: list[str] = []
+    with _locked():
+        state = _load_state()
+        running = [(name, state[name]) for name in SERVER_NAMES if name in state and _alive(state[name])]
+        threads = [threading.Thread(target=_stop_pid, args=(entry,)) for _, entry in running]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stopped = [name for name, _ in running]
+        if wipe:
+            for name in SERVER_NAMES:
+                shutil.rmtree(state_dir() / name, ignore_errors=True)
+            state = {}
+        else:
+            for entry in state.values():
+                entry["pid"] = None
+        _save_state(state)
+    return stopped

@@ -1,0 +1,82 @@
+"""Real round trips that prove a server works, not just that its port is open.
+
+* MQTT: subscribe, publish with QoS 1, receive the same payload (MQTT 5).
+* Kafka: an admin client bootstraps (ApiVersions + Metadata) and lists topics; the broker must be registered.
+* InfluxDB: ``/ping`` answers 204 and ``SHOW DATABASES`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+
+import httpx
+
+
+class ProbeFailed(Exception):
+    """The server did not answer a round trip (yet)."""
+
+
+def mqtt_round_trip(host: str, port: int, timeout_s: float = 5.0) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    topic = f"bpstream-probe/{uuid.uuid4().hex}"
+    payload = uuid.uuid4().bytes
+    subscribed = threading.Event()
+    received = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:12]}",
+                         protocol=mqtt.MQTTv5)
+    client.on_subscribe = lambda *args: subscribed.set()
+
+    def on_message(_client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.payload == payload:
+            received.set()
+
+    client.on_message = on_message
+    try:
+        client.connect(host, port, keepalive=10)
+    except OSError as exc:
+        raise ProbeFailed(f"MQTT connect to {host}:{port}: {exc}") from exc
+    client.loop_start()
+    try:
+        client.subscribe(topic, qos=1)
+        if not subscribed.wait(timeout_s):
+            raise ProbeFailed("MQTT subscribe was not acknowledged")
+        client.publish(topic, payload, qos=1)
+        if not received.wait(timeout_s):
+            raise ProbeFailed("MQTT message published was not received back")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def kafka_round_trip(bootstrap: str, timeout_s: float = 10.0) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        await asyncio.wait_for(admin.list_topics(), timeout_s)
+        cluster = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
+        if not cluster.get("brokers"):
+            raise ProbeFailed("Kafka answered but has no registered broker yet")
+    except (KafkaError, OSError, TimeoutError) as exc:
+        raise ProbeFailed(f"Kafka at {bootstrap}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+async def influx_round_trip(url: str, timeout_s: float = 5.0) -> None:
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as http:
+            ping = await http.get("/ping")
+            if ping.status_code != 204:
+                raise ProbeFailed(f"InfluxDB /ping answered {ping.status_code}")
+            query = await http.get("/query", params={"q": "SHOW DATABASES"})
+            if query.status_code != 200 or "results" not in query.json():
+                raise ProbeFailed(f"InfluxDB query answered {query.status_code}: {query.text[:200]}")
+    except httpx.HTTPError as exc:
+        raise ProbeFailed(f"InfluxDB at {url}: {type(exc).__name__}: {exc}") from exc

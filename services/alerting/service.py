@@ -1,0 +1,178 @@
+"""The alerting service's wiring: Kafka ``estimates`` -> per-patient detectors -> Kafka ``alerts``.
+
+Delivery and state (at-least-once, no duplicate alerts):
+
+* alerts of a batch are produced (and acknowledged) before anything else happens to that batch;
+* every ``state_flush_s`` the changed detectors are written to the compacted ``alerting.state`` topic (key =
+  device) and, only after Kafka acknowledged them, the offsets of every estimate processed so far are
+  committed. State and committed offsets therefore move together;
+* on start and after every rebalance the state topic is read to its end and merged into memory, then the
+  consumer resumes at the committed offsets. Replayed estimates are ignored by the detector (it skips windows
+  at or before the last one it saw), and alert ids are derived from device, kind and the episode's first
+  window, so a replayed alert is the same record again: the writer overwrites the same point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from bpstream.services.alerting.settings import AlertingSettings
+from bpstream.services.alerting.stage import AlertingState
+from bpstream.services.batching import collect_batch
+from bpstream.services.writer.lag import group_name
+from bpstream.shared.errors import DecodeError
+from bpstream.shared.kafka import KafkaConsumer, KafkaProducer, ensure_topics
+from bpstream.shared.messages import Estimate, decode_estimate, encode_json
+from bpstream.shared.retry import retry_async
+from bpstream.shared.settings import KafkaSettings, log_settings
+from bpstream.shared.telemetry import HealthServer
+from bpstream.shared.topics import ALERTING_STATE, ALERTS, ESTIMATES, KafkaTopic, topic_name
+
+log = logging.getLogger(__name__)
+
+ESTIMATES_IN = Counter("bpstream_alerting_estimates_total", "Estimates consumed by alerting")
+ALERTS_OUT = Counter("bpstream_alerting_alerts_total", "Alerts produced", ["kind", "state"])
+UNDECODABLE = Counter("bpstream_alerting_undecodable_total", "Estimates that did not decode", ["reason"])
+ACTIVE = Gauge("bpstream_alerting_active_alerts", "Alert episodes currently active")
+BATCH_SECONDS = Histogram("bpstream_alerting_batch_seconds", "Time to handle one batch of estimates")
+
+
+async def read_compacted(settings: KafkaSettings, topic: KafkaTopic) -> dict[str, bytes]:
+    """Latest value per key of a (compacted) topic, read from its beginning to its current end."""
+    name = topic_name(topic, settings.topic_prefix)
+    reader = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
+    await reader.start()
+    latest: dict[str, bytes] = {}
+    try:
+        await reader.topics()  # fetch metadata
+        partitions = [TopicPartition(name, p) for p in sorted(reader.partitions_for_topic(name) or ())]
+        if not partitions:
+            return latest
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        end = await reader.end_offsets(partitions)
+        remaining = {tp for tp in partitions if end[tp] > 0}
+        while remaining:
+            batches = await reader.getmany(*remaining, timeout_ms=1000)
+            for tp, records in batches.items():
+                for r in records:
+                    if r.key is None:
+                        continue
+                    key = r.key.decode(errors="replace")
+                    if r.value is None:
+                        latest.pop(key, None)  # tombstone
+                    else:
+                        latest[key] = r.value
+            for tp in list(remaining):
+                if await reader.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return latest
+    finally:
+        await reader.stop()
+
+
+class AlertingService:
+    """One batch at a time; state flushed and offsets committed together every ``state_flush_s``."""
+
+    def __init__(self, settings: AlertingSettings, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+        self.settings, self.consumer, self.producer = settings, consumer, producer
+        self.state = AlertingState(settings.alert_config())
+        self.uncommitted: list[ConsumerRecord[bytes, bytes]] = []
+        self.last_flush = time.monotonic()
+        self.assignment: set[TopicPartition] = set()
+
+    async def restore_if_rebalanced(self) -> None:
+        assignment = set(self.consumer.client.assignment())
+        if assignment == self.assignment:
+            return
+        self.assignment = assignment
+        saved = await retry_async(lambda: read_compacted(self.settings.kafka, ALERTING_STATE), attempts=10,
+                                  what="read alerting state")
+        bad = self.state.merge(saved)
+        if bad:
+            log.warning("unreadable saved detector state ignored", extra={"devices": len(bad)})
+        log.info("alerting state restored", extra={"devices": len(saved), "partitions": len(assignment)})
+
+    async def handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        started = time.monotonic()
+        estimates: list[Estimate] = []
+        for record in records:
+            ESTIMATES_IN.inc()
+            try:
+                estimates.append(decode_estimate(record.value or b""))
+            except DecodeError as exc:
+                UNDECODABLE.labels(exc.reason).inc()
+                await self._dead_letter(record, exc)
+        alerts = self.state.apply(estimates)
+        if alerts:
+            await retry_async(lambda: self.producer.send_many(
+                [(ALERTS, encode_json(a), a.device_id) for a in alerts]), attempts=10, what="send alerts")
+            for a in alerts:
+                ALERTS_OUT.labels(a.kind, a.state).inc()
+                log.info("alert", extra={"alert_id": a.alert_id, "device": a.device_id, "kind": a.kind,
+                                         "state": a.state, "severity": a.severity})
+        self.uncommitted.extend(records)
+        ACTIVE.set(sum(len(kinds) for kinds in self.state.active_alerts().values()))
+        BATCH_SECONDS.observe(time.monotonic() - started)
+
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], exc: DecodeError) -> None:
+        key = record.key.decode(errors="replace") if record.key else None
+
+        async def send() -> None:
+            await self.producer.dead_letter(stage="alerting", reason=exc.reason, detail=str(exc),
+                                            source=record.topic, payload=record.value or b"", key=key,
+                                            partition=record.partition, offset=record.offset)
+
+        await retry_async(send, attempts=10, what="dead letter")
+
+    async def flush_if_due(self, force: bool = False) -> None:
+        if not self.uncommitted and not self.state.dirty:
+            return
+        if not force and time.monotonic() - self.last_flush < self.settings.state_flush_s:
+            return
+        saved = self.state.take_dirty()
+        if saved:
+            await retry_async(lambda: self.producer.send_many(
+                [(ALERTING_STATE, data, device) for device, data in saved.items()]), attempts=10,
+                what="save alerting state")
+        try:
+            await retry_async(lambda: self.consumer.commit_records(self.uncommitted), attempts=10, what="commit")
+        except Exception as exc:  # rebalanced away: the new owner resumes from the saved state
+            log.warning("commit failed; estimates will be replayed", extra={"error": repr(exc)[:300]})
+        self.uncommitted = []
+        self.last_flush = time.monotonic()
+
+
+async def run_alerting(settings: AlertingSettings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, then flush state, commit and return."""
+    log_settings(settings, "alerting")
+    ready = False
+    await retry_async(lambda: ensure_topics(settings.kafka, [ALERTING_STATE]), attempts=10,
+                      what="create alerting.state")
+    async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
+            KafkaProducer(settings.kafka) as producer, \
+            KafkaConsumer(settings.kafka, [ESTIMATES], group_name(settings.group_id, settings.kafka),
+                          max_poll_records=settings.batch_max_size) as consumer:
+        service = AlertingService(settings, consumer, producer)
+
+        async def fetch(timeout_s: float, max_items: int) -> list[ConsumerRecord[bytes, bytes]]:
+            return await consumer.getmany(int(timeout_s * 1000), max_items)
+
+        ready = True
+        try:
+            while not stop.is_set():
+                records = await collect_batch(fetch, max_size=settings.batch_max_size,
+                                              max_wait_s=settings.batch_max_wait_ms / 1000, stop=stop)
+                await service.restore_if_rebalanced()
+                if records:
+                    await service.handle(records)
+                await service.flush_if_due()
+            await service.flush_if_due(force=True)
+        finally:
+            ready = False
+    log.info("alerting stopped")

@@ -1,0 +1,28 @@
+"""Settings of the alerting service (``BPSTREAM_ALERTING_*``; Kafka from ``BPSTREAM_KAFKA_*``)."""
+
+from __future__ import annotations
+
+import msgspec
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from bpstream.shared.anomaly import AlertConfig
+from bpstream.shared.settings import ServiceSettings
+
+
+class AlertingSettings(ServiceSettings):
+    """Consumer group, batching, state flushing and the detector's thresholds."""
+
+    model_config = SettingsConfigDict(env_prefix="BPSTREAM_ALERTING_", frozen=True, extra="ignore")
+
+    group_id: str = "bpstream-alerting"
+    batch_max_size: int = Field(default=1000, ge=1)
+    batch_max_wait_ms: int = Field(default=50, ge=0)
+    #: How often detector state is saved to ``alerting.state`` and offsets committed (together, so a
+    #: restart resumes from a state that matches the committed position; 0 = after every batch).
+    state_flush_s: float = Field(default=2.0, ge=0)
+    #: Overrides of ``bpstream.shared.anomaly.AlertConfig`` fields, as JSON, e.g. ``{"persistence": 3}``.
+    detector: dict[str, float | int] = Field(default_factory=dict)
+
+    def alert_config(self) -> AlertConfig:
+        return msgspec.convert(self.detector, AlertConfig)

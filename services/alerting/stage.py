@@ -1,0 +1,64 @@
+"""Alerting's pure stage: per-patient ``AlertDetector`` state, estimates in, alerts out.
+
+The alert logic itself is ``bpstream.shared.anomaly.AlertDetector`` (the same logic the model's evaluation
+uses); this module only keeps one detector per device, remembers which ones changed since the last state
+flush, and merges state restored from the compacted ``alerting.state`` topic.
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from bpstream.shared.anomaly import AlertConfig, AlertDetector
+from bpstream.shared.errors import DecodeError
+from bpstream.shared.messages import Alert, Estimate
+
+
+class AlertingState:
+    """Detectors of every patient this instance has seen, and the set changed since the last flush."""
+
+    def __init__(self, config: AlertConfig | None = None) -> None:
+        self.config = config or AlertConfig()
+        self.detectors: dict[str, AlertDetector] = {}
+        self.dirty: set[str] = set()
+
+    def apply(self, estimates: Iterable[Estimate]) -> list[Alert]:
+        """Feed estimates (in Kafka order per device); return the alerts they raise or resolve."""
+        alerts: list[Alert] = []
+        for estimate in estimates:
+            detector = self.detectors.get(estimate.device_id)
+            if detector is None:
+                detector = self.detectors[estimate.device_id] = AlertDetector(self.config)
+            events = detector.update(estimate)
+            self.dirty.add(estimate.device_id)
+            alerts.extend(event.to_message() for event in events)
+        return alerts
+
+    def take_dirty(self) -> dict[str, bytes]:
+        """Serialised state of every detector changed since the last call (to write to the state topic)."""
+        saved = {device: self.detectors[device].to_bytes() for device in sorted(self.dirty)}
+        self.dirty.clear()
+        return saved
+
+    def merge(self, saved: Mapping[str, bytes]) -> list[str]:
+        """Adopt saved states that are newer than what is in memory; return devices whose state was unreadable.
+
+        After a rebalance or restart the saved state is the one that matches the committed offsets; a
+        detector already ahead in memory keeps its state (the detector ignores replayed estimates anyway).
+        """
+        bad: list[str] = []
+        for device, data in saved.items():
+            try:
+                restored = AlertDetector.from_bytes(data, self.config)
+            except DecodeError:
+                bad.append(device)
+                continue
+            current = self.detectors.get(device)
+            if current is None or restored.state.last_ns > current.state.last_ns:
+                self.detectors[device] = restored
+        return bad
+
+    def active_alerts(self) -> dict[str, tuple[str, ...]]:
+        """Kinds with an active episode, per device (for the demo and health output)."""
+        return {d: det.active for d, det in self.detectors.items() if det.active}

@@ -1,0 +1,330 @@
+"""The MQTT-to-Kafka bridge service: paho-mqtt (MQTT 5, shared subscription, manual QoS 1 acks) into Kafka.
+
+Flow of one message: paho's network thread calls ``on_message``, which hands ``(topic, payload, mid, qos)``
+to the event loop (``run_coroutine_threadsafe``) into a bounded queue; the forwarding task takes what is
+queued (up to ``batch_max``), validates each payload (``stage.validate_payload``), produces the valid ones
+byte for byte to ``signals.raw`` keyed by device and the invalid ones to ``signals.dlq``, waits until Kafka
+acknowledged all of them, and only then acknowledges the MQTT messages. A message is therefore either in
+Kafka or still unacknowledged in the broker's session, which redelivers it after a reconnect or restart.
+
+Backpressure: the broker sends at most ``max_in_flight`` unacknowledged QoS 1 messages (MQTT 5 Receive
+Maximum), so the queue never holds more; should a broker ignore that, ``on_message`` blocks paho's thread
+until there is room, so the socket stops being read instead of memory growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from bpstream.services.bridge.settings import BridgeSettings
+from bpstream.services.bridge.stage import Rejection, validate_payload
+from bpstream.shared.errors import BpstreamError
+from bpstream.shared.kafka import KafkaProducer, ensure_topics
+from bpstream.shared.messages import MAX_CHUNK_BYTES, DeadLetter, encode_json
+from bpstream.shared.retry import retry_async
+from bpstream.shared.topics import SIGNALS_DLQ, SIGNALS_RAW, KafkaTopic, mqtt_shared_subscription
+
+log = logging.getLogger(__name__)
+
+STAGE: Final = "bridge"
+
+
+class BridgeMetrics:
+    """Prometheus metrics of one bridge (a registry per instance keeps tests independent)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.received = Counter("bpstream_bridge_received_total", "MQTT messages received", registry=registry)
+        self.forwarded = Counter(
+            "bpstream_bridge_forwarded_total", "Chunks Kafka accepted into signals.raw", registry=registry
+        )
+        self.rejected = Counter(
+            "bpstream_bridge_rejected_total",
+            "Payloads dead-lettered, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "bpstream_bridge_in_flight", "MQTT messages received and not yet acknowledged", registry=registry
+        )
+        self.produce_seconds = Histogram(
+            "bpstream_bridge_produce_seconds",
+            "Time for Kafka to accept one batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "bpstream_bridge_batch_size",
+            "Messages per Kafka batch",
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One MQTT message as handed from paho's thread to the event loop."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class Bridge:
+    """Async context manager: connects Kafka and MQTT on enter; :meth:`run` forwards until ``stop`` is set."""
+
+    def __init__(self, settings: BridgeSettings, *, registry: CollectorRegistry = REGISTRY) -> None:
+        self.settings = settings
+        self.metrics = BridgeMetrics(registry)
+        self.producer = KafkaProducer(settings.kafka)
+        self._queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=settings.max_in_flight)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._mqtt_connected = threading.Event()
+        self._producer_started = False
+        self._closing = threading.Event()
+        self._in_flight = 0
+        #: Set once stopping: a batch Kafka still refuses after this monotonic time stays unacknowledged.
+        self._abandon_at: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Readiness: connected to MQTT and the Kafka producer started."""
+        return self._mqtt_connected.is_set() and self._producer_started
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await retry_async(
+            lambda: ensure_topics(self.settings.kafka, [SIGNALS_RAW, SIGNALS_DLQ]),
+            attempts=10,
+            cap_s=5.0,
+            what="ensure topics",
+        )
+        await self.producer.start()
+        self._producer_started = True
+        self._client = self._make_client()
+        self._client.connect_async(
+            self.settings.mqtt.host,
+            self.settings.mqtt.port,
+            keepalive=self.settings.mqtt.keepalive_s,
+            clean_start=False,
+            properties=self._connect_properties(),
+        )
+        self._client.loop_start()
+        log.info(
+            "bridge started",
+            extra={"client_id": self.settings.client_id, "max_in_flight": self.settings.max_in_flight},
+        )
+
+    async def stop(self) -> None:
+        self._closing.set()
+        if self._client is not None:
+            # Messages still queued are not acknowledged: the broker keeps them in the session and
+            # redelivers them when a bridge with this client id reconnects.
+            self._client.disconnect()
+            await asyncio.to_thread(self._client.loop_stop)
+            self._client = None
+        self._mqtt_connected.clear()
+        if self._producer_started:
+            self._producer_started = False
+            await self.producer.stop()
+        log.info("bridge stopped", extra={"left_unacknowledged": self._queue.qsize()})
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- MQTT (paho's thread) -------------------------------------------------------------------------------
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.max_in_flight
+        return props
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.settings.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        mq = self.settings.mqtt
+        if mq.username:
+            client.username_pw_set(mq.username, mq.password.get_secret_value() if mq.password else None)
+        if mq.tls:
+            client.tls_set()
+        client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+        client.max_inflight_messages_set(self.settings.max_in_flight)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("mqtt connect refused", extra={"reason": str(reason)})
+            return
+        # Subscribing again when the session survived is harmless and covers an expired session.
+        client.subscribe(mqtt_shared_subscription(self.settings.share_group), qos=1)
+        self._mqtt_connected.set()
+        log.info("mqtt connected", extra={"session_present": flags.session_present})
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._mqtt_connected.clear()
+        if not self._closing.is_set():
+            log.warning("mqtt disconnected; reconnecting", extra={"reason": str(reason)})
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        item = Incoming(message.topic, bytes(message.payload), message.mid, message.qos)
+        future = asyncio.run_coroutine_threadsafe(self._enqueue(item), loop)
+        while not self._closing.is_set():
+            try:
+                future.result(timeout=1.0)
+                return
+            except TimeoutError:
+                continue  # queue full: keep paho's thread (and so the socket) waiting
+        future.cancel()
+
+    async def _enqueue(self, item: Incoming) -> None:
+        self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        self.metrics.received.inc()
+        await self._queue.put(item)
+
+    # -- forwarding (event loop) ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Forward batches until ``stop`` is set, then finish what was received (within the drain timeout)."""
+        while not stop.is_set():
+            batch = await self._next_batch(stop)
+            if batch:
+                await self._forward(batch)
+        deadline = self._abandon_at = time.monotonic() + self.settings.drain_timeout_s
+        while not self._queue.empty() and time.monotonic() < deadline:
+            await self._forward(self._take(self.settings.batch_max))
+
+    async def _next_batch(self, stop: asyncio.Event) -> list[Incoming]:
+        if self._queue.empty():
+            getter = asyncio.ensure_future(self._queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if getter not in done:
+                getter.cancel()
+                return []
+            first = [getter.result()]
+        else:
+            first = []
+        return first + self._take(self.settings.batch_max - len(first))
+
+    def _take(self, n: int) -> list[Incoming]:
+        items: list[Incoming] = []
+        while len(items) < n and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
+
+    async def _forward(self, batch: list[Incoming]) -> None:
+        """Send the batch to Kafka (retrying until it is accepted), then acknowledge it over MQTT."""
+        records: list[tuple[KafkaTopic, bytes, str | bytes | None]] = []
+        rejected: list[str] = []
+        now = time.time_ns()
+        for item in batch:
+            verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates)
+            if isinstance(verdict, Rejection):
+                records.append((SIGNALS_DLQ, self._dead_letter(item, verdict, now), STAGE))
+                rejected.append(verdict.reason)
+            else:
+                records.append((SIGNALS_RAW, item.payload, verdict.device_id))
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            try:
+                await self.producer.send_many(records)
+                break
+            except BpstreamError as exc:
+                # Not acknowledged yet, so nothing is lost by waiting: retry with capped backoff until Kafka
+                # is back. When shutting down, give up after the drain timeout: the broker keeps the messages.
+                if self._abandon_at is not None and time.monotonic() > self._abandon_at:
+                    log.error(
+                        "kafka unavailable at shutdown; leaving batch unacknowledged",
+                        extra={"batch": len(batch), "reason": exc.reason},
+                    )
+                    return
+                attempt += 1
+                delay = min(5.0, 0.1 * 2 ** min(attempt, 6))
+                log.warning(
+                    "kafka send failed; retrying",
+                    extra={"reason": exc.reason, "attempt": attempt, "batch": len(records), "delay_s": delay},
+                )
+                await asyncio.sleep(delay)
+        self.metrics.produce_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        client = self._client
+        for item in batch:
+            if client is not None and item.qos > 0:
+                client.ack(item.mid, item.qos)
+        self._in_flight -= len(batch)
+        self.metrics.in_flight.set(self._in_flight)
+        self.metrics.forwarded.inc(len(batch) - len(rejected))
+        for reason in rejected:
+            self.metrics.rejected.labels(reason=reason).inc()
+        if rejected:
+            log.info(
+                "dead-lettered payloads", extra={"count": len(rejected), "reasons": sorted(set(rejected))}
+            )
+
+    @staticmethod
+    def _dead_letter(item: Incoming, rejection: Rejection, now_ns: int) -> bytes:
+        payload = item.payload
+        detail = rejection.detail
+        if len(payload) > MAX_CHUNK_BYTES:
+            # Keep the record under Kafka's message size limit: the head is enough to diagnose it.
+            detail = f"{detail} (payload truncated from {len(payload)} bytes)"
+            payload = payload[:MAX_CHUNK_BYTES]
+        record = DeadLetter(
+            stage=STAGE,
+            reason=rejection.reason,
+            detail=detail[:1000],
+            source=item.topic,
+            payload=payload,
+            key=None,
+            received_ns=now_ns,
+        )
+        return encode_json(record)

@@ -1,0 +1,39 @@
+"""Settings of the MQTT-to-Kafka bridge (``BPSTREAM_BRIDGE_*``), on top of the shared connection settings."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from bpstream.shared.settings import ServiceSettings
+
+
+def _default_client_id() -> str:
+    return f"bpstream-bridge-{socket.gethostname()}"[:64]
+
+
+class BridgeSettings(ServiceSettings):
+    """What the bridge needs besides the connections."""
+
+    model_config = SettingsConfigDict(env_prefix="BPSTREAM_BRIDGE_", frozen=True, extra="ignore")
+
+    #: MQTT 5 shared-subscription group: bridges in one group split the devices' messages between them.
+    share_group: str = "bpstream-bridge"
+    #: MQTT client id. Keep it stable across restarts: the broker keeps the session (subscription and
+    #: unacknowledged QoS 1 messages) under it while the bridge is down.
+    client_id: str = Field(default_factory=_default_client_id)
+    #: How long the broker keeps the session (and queues messages) after the bridge disconnects.
+    session_expiry_s: int = Field(default=3600, ge=0)
+    #: Messages received but not yet acknowledged; also sent to the broker as MQTT 5 Receive Maximum.
+    max_in_flight: int = Field(default=1000, ge=1, le=65535)
+    #: Largest batch handed to the Kafka producer at once.
+    batch_max: int = Field(default=500, ge=1)
+    #: Sample rates (Hz) this deployment accepts; others are dead-lettered.
+    allowed_sample_rates: tuple[float, ...] = (125.0, 250.0, 500.0)
+    #: Seconds to finish in-flight work after SIGTERM before disconnecting.
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds between MQTT reconnect attempts (min, max).
+    reconnect_min_s: int = Field(default=1, ge=1)
+    reconnect_max_s: int = Field(default=30, ge=1)

@@ -1,0 +1,161 @@
+"""The inference service's wiring: Kafka ``windows`` -> batched model -> Kafka ``estimates``.
+
+Loop: collect a batch (bounded by size and wait) -> decode and check each window (bad ones to the DLQ with
+the reason) -> score the batch in a worker thread with the model in service -> produce every estimate and
+wait until Kafka acknowledged all of them -> commit the batch's offsets. A crash anywhere replays the
+batch; estimates are identified by device and window end, so the replay overwrites downstream.
+Between batches a newer model version, loaded in the background, is swapped in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from pathlib import Path
+
+from aiokafka import ConsumerRecord
+from prometheus_client import Counter, Gauge, Histogram
+
+from bpstream.services.batching import collect_batch
+from bpstream.services.inference.reload import ModelManager
+from bpstream.services.inference.settings import InferenceSettings
+from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
+from bpstream.services.writer.lag import group_name
+from bpstream.shared.errors import DecodeError
+from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
+from bpstream.shared.messages import Window, decode_window, encode_json
+from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, load_model
+from bpstream.shared.retry import retry_async
+from bpstream.shared.settings import log_settings
+from bpstream.shared.telemetry import HealthServer
+from bpstream.shared.topics import ESTIMATES, WINDOWS
+
+log = logging.getLogger(__name__)
+
+WINDOWS_IN = Counter("bpstream_inference_windows_total", "Windows consumed", ["outcome"])
+ERRORS = Counter("bpstream_inference_rejected_total", "Windows dead-lettered", ["reason"])
+BATCH_SIZE = Histogram("bpstream_inference_batch_size", "Windows per model call",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+INFER_SECONDS = Histogram("bpstream_inference_model_seconds", "Model time per batch",
+                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+BATCH_SECONDS = Histogram("bpstream_inference_batch_seconds", "Batch handling, decode to commit",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RELOADS = Counter("bpstream_inference_model_reloads_total", "Model versions swapped in while running")
+MODEL_INFO = Gauge("bpstream_inference_model_info", "The model version in service", ["version", "runtime",
+                                                                                   "device"])
+
+
+def make_loader(settings: InferenceSettings) -> functools.partial[BpModel]:
+    """``load_model`` with the runtime and device from settings (and a thread limit for torch)."""
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return functools.partial(load_model, runtime=settings.runtime, device=settings.device)
+
+
+class InferenceService:
+    """Scores one batch at a time with the model in service."""
+
+    def __init__(self, settings: InferenceSettings, consumer: KafkaConsumer, producer: KafkaProducer,
+                 models: ModelManager) -> None:
+        self.settings, self.consumer, self.producer, self.models = settings, consumer, producer, models
+        self.scored = 0
+
+    @staticmethod
+    def spec(model: BpModel) -> InputSpec:
+        shape = model.metadata.input_shape
+        return InputSpec(tuple(model.metadata.channels), float(model.metadata.sample_rate), int(shape[2]))
+
+    async def handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        started = time.monotonic()
+        if self.models.swap_if_ready():  # between batches, never inside one
+            RELOADS.inc()
+            self._model_info()
+        model = self.models.model
+        windows: list[Window] = []
+        origins: list[ConsumerRecord[bytes, bytes]] = []
+        for record in records:
+            try:
+                windows.append(decode_window(record.value or b""))
+                origins.append(record)
+            except DecodeError as exc:
+                await self._dead_letter(record, exc.reason, str(exc))
+        batch = prepare_batch(windows, self.spec(model))
+        for rejected in batch.rejected:
+            await self._dead_letter(origins[rejected.index], rejected.reason, rejected.detail)
+        if batch.inputs is not None:
+            BATCH_SIZE.observe(len(batch.scored))
+        predictions = None
+        if batch.inputs is not None:
+            t0 = time.monotonic()
+            predictions = await asyncio.to_thread(model.predict, batch.inputs)  # the loop keeps heartbeating
+            INFER_SECONDS.observe(time.monotonic() - t0)
+        estimates = estimates_for(batch, predictions, model.version, time.time_ns)
+        if estimates:
+            await retry_async(lambda: self.producer.send_many(
+                [(ESTIMATES, encode_json(e), e.device_id) for e in estimates]), attempts=10, cap_s=5.0,
+                what="send estimates")
+        WINDOWS_IN.labels("scored").inc(len(batch.scored))
+        WINDOWS_IN.labels("unscored").inc(len(batch.unscored))
+        self.scored += len(batch.scored)
+        try:
+            await retry_async(lambda: self.consumer.commit_records(records), attempts=10, cap_s=5.0,
+                              what="commit")
+        except Exception as exc:  # rebalanced away: the new owner rescored the batch, estimates overwrite
+            log.warning("commit failed; windows will be rescored", extra={"error": repr(exc)[:300]})
+        BATCH_SECONDS.observe(time.monotonic() - started)
+
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str, detail: str) -> None:
+        ERRORS.labels(reason).inc()
+        WINDOWS_IN.labels("rejected").inc()
+        key = record.key.decode(errors="replace") if record.key else None
+
+        async def send() -> None:
+            await self.producer.dead_letter(stage="inference", reason=reason, detail=detail, source=record.topic,
+                                            payload=record.value or b"", key=key, partition=record.partition,
+                                            offset=record.offset)
+
+        await retry_async(send, attempts=10, cap_s=5.0, what="dead letter")
+
+    def _model_info(self) -> None:
+        MODEL_INFO.clear()
+        model = self.models.model
+        MODEL_INFO.labels(model.version, model.runtime, model.device).set(1)
+
+
+async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, finishing (and committing) the batch in hand."""
+    log_settings(settings, "inference")
+    ready = False
+    source = settings.model_path or DEFAULT_MODELS_ROOT
+    loader = make_loader(settings)
+    models = await asyncio.to_thread(ModelManager, Path(source), loader, poll_s=settings.reload_poll_s)
+    log.info("model loaded", extra={"version": models.version, "runtime": models.model.runtime,
+                                    "device": models.model.device, "path": str(models.model.directory)})
+    async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
+            KafkaProducer(settings.kafka) as producer, \
+            KafkaConsumer(settings.kafka, [WINDOWS], group_name(settings.group_id, settings.kafka),
+                          max_poll_records=settings.batch_max_size) as consumer:
+        service = InferenceService(settings, consumer, producer, models)
+        service._model_info()
+
+        async def fetch(timeout_s: float, max_items: int) -> list[ConsumerRecord[bytes, bytes]]:
+            return await consumer.getmany(int(timeout_s * 1000), max_items)
+
+        ready = True
+        try:
+            while not stop.is_set():
+                models.poll()
+                records = await collect_batch(fetch, max_size=settings.batch_max_size,
+                                              max_wait_s=settings.batch_max_wait_ms / 1000, stop=stop)
+                if records:
+                    await service.handle(records)
+                elif models.swap_if_ready():
+                    RELOADS.inc()
+                    service._model_info()
+        finally:
+            ready = False
+    log.info("inference stopped", extra={"scored": service.scored})

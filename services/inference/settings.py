@@ -1,0 +1,33 @@
+"""Settings of the inference service (``BPSTREAM_INFERENCE_*``; Kafka from ``BPSTREAM_KAFKA_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from bpstream.shared.settings import ServiceSettings
+
+
+class InferenceSettings(ServiceSettings):
+    """Model, runtime, device and batching of the inference service."""
+
+    model_config = SettingsConfigDict(env_prefix="BPSTREAM_INFERENCE_", frozen=True, extra="ignore")
+
+    group_id: str = "bpstream-inference"
+    #: A models root (the newest complete version is used and newer ones are picked up while running) or one
+    #: version folder (pinned). Default: the repository's committed models.
+    model_path: Path | None = None
+    runtime: Literal["torchscript", "onnx"] = "torchscript"
+    #: ``auto`` uses CUDA when torch sees a GPU; ``cpu``, ``cuda`` or ``cuda:N`` force one.
+    device: str = "auto"
+    #: Largest batch scored in one model call.
+    batch_max_size: int = Field(default=64, ge=1)
+    #: Longest a window waits for its batch to fill before it is scored anyway.
+    batch_max_wait_ms: int = Field(default=100, ge=0)
+    #: How often the models root is checked for a newer version (0 disables hot reload).
+    reload_poll_s: float = Field(default=10.0, ge=0)
+    #: Threads torch / ONNX Runtime may use for one batch (0 = the library's default).
+    threads: int = Field(default=0, ge=0)

@@ -1,0 +1,38 @@
+"""Settings of the stream processor (``BPSTREAM_PROCESSOR_*``), on top of the shared connection settings."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
+from bpstream.shared.settings import ServiceSettings
+
+
+class ProcessorSettings(ServiceSettings):
+    """What the processor needs besides the connections."""
+
+    model_config = SettingsConfigDict(env_prefix="BPSTREAM_PROCESSOR_", frozen=True, extra="ignore")
+
+    #: Faust application id: the Kafka consumer group and the prefix of the state table's changelog topic.
+    app_id: str = "bpstream-processor"
+    #: Window length and hop in seconds (the model's metadata; defaults from ``bpstream.shared.modelspec``).
+    window_s: float = Field(default=WINDOW_SECONDS, gt=0)
+    hop_s: float = Field(default=HOP_SECONDS, gt=0)
+    #: Chunks that may arrive ahead of a missing one before the missing one is declared a gap.
+    max_reorder_chunks: int = Field(default=8, ge=0)
+    #: Device-time seconds the stream may move past a missing chunk before it is declared a gap.
+    max_lateness_s: float = Field(default=5.0, ge=0)
+    #: A chunk whose start differs from the previous chunk's end by more than this is a clock jump.
+    clock_tolerance_s: float = Field(default=0.25, gt=0)
+    #: Upper bound of buffered plus waiting chunks per device (bounds state memory and changelog records).
+    max_buffer_chunks: int = Field(default=64, ge=4)
+    #: Faust worker log level (Faust is chatty; its own logs go through the service's handler).
+    faust_loglevel: str = "WARNING"
+    #: Folder for Faust's worker files (tables use the in-memory store, rebuilt from their changelog).
+    data_dir: str = Field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "bpstream-processor"))
+    #: Seconds between Faust offset commits.
+    commit_interval_s: float = Field(default=1.0, gt=0)

@@ -1,0 +1,501 @@
+"""The processor's pure stage: per-device reassembly in event time and sliding windows (no Kafka, no Faust).
+
+:class:`Reassembler` takes the device's state and one chunk from ``signals.raw`` and returns the new state
+plus what to publish: model-ready :class:`~bpstream.shared.messages.Window` messages and
+:class:`QualityRecord` events. Everything is in device time (chunk ``t0_ns`` and ``seq``), never arrival time:
+
+* chunks are put back in ``seq`` order; a ``seq`` seen before (buffered, pending or already passed) is a
+  duplicate and ignored; a chunk ahead of the next expected ``seq`` is held until the missing one arrives;
+* a missing chunk becomes a *gap* once more than ``max_reorder_chunks`` later chunks are waiting or event
+  time has moved ``max_lateness_ns`` past where the missing chunk would have started; a chunk arriving after
+  its gap was declared is *late* and ignored;
+* a chunk whose ``t0_ns`` disagrees with the previous chunk's end by more than ``clock_tolerance_ns`` is a
+  *clock jump*, and a change of sample rate or channel set is a *format change*; both restart the run;
+* every hop (window ends at multiples of ``hop_ns`` in device time, so a window's identity
+  ``(device, end_ns)`` does not depend on when the processor started) a window of ``window_ns`` is cut from
+  the contiguous run, prepared with :func:`~bpstream.shared.preprocessing.preprocess_window` and emitted.
+
+Windows are cut only from contiguous data: a window that would span a gap, a clock jump or a format change is
+not emitted at all (the gap/jump record says why), because a clinician is better served by an explicit "no
+reading: signal lost" than by a pressure estimated from interpolated or misaligned samples. ``gap_fraction``
+of emitted windows is therefore 0. Window ends only move forward per device, so a replay after a restart (at-
+least-once) re-emits nothing older than the last window recorded in the state.
+
+The state is a msgspec struct encoded as MessagePack (:func:`encode_state` / :func:`decode_state`); buffered
+chunks keep their original wire bytes (int16, about 570 bytes a second), so the per-device state that a
+changelog carries stays small and bounded (``max_buffer_chunks``).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from bpstream.shared.errors import BpstreamError, DecodeError
+from bpstream.shared.messages import SignalChunk, Window, decode_chunk
+from bpstream.shared.modelspec import HOP_SECONDS, MODEL_CHANNELS, MODEL_SAMPLE_RATE, WINDOW_SECONDS
+from bpstream.shared.preprocessing import PreparedWindow, preprocess_window
+
+NS: Final = 1_000_000_000
+STATE_VERSION: Final = 1
+
+#: Kinds of :class:`QualityRecord`.
+WINDOW: Final = "window"
+GAP: Final = "gap"
+CLOCK_JUMP: Final = "clock_jump"
+FORMAT_CHANGE: Final = "format_change"
+STREAM_RESET: Final = "stream_reset"
+WINDOW_ERROR: Final = "window_error"
+
+
+class QualityRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A signal-quality or stream-integrity event for the ``quality`` topic (JSON, keyed by device).
+
+    ``kind`` is one of ``window`` (quality of an emitted window), ``gap`` (chunks declared missing),
+    ``clock_jump`` (device time inconsistent with ``seq``), ``format_change`` (sample rate or channels
+    changed), ``stream_reset`` (the device restarted its sequence numbers) or ``window_error`` (a window that
+    preprocessing refused). ``start_ns``/``end_ns`` are device time: the window, or the time the missing
+    chunks would have covered. Identified by ``(device_id, kind, end_ns)`` for idempotent sinks.
+    """
+
+    v: int = 1
+    kind: str
+    clinic_id: str
+    device_id: str
+    start_ns: int
+    end_ns: int
+    seq_first: int = 0
+    seq_last: int = 0
+    missing_chunks: int = 0
+    sqi: dict[str, float] = {}
+    quality_ok: bool = True
+    inputs: str = ""
+    heart_rate_bpm: float | None = None
+    problems: tuple[str, ...] = ()
+    detail: str = ""
+    emitted_ns: int = 0
+
+
+class BufferedChunk(msgspec.Struct, array_like=True):
+    """A chunk kept in the device state: its position in seq and device time, and its original bytes."""
+
+    seq: int
+    t0_ns: int
+    n_samples: int
+    received_ns: int
+    payload: bytes
+
+
+class DeviceState(msgspec.Struct, kw_only=True):
+    """Everything the processor remembers about one device (serialised into the changelog-backed table)."""
+
+    v: int = STATE_VERSION
+    clinic_id: str = ""
+    #: Next seq to accept in order; None before the first chunk.
+    next_seq: int | None = None
+    #: Sample rate and channels of the current contiguous run.
+    sample_rate: float = 0.0
+    channels: tuple[str, ...] = ()
+    #: Contiguous chunks of the current run, in seq order (oldest trimmed once no window needs them).
+    buffer: list[BufferedChunk] = []
+    #: Chunks ahead of ``next_seq`` waiting for the missing ones, in seq order.
+    pending: list[BufferedChunk] = []
+    #: Device time where the last accepted chunk ended (where the next one should start).
+    expected_t0_ns: int | None = None
+    #: End (device time) of the last window emitted; windows only move forward.
+    last_window_end_ns: int = 0
+    duplicates: int = 0
+    late: int = 0
+    gaps: int = 0
+    missing_chunks: int = 0
+    clock_jumps: int = 0
+    windows: int = 0
+
+
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(DeviceState)
+
+
+def encode_state(state: DeviceState) -> bytes:
+    return _state_encoder.encode(state)
+
+
+def decode_state(data: bytes) -> DeviceState:
+    """Decode a stored state; raise ``DecodeError`` if it is not one (the caller then starts afresh)."""
+    try:
+        state = _state_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(f"invalid device state: {exc}", reason="bad_state") from exc
+    if state.v != STATE_VERSION:
+        raise DecodeError(f"device state version {state.v} is not supported", reason="bad_state")
+    return state
+
+
+PrepareFn = Callable[[npt.NDArray[np.float32], Sequence[str], float], PreparedWindow]
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    """Parameters of the stage (the service fills them from its settings and the model's metadata)."""
+
+    window_ns: int = round(WINDOW_SECONDS * NS)
+    hop_ns: int = round(HOP_SECONDS * NS)
+    max_reorder_chunks: int = 8
+    max_lateness_ns: int = 5 * NS
+    clock_tolerance_ns: int = NS // 4
+    #: Upper bound on buffered + pending chunks per device (memory bound; oldest dropped first).
+    max_buffer_chunks: int = 64
+    prepare: PrepareFn = field(default=preprocess_window)
+
+
+@dataclass(slots=True)
+class StageOutput:
+    """What one chunk produced."""
+
+    windows: list[Window] = field(default_factory=list)
+    quality: list[QualityRecord] = field(default_factory=list)
+    duplicate: bool = False
+    late: bool = False
+
+
+def _end_ns(chunk: BufferedChunk, fs: float) -> int:
+    return chunk.t0_ns + round(chunk.n_samples * NS / fs)
+
+
+class Reassembler:
+    """Applies one chunk to one device's state. Pure: same state and chunk in, same state and output out."""
+
+    def __init__(self, config: StageConfig | None = None) -> None:
+        self.config = config or StageConfig()
+        self._window_s = self.config.window_ns / NS
+
+    def process(
+        self, state: DeviceState | None, chunk: SignalChunk, payload: bytes, *, received_ns: int, now_ns: int
+    ) -> tuple[DeviceState, StageOutput]:
+        """Apply ``chunk`` (whose wire bytes are ``payload``) to ``state`` (None for a new device).
+
+        ``received_ns`` is when the chunk reached Kafka (the record timestamp), ``now_ns`` the wall clock,
+        used only to stamp emitted messages.
+        """
+        state = state if state is not None else DeviceState()
+        out = StageOutput()
+        state.clinic_id = chunk.clinic_id
+        item = BufferedChunk(chunk.seq, chunk.t0_ns, chunk.n_samples, received_ns, payload)
+        if state.next_seq is None:
+            self._restart_run(state, chunk)
+            state.next_seq = chunk.seq
+        if chunk.seq < state.next_seq:
+            if self._seen(state, chunk.seq):
+                state.duplicates += 1
+                out.duplicate = True
+                return state, out
+            if (
+                state.expected_t0_ns is not None
+                and chunk.t0_ns >= state.expected_t0_ns - self.config.clock_tolerance_ns
+            ):
+                # Older seq but newer device time: the device restarted its sequence numbers.
+                out.quality.append(
+                    self._record(
+                        state,
+                        chunk.device_id,
+                        STREAM_RESET,
+                        chunk.t0_ns,
+                        chunk.t0_ns,
+                        chunk.seq,
+                        chunk.seq,
+                        now_ns,
+                        detail="seq went back",
+                    )
+                )
+                self._restart_run(state, chunk)
+                state.next_seq = chunk.seq
+                state.pending = []
+            else:
+                state.late += 1
+                out.late = True
+                return state, out
+        if chunk.seq > state.next_seq:
+            if any(p.seq == chunk.seq for p in state.pending):
+                state.duplicates += 1
+                out.duplicate = True
+                return state, out
+            bisect.insort(state.pending, item, key=lambda c: c.seq)
+        else:
+            self._accept(state, chunk.device_id, chunk, item, out, now_ns)
+        while True:
+            self._drain_pending(state, chunk.device_id, chunk, out, now_ns)
+            if not self._maybe_declare_gap(state, chunk, out, now_ns):
+                break
+        self._emit_windows(state, chunk.device_id, out, now_ns)
+        self._bound(state)
+        return state, out
+
+    # -- ordering -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _seen(state: DeviceState, seq: int) -> bool:
+        return any(c.seq == seq for c in state.buffer)
+
+    def _maybe_declare_gap(
+        self, state: DeviceState, chunk: SignalChunk, out: StageOutput, now_ns: int
+    ) -> bool:
+        """Give up waiting for the missing chunks when too many later ones wait or event time moved on."""
+        if not state.pending or state.next_seq is None:
+            return False
+        newest = state.pending[-1]
+        fs = chunk.sample_rate
+        waited_ns = (_end_ns(newest, fs) - state.expected_t0_ns) if state.expected_t0_ns is not None else 0
+        if len(state.pending) <= self.config.max_reorder_chunks and waited_ns <= self.config.max_lateness_ns:
+            return False
+        first = state.pending[0]
+        missing = first.seq - state.next_seq
+        start = state.expected_t0_ns if state.expected_t0_ns is not None else first.t0_ns
+        state.gaps += 1
+        state.missing_chunks += missing
+        out.quality.append(
+            self._record(
+                state,
+                chunk.device_id,
+                GAP,
+                start,
+                first.t0_ns,
+                state.next_seq,
+                first.seq - 1,
+                now_ns,
+                missing=missing,
+            )
+        )
+        state.next_seq = first.seq
+        state.buffer = []
+        state.expected_t0_ns = None  # the run restarts at the first waiting chunk
+        return True
+
+    def _drain_pending(
+        self, state: DeviceState, device_id: str, chunk: SignalChunk, out: StageOutput, now_ns: int
+    ) -> None:
+        while state.pending and state.pending[0].seq <= (state.next_seq or 0):
+            item = state.pending.pop(0)
+            if item.seq < (state.next_seq or 0):
+                continue
+            try:
+                pending_chunk = chunk if item.seq == chunk.seq else decode_chunk(item.payload)
+            except DecodeError:  # pragma: no cover - payloads were decoded once already
+                state.next_seq = item.seq + 1
+                continue
+            self._accept(state, device_id, pending_chunk, item, out, now_ns)
+
+    # -- runs -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _restart_run(state: DeviceState, chunk: SignalChunk) -> None:
+        state.sample_rate = chunk.sample_rate
+        state.channels = chunk.channels
+        state.buffer = []
+        state.expected_t0_ns = None
+
+    def _accept(
+        self,
+        state: DeviceState,
+        device_id: str,
+        chunk: SignalChunk,
+        item: BufferedChunk,
+        out: StageOutput,
+        now_ns: int,
+    ) -> None:
+        """Append the in-order chunk to the run, restarting the run on a format change or clock jump."""
+        if chunk.sample_rate != state.sample_rate or chunk.channels != state.channels:
+            if state.buffer:
+                out.quality.append(
+                    self._record(
+                        state,
+                        device_id,
+                        FORMAT_CHANGE,
+                        chunk.t0_ns,
+                        chunk.t0_ns,
+                        chunk.seq,
+                        chunk.seq,
+                        now_ns,
+                        detail=f"{state.sample_rate:g} Hz {'+'.join(state.channels)} -> "
+                        f"{chunk.sample_rate:g} Hz {'+'.join(chunk.channels)}",
+                    )
+                )
+            self._restart_run(state, chunk)
+        elif (
+            state.expected_t0_ns is not None
+            and abs(chunk.t0_ns - state.expected_t0_ns) > self.config.clock_tolerance_ns
+        ):
+            state.clock_jumps += 1
+            out.quality.append(
+                self._record(
+                    state,
+                    device_id,
+                    CLOCK_JUMP,
+                    state.expected_t0_ns,
+                    chunk.t0_ns,
+                    chunk.seq,
+                    chunk.seq,
+                    now_ns,
+                    detail=f"device time moved {(chunk.t0_ns - state.expected_t0_ns) / 1e6:+.1f} ms vs seq",
+                )
+            )
+            self._restart_run(state, chunk)
+        state.buffer.append(item)
+        state.next_seq = chunk.seq + 1
+        state.expected_t0_ns = chunk.t0_ns + chunk.duration_ns
+
+    def _bound(self, state: DeviceState) -> None:
+        """Trim what no future window needs, and cap the state's size."""
+        if state.buffer:
+            fs = state.sample_rate
+            # Every window ending inside the run has been cut, so the next one ends after the run's end;
+            # one hop of margin absorbs device clock drift.
+            next_start = _end_ns(state.buffer[-1], fs) - self.config.window_ns - self.config.hop_ns
+            keep = 0
+            while keep < len(state.buffer) - 1 and _end_ns(state.buffer[keep], fs) <= next_start:
+                keep += 1
+            if keep:
+                del state.buffer[:keep]
+        excess = len(state.buffer) + len(state.pending) - self.config.max_buffer_chunks
+        if excess > 0:
+            del state.buffer[: min(excess, len(state.buffer))]
+            excess = len(state.buffer) + len(state.pending) - self.config.max_buffer_chunks
+            if excess > 0:
+                del state.pending[-excess:]
+
+    # -- windows --------------------------------------------------------------------------------------------
+
+    def _emit_windows(self, state: DeviceState, device_id: str, out: StageOutput, now_ns: int) -> None:
+        if not state.buffer:
+            return
+        fs = state.sample_rate
+        hop, win = self.config.hop_ns, self.config.window_ns
+        run_start, run_end = state.buffer[0].t0_ns, _end_ns(state.buffer[-1], fs)
+        first_end = -(-(run_start + win) // hop) * hop  # ceil to the hop grid
+        end = max(first_end, state.last_window_end_ns + hop)
+        if end > run_end:
+            return
+        n_win = round(self._window_s * fs)
+        decoded = [decode_chunk(c.payload) for c in state.buffer]
+        offsets = np.cumsum([0] + [c.n_samples for c in state.buffer])
+        data = np.concatenate([c.samples for c in decoded], axis=1)
+        starts = [c.t0_ns for c in state.buffer]
+        while end <= run_end:
+            stop = self._index(end, starts, offsets, fs)
+            if stop - n_win >= 0 and stop <= data.shape[1]:
+                first = int(np.searchsorted(offsets, stop - n_win, side="right")) - 1
+                last = int(np.searchsorted(offsets, stop, side="left")) - 1
+                used = state.buffer[first : last + 1]
+                self._emit(state, device_id, data[:, stop - n_win : stop], end, used, out, now_ns)
+            end += hop
+
+    @staticmethod
+    def _index(t_ns: int, starts: list[int], offsets: npt.NDArray[np.int64], fs: float) -> int:
+        """Sample index of device time ``t_ns`` in the run, anchored on the chunk that contains it (so slow
+        device clock drift does not accumulate into misaligned windows)."""
+        k = max(0, bisect.bisect_right(starts, t_ns) - 1)
+        return int(offsets[k]) + round((t_ns - starts[k]) * fs / NS)
+
+    def _emit(
+        self,
+        state: DeviceState,
+        device_id: str,
+        samples: npt.NDArray[np.float32],
+        end: int,
+        used: list[BufferedChunk],
+        out: StageOutput,
+        now_ns: int,
+    ) -> None:
+        start = end - self.config.window_ns
+        seq_first, seq_last = used[0].seq, used[-1].seq
+        state.last_window_end_ns = end
+        try:
+            prepared = self.config.prepare(samples, state.channels, state.sample_rate)
+        except BpstreamError as exc:
+            out.quality.append(
+                self._record(
+                    state,
+                    device_id,
+                    WINDOW_ERROR,
+                    start,
+                    end,
+                    seq_first,
+                    seq_last,
+                    now_ns,
+                    quality_ok=False,
+                    detail=f"{exc.reason}: {exc}",
+                )
+            )
+            return
+        state.windows += 1
+        received = max(c.received_ns for c in used)
+        out.windows.append(
+            Window(
+                clinic_id=state.clinic_id,
+                device_id=device_id,
+                start_ns=start,
+                end_ns=end,
+                sample_rate=MODEL_SAMPLE_RATE,
+                channels=MODEL_CHANNELS,
+                n_samples=int(prepared.samples.shape[1]),
+                samples=np.ascontiguousarray(prepared.samples, dtype="<f4").tobytes(),
+                sqi=dict(prepared.sqi),
+                quality_ok=prepared.quality_ok,
+                gap_fraction=0.0,
+                seq_first=seq_first,
+                seq_last=seq_last,
+                received_ns=received,
+                emitted_ns=now_ns,
+            )
+        )
+        out.quality.append(
+            QualityRecord(
+                kind=WINDOW,
+                clinic_id=state.clinic_id,
+                device_id=device_id,
+                start_ns=start,
+                end_ns=end,
+                seq_first=seq_first,
+                seq_last=seq_last,
+                sqi=dict(prepared.sqi),
+                quality_ok=prepared.quality_ok,
+                inputs=prepared.inputs,
+                heart_rate_bpm=prepared.heart_rate_bpm,
+                problems=prepared.problems,
+                emitted_ns=now_ns,
+            )
+        )
+
+    @staticmethod
+    def _record(
+        state: DeviceState,
+        device_id: str,
+        kind: str,
+        start: int,
+        end: int,
+        seq_first: int,
+        seq_last: int,
+        now_ns: int,
+        *,
+        missing: int = 0,
+        quality_ok: bool = False,
+        detail: str = "",
+    ) -> QualityRecord:
+        return QualityRecord(
+            kind=kind,
+            clinic_id=state.clinic_id,
+            device_id=device_id,
+            start_ns=start,
+            end_ns=end,
+            seq_first=seq_first,
+            seq_last=seq_last,
+            missing_chunks=missing,
+            quality_ok=quality_ok,
+            detail=detail,
+            emitted_ns=now_ns,
+        )

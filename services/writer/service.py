@@ -1,0 +1,194 @@
+"""The InfluxDB writer's wiring: Kafka ``estimates``/``alerts``/``quality``/``signals.dlq`` -> InfluxDB.
+
+Loop: collect a batch (bounded by size and wait) -> translate to line protocol (``points``) -> write with
+retries (``influx_client``) -> commit the Kafka offsets. Offsets are committed only after InfluxDB
+acknowledged the batch, so a crash replays records, and replays overwrite the same points.
+A record that does not decode goes to ``signals.dlq`` with its reason (or, coming from the DLQ itself,
+is counted and logged) and its offset is committed with the batch: it never blocks a partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiokafka import ConsumerRecord
+from prometheus_client import Counter, Gauge, Histogram
+
+from bpstream.services.batching import collect_batch
+from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
+from bpstream.services.writer.lag import LagProbe, group_name
+from bpstream.services.writer.points import WRITTEN_TOPICS, pipeline_line, record_lines
+from bpstream.services.writer.settings import WriterSettings
+from bpstream.shared.errors import DecodeError, TransientError
+from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
+from bpstream.shared.retry import retry_async
+from bpstream.shared.settings import log_settings
+from bpstream.shared.telemetry import HealthServer
+from bpstream.shared.topics import SIGNALS_DLQ, topic_name
+
+log = logging.getLogger(__name__)
+
+RECORDS = Counter("bpstream_writer_records_total", "Kafka records consumed by the writer", ["topic"])
+POINTS = Counter("bpstream_writer_points_written_total", "Points InfluxDB acknowledged")
+REJECTED = Counter("bpstream_writer_points_rejected_total", "Points InfluxDB refused as bad (skipped)")
+UNDECODABLE = Counter("bpstream_writer_undecodable_total", "Records that did not decode", ["reason"])
+BATCH_SIZE = Histogram("bpstream_writer_batch_size", "Records per write batch",
+                       buckets=(1, 5, 10, 50, 100, 500, 1000, 2000, 5000, 10000))
+WRITE_SECONDS = Histogram("bpstream_writer_write_seconds", "Time to store one batch in InfluxDB (with retries)")
+E2E_LATENCY = Histogram("bpstream_writer_e2e_latency_seconds",
+                        "Bridge receipt of a window's newest chunk -> its estimate stored in InfluxDB",
+                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+LAG = Gauge("bpstream_pipeline_consumer_lag", "Messages a pipeline consumer group is behind", ["group"])
+
+
+class WriterStage:
+    """One batch at a time: records in, points stored, offsets committed."""
+
+    def __init__(self, settings: WriterSettings, consumer: KafkaConsumer, producer: KafkaProducer,
+                 influx: InfluxWriter) -> None:
+        self.settings, self.consumer, self.producer, self.influx = settings, consumer, producer, influx
+        self.dlq_topic = topic_name(SIGNALS_DLQ, settings.kafka.topic_prefix)
+        self.processed = 0
+        self.newest_received_ns = 0
+
+    async def handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        stored_ns = time.time_ns()
+        lines: list[str] = []
+        received: list[int] = []
+        for record in records:
+            RECORDS.labels(record.topic.removeprefix(self.settings.kafka.topic_prefix)).inc()
+            payload = record.value or b""
+            try:
+                record_point_lines, received_ns = record_lines(
+                    record.topic, payload, prefix=self.settings.kafka.topic_prefix, stored_ns=stored_ns)
+            except (DecodeError, ValueError) as exc:
+                await self._undecodable(record, exc)
+                continue
+            lines.extend(record_point_lines)
+            if received_ns:
+                received.append(received_ns)
+        started = time.monotonic()
+        result = await self.influx.write(lines)
+        WRITE_SECONDS.observe(time.monotonic() - started)
+        POINTS.inc(result.written)
+        REJECTED.inc(result.rejected)
+        now = time.time_ns()
+        for received_ns in received:
+            E2E_LATENCY.observe(max(0, now - received_ns) / 1e9)
+        if received:
+            self.newest_received_ns = max(self.newest_received_ns, max(received))
+        await self._commit(records)
+        BATCH_SIZE.observe(len(records))
+        self.processed += len(records)
+
+    async def _undecodable(self, record: ConsumerRecord[bytes, bytes], exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, DecodeError) else "bad_point"
+        UNDECODABLE.labels(reason).inc()
+        log.warning("undecodable record", extra={"topic": record.topic, "partition": record.partition,
+                                                 "offset": record.offset, "reason": reason})
+        if record.topic == self.dlq_topic:
+            return  # never dead-letter the dead-letter topic into itself
+        key = record.key.decode(errors="replace") if record.key else None
+
+        async def send() -> None:
+            await self.producer.dead_letter(stage="writer", reason=reason, detail=str(exc), source=record.topic,
+                                            payload=record.value or b"", key=key, partition=record.partition,
+                                            offset=record.offset)
+
+        await retry_async(send, attempts=10, cap_s=5.0, what="dead letter")
+
+    async def _commit(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        try:
+            await retry_async(lambda: self.consumer.commit_records(records), attempts=10, cap_s=5.0,
+                              what="commit")
+        except Exception as exc:  # a rebalance took the partitions: the new owner replays, points overwrite
+            log.warning("commit failed; records will be replayed", extra={"error": repr(exc)[:300]})
+
+
+async def report_pipeline(settings: WriterSettings, stage: WriterStage, influx: InfluxWriter,
+                          stop: asyncio.Event) -> None:
+    """Every ``pipeline_interval_s``: consumer lag of each pipeline group and the writer's own latency."""
+    last_processed, last_t = 0, time.monotonic()
+    probe: LagProbe | None = None
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=settings.pipeline_interval_s)
+            if stop.is_set():
+                break
+            try:
+                if probe is None:
+                    probe = LagProbe(settings.kafka)
+                    await probe.__aenter__()
+                lags = await probe.lags()
+            except Exception as exc:  # Kafka restarting: skip this sample, try a fresh probe next time
+                log.warning("lag probe failed", extra={"error": repr(exc)[:200]})
+                if probe is not None:
+                    with contextlib.suppress(Exception):
+                        await probe.__aexit__(None, None, None)
+                    probe = None
+                continue
+            now_ns, now_t = time.time_ns(), time.monotonic()
+            rate = (stage.processed - last_processed) / max(now_t - last_t, 1e-9)
+            last_processed, last_t = stage.processed, now_t
+            lines = []
+            for group, lag in lags.items():
+                LAG.labels(group).set(lag)
+                own = group == "bpstream-writer"
+                lines.append(pipeline_line(
+                    group.removeprefix("bpstream-"), settings.instance, now_ns, consumer_lag=lag,
+                    lag_ms=(now_ns - stage.newest_received_ns) / 1e6 if own and stage.newest_received_ns else None,
+                    processed=stage.processed if own else None, rate_per_s=rate if own else None))
+            try:
+                await influx.write(lines)
+            except StoppedError:
+                break
+    finally:
+        if probe is not None:
+            with contextlib.suppress(Exception):
+                await probe.__aexit__(None, None, None)
+
+
+async def run_writer(settings: WriterSettings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, then finish the batch in hand, commit and return."""
+    log_settings(settings, "writer")
+    ready = False
+    async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
+            InfluxWriter(settings.influx, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
+                         stop=stop) as influx, \
+            KafkaProducer(settings.kafka) as producer, \
+            KafkaConsumer(settings.kafka, WRITTEN_TOPICS, group_name(settings.group_id, settings.kafka),
+                          max_poll_records=settings.batch_max_size) as consumer:
+        await influx.ensure_database()
+        stage = WriterStage(settings, consumer, producer, influx)
+        reporter = (asyncio.create_task(report_pipeline(settings, stage, influx, stop))
+                    if settings.pipeline_interval_s > 0 else None)
+        ready = True
+        log.info("writer ready", extra={"database": settings.influx.database})
+
+        async def fetch(timeout_s: float, max_items: int) -> list[ConsumerRecord[bytes, bytes]]:
+            return await consumer.getmany(int(timeout_s * 1000), max_items)
+
+        try:
+            while not stop.is_set():
+                records = await collect_batch(fetch, max_size=settings.batch_max_size,
+                                              max_wait_s=settings.batch_max_wait_ms / 1000, stop=stop)
+                if not records:
+                    continue
+                try:
+                    await stage.handle(records)
+                except StoppedError:
+                    log.info("stopped while InfluxDB was unavailable; the batch will be replayed")
+                    break
+                except TransientError as exc:
+                    log.warning("batch failed; it will be replayed", extra={"reason": exc.reason})
+                    raise
+        finally:
+            ready = False
+            if reporter is not None:
+                stop.set()
+                await reporter
+    log.info("writer stopped")

@@ -1,0 +1,123 @@
+"""Fixtures shared by every test: the real local servers and per-test Kafka topics and InfluxDB databases.
+
+Servers start only when a test asks for them (the ``servers`` fixture is lazy and session-scoped), so
+``pytest -m unit`` never starts anything. If the servers cannot start, tests that need them fail with the
+reason; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from bpstream.localservers import InstallError, ServerEndpoints, ServerError, ensure_up
+from bpstream.shared.settings import KafkaSettings
+from bpstream.shared.topics import ALL_TOPICS, topic_name
+
+_T = TypeVar("_T")
+_TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/unit are ``unit`` and under tests/integration ``integration`` unless marked."""
+    for item in items:
+        if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
+            continue
+        path = Path(str(item.fspath)).resolve()
+        if (_TESTS / "integration") in path.parents:
+            item.add_marker(pytest.mark.integration)
+        elif (_TESTS / "unit") in path.parents:
+            item.add_marker(pytest.mark.unit)
+
+
+def run_sync(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run a coroutine from sync code, in a helper thread when an event loop already runs here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    box: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            box["value"] = asyncio.run(factory())
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    value: _T = box["value"]
+    return value
+
+
+@pytest.fixture(scope="session")
+def servers(request: pytest.FixtureRequest) -> ServerEndpoints:
+    """The running local Mosquitto, Kafka and InfluxDB (started, or reused, once per test session)."""
+    try:
+        return ensure_up()
+    except (ServerError, InstallError) as exc:
+        pytest.fail(f"local servers could not be started (`bpstream services up`):\n{exc}", pytrace=False)
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A Kafka topic prefix unique to this test, e.g. ``t1a2b3c4d.``."""
+    return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def kafka_settings(servers: ServerEndpoints, topic_prefix: str) -> KafkaSettings:
+    """Kafka settings pointing at the local broker with this test's topic prefix."""
+    return KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=topic_prefix)
+
+
+@pytest.fixture
+def kafka_topics(kafka_settings: KafkaSettings) -> Iterator[str]:
+    """Create every topic of ``ALL_TOPICS`` under this test's prefix; return the prefix. Deleted afterwards."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from bpstream.shared.kafka import ensure_topics
+
+    run_sync(lambda: ensure_topics(kafka_settings, ALL_TOPICS))
+    yield kafka_settings.topic_prefix
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(**kafka_settings.client_kwargs())
+        await admin.start()
+        try:
+            await admin.delete_topics([topic_name(t, kafka_settings.topic_prefix) for t in ALL_TOPICS])
+        finally:
+            await admin.close()
+
+    run_sync(delete)
+
+
+@pytest.fixture
+def influx_db(servers: ServerEndpoints) -> Iterator[str]:
+    """A fresh, uniquely named InfluxDB database, dropped after the test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with httpx.Client(base_url=servers.influx_url, timeout=10) as http:
+        created = http.post("/query", params={"q": f'CREATE DATABASE "{name}"'})
+        created.raise_for_status()
+        yield name
+        http.post("/query", params={"q": f'DROP DATABASE "{name}"'})
+
+
+@pytest.fixture
+def service_env(servers: ServerEndpoints, kafka_topics: str, influx_db: str) -> dict[str, str]:
+    """``BPSTREAM_*`` variables for a service under test: local servers, this test's topics and database."""
+    return {
+        **servers.env(),
+        "BPSTREAM_KAFKA_TOPIC_PREFIX": kafka_topics,
+        "BPSTREAM_INFLUX_DATABASE": influx_db,
+    }

@@ -1,0 +1,69 @@
+"""Helpers for the pipeline's integration tests: InfluxDB queries, Kafka produce/consume, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bpstream.shared.settings import KafkaSettings
+from bpstream.shared.topics import KafkaTopic, topic_name
+
+T = TypeVar("T")
+
+
+async def influx_query(url: str, database: str, query: str) -> list[dict[str, Any]]:
+    """Rows of an InfluxQL query as dicts (all series concatenated, tags merged in)."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        response = await http.get("/query", params={"db": database, "q": query, "epoch": "ns"})
+    response.raise_for_status()
+    rows: list[dict[str, Any]] = []
+    for result in response.json().get("results", []):
+        if "error" in result:
+            raise AssertionError(f"InfluxQL error: {result['error']}")
+        for series in result.get("series", []):
+            for values in series["values"]:
+                rows.append({**series.get("tags", {}), **dict(zip(series["columns"], values, strict=True))})
+    return rows
+
+
+async def wait_until(check: Callable[[], Awaitable[T]], *, timeout_s: float, what: str,
+                     interval_s: float = 1.0) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after a generous deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last value: {last!r}")
+
+
+async def read_topic(settings: KafkaSettings, topic: KafkaTopic) -> list[tuple[bytes | None, bytes]]:
+    """Every record currently in a topic, as ``(key, value)``, read from the beginning to the end."""
+    name = topic_name(topic, settings.topic_prefix)
+    consumer = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        out: list[tuple[bytes | None, bytes]] = []
+        remaining = {tp for tp in partitions if end[tp] > 0}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=1000)
+            for records in batches.values():
+                out.extend((r.key, r.value) for r in records if r.value is not None)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return out
+    finally:
+        await consumer.stop()

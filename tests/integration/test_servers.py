@@ -1,0 +1,166 @@
+"""The real local servers do what the services rely on: MQTT 5 pub/sub and shared subscriptions, Kafka
+consumer groups whose committed offsets survive a consumer restart, InfluxDB writes that read back and
+overwrite (idempotent sinks).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bpstream.localservers import ServerEndpoints
+from bpstream.shared.influx import line
+from bpstream.shared.topics import SIGNALS_DLQ, mqtt_shared_subscription, mqtt_signals_topic, topic_name
+
+pytestmark = pytest.mark.integration
+
+
+class _Subscriber:
+    """A paho MQTT 5 client that records what it receives."""
+
+    def __init__(self, endpoints: ServerEndpoints, topic_filter: str) -> None:
+        self.received: list[bytes] = []
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{uuid.uuid4().hex[:10]}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_subscribe = lambda *args: self.ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect(endpoints.mqtt_host, endpoints.mqtt_port)
+        self.client.loop_start()
+        self.client.subscribe(topic_filter, qos=1)
+        assert self.ready.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.received.append(message.payload)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _publish_all(endpoints: ServerEndpoints, topic: str, payloads: list[bytes]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:10]}",
+                         protocol=mqtt.MQTTv5)
+    client.connect(endpoints.mqtt_host, endpoints.mqtt_port)
+    client.loop_start()
+    try:
+        for payload in payloads:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _wait_for(predicate: object, timeout_s: float = 10.0) -> bool:
+    event = threading.Event()
+    for _ in range(int(timeout_s / 0.05)):
+        if callable(predicate) and predicate():
+            return True
+        event.wait(0.05)
+    return False
+
+
+def test_mqtt5_publish_subscribe_round_trip(servers: ServerEndpoints) -> None:
+    clinic = f"c{uuid.uuid4().hex[:8]}"
+    topic = mqtt_signals_topic(clinic, "dev-1")
+    subscriber = _Subscriber(servers, f"bpstream/{clinic}/+/signals")
+    payloads = [bytes([i]) * (i + 1) + b"\x00\xff" for i in range(20)]
+    try:
+        _publish_all(servers, topic, payloads)
+        assert _wait_for(lambda: len(subscriber.received) >= len(payloads))
+    finally:
+        subscriber.close()
+    assert subscriber.received == payloads  # QoS 1 from one publisher to one subscriber keeps order
+
+
+def test_mqtt5_shared_subscription_delivers_each_message_to_one_member(servers: ServerEndpoints) -> None:
+    clinic = f"c{uuid.uuid4().hex[:8]}"
+    group = f"bridge-{uuid.uuid4().hex[:6]}"
+    topic_filter = mqtt_shared_subscription(group, f"bpstream/{clinic}/+/signals")
+    members = [_Subscriber(servers, topic_filter) for _ in range(2)]
+    payloads = [f"chunk-{i}".encode() for i in range(40)]
+    try:
+        _publish_all(servers, mqtt_signals_topic(clinic, "dev-1"), payloads)
+        assert _wait_for(lambda: sum(len(m.received) for m in members) >= len(payloads))
+    finally:
+        for member in members:
+            member.close()
+    everything = [p for m in members for p in m.received]
+    assert sorted(everything) == sorted(payloads)  # every message once, none twice
+    assert all(m.received for m in members)  # the load is split
+
+
+async def test_kafka_committed_offsets_survive_a_consumer_restart(servers: ServerEndpoints,
+                                                                   kafka_topics: str) -> None:
+    topic = topic_name(SIGNALS_DLQ, kafka_topics)  # one partition: offsets are the message order
+    partition = TopicPartition(topic, 0)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=servers.kafka_bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        for i in range(10):
+            await producer.send_and_wait(topic, f"m{i}".encode(), key=b"dev-1")
+    finally:
+        await producer.stop()
+
+    def consumer() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(topic, bootstrap_servers=servers.kafka_bootstrap, group_id=group,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                session_timeout_ms=6000, heartbeat_interval_ms=500)
+
+    first = consumer()
+    await first.start()
+    try:
+        seen: list[bytes] = []
+        while len(seen) < 6:
+            batch = await first.getmany(timeout_ms=1000, max_records=6 - len(seen))
+            seen += [record.value for records in batch.values() for record in records if record.value]
+        assert seen == [f"m{i}".encode() for i in range(6)]
+        await first.commit({partition: 6})
+    finally:
+        await first.stop()
+
+    second = consumer()
+    await second.start()
+    try:
+        assert await second.committed(partition) == 6
+        rest: list[tuple[int, bytes]] = []
+        while len(rest) < 4:
+            batch = await second.getmany(timeout_ms=1000)
+            rest += [(r.offset, r.value) for records in batch.values() for r in records if r.value]
+    finally:
+        await second.stop()
+    assert rest == [(i, f"m{i}".encode()) for i in range(6, 10)]
+
+
+def test_influx_write_query_and_overwrite(servers: ServerEndpoints, influx_db: str) -> None:
+    t0 = 1_700_000_000_000_000_000
+    points = [
+        line("bp_estimate", {"clinic": "c 1", "device": "d,1"}, {"sbp": 120.5, "dbp": 80.0, "model_version": "v1",
+                                                                 "quality_ok": 1}, t0),
+        line("bp_estimate", {"clinic": "c 1", "device": "d,1"}, {"sbp": 130.0, "dbp": 85.0, "model_version": "v1",
+                                                                 "quality_ok": 1}, t0 + 2 * 10**9),
+        # The same device and time again: InfluxDB overwrites, so a replay does not duplicate.
+        line("bp_estimate", {"clinic": "c 1", "device": "d,1"}, {"sbp": 121.0, "dbp": 80.0, "model_version": "v1",
+                                                                 "quality_ok": 1}, t0),
+    ]
+    with httpx.Client(base_url=servers.influx_url, timeout=10) as http:
+        written = http.post("/write", params={"db": influx_db, "precision": "ns"}, content="\n".join(points))
+        assert written.status_code == 204, written.text
+        answer = http.get("/query", params={
+            "db": influx_db, "epoch": "ns",
+            "q": "SELECT sbp, dbp, model_version, quality_ok, clinic, device FROM bp_estimate ORDER BY time",
+        })
+    assert answer.status_code == 200
+    series = answer.json()["results"][0]["series"][0]
+    rows = [dict(zip(series["columns"], values, strict=True)) for values in series["values"]]
+    assert [(r["time"], r["sbp"], r["dbp"]) for r in rows] == [(t0, 121.0, 80.0), (t0 + 2 * 10**9, 130.0, 85.0)]
+    assert {(r["clinic"], r["device"], r["model_version"], r["quality_ok"]) for r in rows} == {("c 1", "d,1", "v1", 1)}

@@ -1,0 +1,99 @@
+"""The InfluxDB writer against real Kafka and InfluxDB: points stored, replays overwrite, bad input is
+dead-lettered while the stream goes on, and offsets are committed only once InfluxDB has the points."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from pipeline_support import influx_query, read_topic, wait_until
+
+from bpstream.localservers import ServerEndpoints
+from bpstream.services.writer.service import run_writer
+from bpstream.services.writer.settings import WriterSettings
+from bpstream.shared.kafka import KafkaProducer
+from bpstream.shared.messages import Alert, Estimate, decode_dead_letter, encode_json
+from bpstream.shared.settings import InfluxSettings, KafkaSettings
+from bpstream.shared.topics import ALERTS, ESTIMATES, SIGNALS_DLQ
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+T0 = 1_760_000_000_000_000_000
+HOP = 2 * 10**9
+
+
+def _estimate(device: str, i: int, sbp: float = 120.0) -> Estimate:
+    return Estimate(clinic_id="c1", device_id=device, window_start_ns=T0 + i * HOP - 8 * 10**9,
+                    window_end_ns=T0 + i * HOP, sbp=sbp, dbp=80.0, sbp_sd=5.0, dbp_sd=3.0, anomaly_prob=0.01,
+                    sqi=0.9, quality_ok=True, inputs="ecg+ppg", model_version="v1", received_ns=T0 + i * HOP,
+                    estimated_ns=T0 + i * HOP + 10**7)
+
+
+@pytest.fixture
+async def writer(servers: ServerEndpoints, kafka_topics: str, influx_db: str) -> AsyncIterator[WriterSettings]:
+    settings = WriterSettings(kafka=KafkaSettings(bootstrap_servers=servers.kafka_bootstrap,
+                                                  topic_prefix=kafka_topics),
+                              influx=InfluxSettings(url=servers.influx_url, database=influx_db),
+                              batch_max_wait_ms=100, pipeline_interval_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_writer(settings, stop))
+    yield settings
+    stop.set()
+    await asyncio.wait_for(task, timeout=60)
+
+
+async def test_estimates_and_alerts_are_stored_once_even_when_replayed(writer: WriterSettings) -> None:
+    async with KafkaProducer(writer.kafka) as producer:
+        records = [(ESTIMATES, encode_json(_estimate(d, i)), d) for d in ("dev-a", "dev-b") for i in range(20)]
+        await producer.send_many(records)
+        await producer.send_many(records[:10])  # a replay: same devices and window ends
+        alert = Alert(alert_id="dev-a:crisis:1", clinic_id="c1", device_id="dev-a", kind="crisis",
+                      severity="critical", state="raised", started_ns=T0, event_ns=T0 + 10 * HOP, sbp=190.0,
+                      dbp=125.0, n_windows=5, confidence=0.97, message="crisis")
+        await producer.send_many([(ALERTS, encode_json(alert), "dev-a")] * 2)
+
+    async def stored() -> list[dict[str, object]]:
+        rows = await influx_query(writer.influx.url, writer.influx.database,
+                                  "SELECT count(sbp) FROM bp_estimate GROUP BY device")
+        return rows if sum(int(r["count"]) for r in rows) >= 40 else []
+
+    rows = await wait_until(stored, timeout_s=120, what="40 estimate points")
+    assert {r["device"]: r["count"] for r in rows} == {"dev-a": 20, "dev-b": 20}
+    alerts = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database,
+                                                   "SELECT * FROM bp_alert"), timeout_s=60, what="alert point")
+    assert len(alerts) == 1
+    assert alerts[0]["alert_id"] == "dev-a:crisis:1" and alerts[0]["active"] == 1
+    assert alerts[0]["kind"] == "crisis" and alerts[0]["severity"] == "critical"
+    # The writer also samples consumer lag of the pipeline's groups.
+    lag = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database,
+                                                "SELECT last(consumer_lag) FROM pipeline WHERE service = 'writer'"),
+                           timeout_s=60, what="pipeline lag point")
+    assert lag[0]["last"] == 0
+
+
+async def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(writer: WriterSettings) -> None:
+    async with KafkaProducer(writer.kafka) as producer:
+        await producer.send(ESTIMATES, encode_json(_estimate("dev-c", 0)), key="dev-c")
+        await producer.send(ESTIMATES, b'{"v": 1, "device_id": "dev-c"}', key="dev-c")  # missing fields
+        await producer.send(ESTIMATES, b"\xff\x00 not json", key="dev-c")
+        await producer.send(ESTIMATES, encode_json(_estimate("dev-c", 1)), key="dev-c")
+
+    async def two_points() -> list[dict[str, object]]:
+        rows = await influx_query(writer.influx.url, writer.influx.database,
+                                  "SELECT sbp FROM bp_estimate WHERE device = 'dev-c'")
+        return rows if len(rows) == 2 else []
+
+    await wait_until(two_points, timeout_s=120, what="both good estimates stored")
+
+    async def dead_letters() -> list[object]:
+        records = [decode_dead_letter(v) for _k, v in await read_topic(writer.kafka, SIGNALS_DLQ)]
+        return [r for r in records if r.stage == "writer"] if len(records) >= 2 else []
+
+    letters = await wait_until(dead_letters, timeout_s=60, what="two dead letters")
+    assert {r.reason for r in letters} == {"invalid_message"}  # type: ignore[attr-defined]
+    assert {r.payload for r in letters} == {b'{"v": 1, "device_id": "dev-c"}', b"\xff\x00 not json"}  # type: ignore[attr-defined]
+    # ... and the writer stores the dead letters it reads back from the DLQ as countable points.
+    counted = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database,
+                                                    "SELECT count(\"count\") FROM dead_letter WHERE stage = 'writer'"),
+                               timeout_s=60, what="dead_letter points")
+    assert counted[0]["count"] == 2
