@@ -7,6 +7,7 @@ Every service reads its settings from the environment (``BPSTREAM_*``), so the c
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -24,7 +25,7 @@ SERVICES: dict[str, tuple[str, str]] = {
 }
 
 
-def _service_command(module: str, help_text: str) -> typer.models.CommandFunctionType:
+def _service_command(module: str, help_text: str) -> Callable[[], None]:
     def command() -> None:
         importlib.import_module(module).main()
 

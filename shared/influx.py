@@ -42,12 +42,14 @@ MEASUREMENT_STREAM_EVENT = "stream_event"
 FieldValue = float | int | bool | str
 
 
+# InfluxDB reads a backslash in a measurement, tag or field key literally (it does not unescape "\\"), so
+# only the separators are escaped; a line break would end the point, so it becomes a space.
 def _escape_key(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ")
+    return value.replace("\n", " ").replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ")
 
 
 def _escape_measurement(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", r"\,").replace(" ", r"\ ")
+    return value.replace("\n", " ").replace(",", r"\,").replace(" ", r"\ ")
 
 
 def _field(value: FieldValue) -> str | None:

@@ -79,9 +79,11 @@ class SignalChunk:
     def channel(self, name: str) -> npt.NDArray[np.float32] | None:
         """The samples of one channel, or None when the chunk does not carry it."""
         try:
-            return self.samples[self.channels.index(name)]
+            index = self.channels.index(name)
         except ValueError:
             return None
+        row: npt.NDArray[np.float32] = self.samples[index]
+        return row
 
 
 def _check_id(value: str, what: str, error: type[DecodeError] | type[EncodeError]) -> None:
@@ -129,7 +131,7 @@ def encode_chunk(chunk: SignalChunk) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_chunk(data: bytes) -> SignalChunk:
+def decode_chunk(data: bytes | bytearray | memoryview) -> SignalChunk:
     """Decode and validate a chunk. Raises ``DecodeError`` with a precise reason for any bad input."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError(f"expected bytes, got {type(data).__name__}", reason="bad_type")
@@ -301,7 +303,7 @@ def _decode(data: bytes, kind: type[_S], fmt: str, limit: int) -> _S:
         decoder = _decoders[(kind, fmt)] = module.Decoder(kind)
     try:
         message: _S = decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise DecodeError(f"invalid {kind.__name__}: {exc}", reason="invalid_message") from exc
     if getattr(message, "v", 1) != 1:
         raise DecodeError(f"{kind.__name__} version {getattr(message, 'v', None)} is not supported",

@@ -164,7 +164,9 @@ def _periodicity(x: npt.NDArray[np.float64], fs: float) -> tuple[float, float | 
     ac = np.fft.irfft(spec * np.conj(spec))[:n] / energy
     # Unbiased correction so long lags are not penalised for having fewer overlapping samples.
     ac = ac * n / np.maximum(n - np.arange(n), 1)
-    lo = int(fs * 60.0 / HR_MAX_BPM * 0.9)
+    # Search down to lags of 1.5x the highest plausible rate, so a too-fast rhythm is seen as such and not
+    # mistaken for its own second multiple.
+    lo = int(fs * 60.0 / (1.5 * HR_MAX_BPM))
     hi = min(n // 2, int(fs * 60.0 / HR_MIN_BPM * 1.1) + 1)
     lo = max(lo, 1)
     if hi <= lo + 2:

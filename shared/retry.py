@@ -14,7 +14,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def backoff_delays(attempts: int, base_s: float = 0.1, cap_s: float = 5.0, rng: random.Random | None = None) -> list[float]:
+def backoff_delays(attempts: int, base_s: float = 0.1, cap_s: float = 5.0,
+                   rng: random.Random | None = None) -> list[float]:
     """Full-jitter delays: attempt k waits uniform(0, min(cap, base * 2**k))."""
     rand = rng or random.Random()
     return [rand.uniform(0.0, min(cap_s, base_s * 2**k)) for k in range(attempts)]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bpstream.simulators.patients import P_REF, Profiles
-from bpstream.simulators.scenarios import LABEL_CODES, LABEL_PRIORITY, LABELS, Schedule, ScenarioSpec
+from bpstream.simulators.scenarios import LABEL_CODES, LABEL_PRIORITY, LABELS, ScenarioSpec, Schedule
 
 _F = ("r", "rr", "sbp", "dbp", "pat", "type", "ecg_amp", "ppg_amp", "refl_off", "refl_ratio", "rise_scale", "qt")
 _I = {name: i for i, name in enumerate(_F)}
@@ -87,8 +87,8 @@ def _ppg_tables(p: Profiles) -> np.ndarray:
     """PPG templates ``[n, 2, L]``: forward pulse with diastolic run-off, and the reflected wave."""
     tau = (np.arange(_PPG_LEN) / _TAB_HZ)[None, :]
     rise = p.rise_s[:, None]
-    runoff = (1 - np.exp(-tau / 0.06)) * np.exp(-tau / 0.4)
-    forward = _gamma_pulse(tau, rise, 2.2) + 0.4 * runoff
+    runoff = (1 - np.exp(-tau / 0.06)) * np.exp(-tau / 0.25)
+    forward = _gamma_pulse(tau, rise, 3.5) + 0.2 * runoff
     reflected = _gamma_pulse(tau, _REFL_PEAK, 2.5) * np.ones_like(rise)
     return np.stack([forward, reflected], axis=1)
 
@@ -211,7 +211,7 @@ class SignalEngine:
             values[_I["type"]] = btype
             values[_I["ecg_amp"]] = p.ecg_amp[idx] * (1 + 0.07 * np.sin(resp_phase)) * np.where(af, 0.95, 1)
             values[_I["ppg_amp"]] = (p.ppg_amp[idx] * (sbp - dbp) / 45 * (1 - 0.3 * symp)
-                                     * (1 + 0.08 * np.sin(resp_phase)) * np.where(pvc, 0.45, 1.0))
+                                     * (1 + 0.15 * np.sin(resp_phase)) * np.where(pvc, 0.45, 1.0))
             values[_I["refl_off"]] = p.rise_s[idx] / rise_scale + refl_delay - _REFL_PEAK
             values[_I["refl_ratio"]] = np.clip(p.refl_ratio0[idx] + 0.003 * (sbp - 120), 0.05, 0.9)
             values[_I["rise_scale"]] = rise_scale
@@ -332,10 +332,10 @@ class SignalEngine:
         if sat is not None:
             ecg = np.where(sat, ECG_RAIL_MV, ecg)
             ppg = np.where(sat, PPG_RAIL, ppg)
-        off = fault_masks.get(_KIND["sensor_off"])
-        if off is not None:
-            ecg = np.where(off, 0.002 * noise[0], ecg)
-            ppg = np.where(off, 0.01 + 0.001 * noise[1], ppg)
+        lead_off = fault_masks.get(_KIND["sensor_off"])
+        if lead_off is not None:
+            ecg = np.where(lead_off, 0.002 * noise[0], ecg)
+            ppg = np.where(lead_off, 0.01 + 0.001 * noise[1], ppg)
         drop = fault_masks.get(_KIND["dropout"])
         if drop is not None:
             ecg = np.where(drop, 0.0, ecg)

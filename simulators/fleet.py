@@ -263,7 +263,8 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
     truth_fh: IO[str] | None = None
     if cfg.truth_path is not None:
         Path(cfg.truth_path).parent.mkdir(parents=True, exist_ok=True)
-        truth_fh = Path(cfg.truth_path).open("w")
+        # written line by line while the fleet runs, so other processes can follow it
+        truth_fh = Path(cfg.truth_path).open("w")  # noqa: ASYNC230, SIM115
         for i, dev in enumerate(ids):
             truth_fh.write(json.dumps({"type": "device", "device_id": dev, "clinic_id": cfg.clinic_id,
                                        "scenario": cohort.names[i], "start_ns": start_ns,
@@ -317,7 +318,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             # link events: reconnect storms and bursts
             for gw in gateways:
                 if gw.online and device_s >= gw.next_drop_s:
-                    await gw.conn.drain(timeout=10.0)
+                    await gw.conn.drain(within_s=10.0)
                     await gw.conn.disconnect(send_will=True)
                     gw.online = False
                     gw.back_at_s = device_s + max(1.0, cfg.reconnect_pause_s * cfg.speed)
@@ -353,7 +354,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
                 if truth_fh is not None:
                     truth_fh.write(json.dumps({
                         "type": "chunk", "device_id": ids[i], "seq": k, "t0_ns": int(t0_ns[i]),
-                        "duration_ns": int(round(1e9 * block.ecg.shape[1] / cfg.sample_rate)),
+                        "duration_ns": round(1e9 * block.ecg.shape[1] / cfg.sample_rate),
                         "sbp": round(float(block.beat_sbp[sl].mean()), 2) if sl.stop > sl.start else None,
                         "dbp": round(float(block.beat_dbp[sl].mean()), 2) if sl.stop > sl.start else None,
                         "label": label, "lost": bool(draws[0, i] < cfg.loss_rate),
@@ -393,7 +394,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             queued, gw.queue = gw.queue, []
             for topic, payload in queued:
                 send(gw, topic, payload)
-        await asyncio.gather(*(g.conn.drain(timeout=60.0) for g in gateways))
+        await asyncio.gather(*(g.conn.drain(within_s=60.0) for g in gateways))
         unacked = sum(g.conn.unacked for g in gateways)
         for g in gateways:
             owners = [ids[i] for i in g.devices]
@@ -401,7 +402,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
                 owners.append(f"{cfg.device_prefix}-gw{gateways.index(g):03d}")
             for dev in owners:
                 g.conn.publish(mqtt_status_topic(cfg.clinic_id, dev), b"offline", qos=1, retain=True)
-        await asyncio.gather(*(g.conn.drain(timeout=10.0) for g in gateways))
+        await asyncio.gather(*(g.conn.drain(within_s=10.0) for g in gateways))
     finally:
         for g in gateways:
             await g.conn.disconnect()

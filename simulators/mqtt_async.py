@@ -25,7 +25,7 @@ class AsyncMqttConnection:
 
     def __init__(self, client_id: str, host: str, port: int, *, will_topic: str | None = None,
                  will_payload: bytes = b"offline", username: str | None = None, password: str | None = None,
-                 keepalive: int = 30, max_inflight: int = 1000) -> None:
+                 keepalive: int = 30, max_inflight: int = 100) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5, reconnect_on_failure=False)
@@ -49,6 +49,7 @@ class AsyncMqttConnection:
         self._acked_early: set[int] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = asyncio.Event()
         self.is_connected = False
         self.acked = 0
         self.disconnects = 0
@@ -91,6 +92,7 @@ class AsyncMqttConnection:
                        properties: Any) -> None:
         self.is_connected = False
         self.disconnects += 1
+        self._closed.set()
         fut = self._connected
         if fut is not None and not fut.done():
             fut.set_exception(TransientError(f"MQTT connection closed: {reason}", reason="mqtt_disconnected"))
@@ -105,11 +107,11 @@ class AsyncMqttConnection:
             self._idle.set()
 
     async def _misc_loop(self) -> None:
-        while self.client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+        while self.client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 (periodic keep-alive tick)
             await asyncio.sleep(1.0)
 
     # ---- API -------------------------------------------------------------------------------------
-    async def connect(self, timeout: float = 10.0) -> None:
+    async def connect(self, within_s: float = 10.0) -> None:
         """Open the connection (first time or again after a disconnect) and wait for CONNACK."""
         self._loop = asyncio.get_running_loop()
         self._connected = self._loop.create_future()
@@ -129,9 +131,9 @@ class AsyncMqttConnection:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         try:
-            await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+            await asyncio.wait_for(asyncio.shield(self._connected), within_s)
         except TimeoutError as exc:
-            raise TransientError(f"no CONNACK from {self.host}:{self.port} within {timeout} s",
+            raise TransientError(f"no CONNACK from {self.host}:{self.port} within {within_s} s",
                                  reason="mqtt_timeout") from exc
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
@@ -148,10 +150,10 @@ class AsyncMqttConnection:
     def unacked(self) -> int:
         return len(self._pending)
 
-    async def drain(self, timeout: float = 30.0) -> bool:
+    async def drain(self, within_s: float = 30.0) -> bool:
         """Wait until the broker acknowledged every QoS 1 publish; False on timeout."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), within_s)
         except TimeoutError:
             return False
         return True
@@ -161,8 +163,7 @@ class AsyncMqttConnection:
         if not self.client.is_connected():
             return
         code = ReasonCode(PacketTypes.DISCONNECT, identifier=4 if send_will else 0)
+        self._closed.clear()
         self.client.disconnect(reasoncode=code)
-        for _ in range(100):
-            if not self.is_connected:
-                break
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), 2.0)

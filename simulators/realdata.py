@@ -8,7 +8,9 @@ values), as the data's PROVENANCE.md asks.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +61,8 @@ def read_mimic_csv(path: Path, sample_rate: float = 125.0) -> RealRecord:
     for r, row in enumerate(rows):
         for k, c in enumerate(cols):
             if c < len(row) and row[c].strip():
-                try:
+                with contextlib.suppress(ValueError):
                     data[r, k] = float(row[c])
-                except ValueError:
-                    pass
     if len(rows) < sample_rate:
         raise DataFormatError(f"{path} holds {len(rows)} samples, less than one second")
     return RealRecord(path.stem, sample_rate, data[:, 0], data[:, 1], data[:, 2])
@@ -103,7 +103,7 @@ def abp_beats(abp: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray, np.nd
     xf = np.where(ok, x, np.nanmedian(x) if ok.any() else 0.0)
     peaks, _ = signal.find_peaks(xf, distance=int(0.3 * fs), prominence=15)
     times, sbp, dbp = [], [], []
-    for a, b in zip(peaks[:-1], peaks[1:], strict=True):
+    for a, b in itertools.pairwise(peaks):
         seg = xf[a:b + 1]
         if not ok[a:b + 1].all():
             continue

@@ -80,11 +80,11 @@ def load_sources(data: Path, device_prefix: str = "rec", limit: int | None = Non
     if not files:
         raise DataFormatError(f"{data} holds neither a manifest.json nor MIMIC CSV files")
     for path in files[:limit]:
-        rec = read_mimic_csv(path)
-        bt, sbp, dbp = abp_beats(rec.abp, rec.sample_rate)
-        max_gap = int(0.5 * rec.sample_rate)
-        sources.append(ReplaySource(_safe_id(device_prefix, rec.name), rec.sample_rate,
-                                    fill_short_gaps(rec.ecg, max_gap), fill_short_gaps(rec.ppg, max_gap),
+        real = read_mimic_csv(path)
+        bt, sbp, dbp = abp_beats(real.abp, real.sample_rate)
+        max_gap = int(0.5 * real.sample_rate)
+        sources.append(ReplaySource(_safe_id(device_prefix, real.name), real.sample_rate,
+                                    fill_short_gaps(real.ecg, max_gap), fill_short_gaps(real.ppg, max_gap),
                                     bt, sbp, dbp, f"mimic3:{path.name}"))
     return sources
 
@@ -107,7 +107,7 @@ async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id
         c.publish(mqtt_status_topic(clinic_id, s.device_id), b"online", retain=True)
     truth = FleetTruth({s.device_id: s.origin for s in sources})
     skipped: dict[str, list[int]] = {s.device_id: [] for s in sources}
-    fh = Path(truth_path).open("w") if truth_path else None
+    fh = Path(truth_path).open("w") if truth_path else None  # noqa: ASYNC230, SIM115 (followed live)
     if fh:
         for s in sources:
             fh.write(json.dumps({"type": "device", "device_id": s.device_id, "clinic_id": clinic_id,
@@ -146,10 +146,10 @@ async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id
                 published += 1
             if fh:
                 fh.flush()
-        await asyncio.gather(*(c.drain(timeout=60) for c in conns))
+        await asyncio.gather(*(c.drain(within_s=60) for c in conns))
         for c, s in zip(conns, sources, strict=True):
             c.publish(mqtt_status_topic(clinic_id, s.device_id), b"offline", retain=True)
-        await asyncio.gather(*(c.drain(timeout=10) for c in conns))
+        await asyncio.gather(*(c.drain(within_s=10) for c in conns))
     finally:
         for c in conns:
             await c.disconnect()

@@ -122,12 +122,12 @@ def windows_from_arrays(subject_id: str, channels: dict[str, np.ndarray], fs: fl
     """Window one record. ``labels`` (per sample, simulator) marks windows whose signal is corrupted."""
     names = tuple(n for n in MODEL_CHANNELS if n in channels)
     raw = np.stack([np.asarray(channels[n], dtype=np.float64) for n in names])
-    n_win = int(round(WINDOW_SECONDS * fs))
+    n_win = round(WINDOW_SECONDS * fs)
     fault_codes = [c for c, n in (label_names or {}).items() if n in FAULT_LABELS]
     rows: dict[str, list[Any]] = {k: [] for k in ("x", "sbp", "dbp", "t", "ok", "sqi", "inputs", "fault",
                                                   "pat", "hr")}
     for t0 in _window_starts(raw.shape[1] / fs, hop_s):
-        a = int(round(t0 * fs))
+        a = round(t0 * fs)
         if single_reading:
             sbp, dbp = float(np.mean(beat_sbp)), float(np.mean(beat_dbp))
         else:
@@ -208,7 +208,7 @@ def detect_and_load(path: Path, hop_s: float = 2.0, progress: bool = False) -> t
         ws = windows_from_sim(ds.records, hop_s, ds.label_names, progress=progress)
         ws.info.update(kind="simulated", meta=ds.meta)
         return "simulated", ws
-    if (path / "records").is_dir() or any(path.glob("*.csv")) and not (path / "subjects.csv").is_file():
+    if (path / "records").is_dir() or (any(path.glob("*.csv")) and not (path / "subjects.csv").is_file()):
         ws = windows_from_real(load_mimic3(path), hop_s)
         ws.info["kind"] = "mimic3"
         return "mimic3", ws

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,11 @@ def export_run(run: Path, models_root: Path, report: Path | None = None, log: An
     meta = ModelMetadata(
         version=version, created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
         preprocessing=preprocessing_parameters(), architecture=net.config.to_dict(),
-        target_stats={k: float(v) for k, v in vars(stats).items() if isinstance(v, (int, float))},
+        target_stats={k: float(v) for k, v in asdict(stats).items() if isinstance(v, (int, float))},
         parameters=count_parameters(net), flops_per_window=count_flops(net),
         training_data=info.get("training_data", {}),
         training={k: v for k, v in info.get("training", {}).items() if k != "history"},
-        validation_metrics=validation, torch_version=torch.__version__,
+        validation_metrics=validation, torch_version=str(torch.__version__),
         files={"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE, "weights": WEIGHTS_FILE})
     meta_json = meta.to_json()
 

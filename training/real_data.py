@@ -13,6 +13,7 @@ Both produce :class:`RealRecord` objects that :mod:`bpstream.training.data` wind
 from __future__ import annotations
 
 import csv
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def abp_beats(abp: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray, np.nd
     smooth = signal.savgol_filter(filled, 7, 2)
     peaks, _ = signal.find_peaks(smooth, distance=int(0.3 * fs), prominence=10.0)
     times, sbps, dbps = [], [], []
-    for a, b in zip(peaks[:-1], peaks[1:], strict=True):
+    for a, b in itertools.pairwise(peaks):
         counts["beats"] += 1
         seg = x[a:b + 1]
         if not np.isfinite(seg).all():

@@ -41,7 +41,7 @@ def split_subjects(subject: np.ndarray, fraction: float, seed: int = 0) -> tuple
     subject = np.asarray(subject)
     subjects = np.array(sorted(set(subject.tolist())))
     rng = np.random.default_rng(seed)
-    n_out = max(1, int(round(len(subjects) * fraction)))
+    n_out = max(1, round(len(subjects) * fraction))
     if n_out >= len(subjects):
         raise ValueError(f"cannot hold out {n_out} of {len(subjects)} subjects")
     held = subjects[rng.permutation(len(subjects))[:n_out]]

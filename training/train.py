@@ -145,7 +145,7 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
             if cfg.progress and hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{total / seen:.3f}")
@@ -158,7 +158,8 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
                                "lr": opt.param_groups[0]["lr"], "seconds": elapsed})
         sched.step(val_mae)
         if bar is not None:
-            bar.set_postfix(loss=f"{total / max(seen, 1):.3f}", val_mae=f"{val_mae:.2f}", best=f"{min(best, val_mae):.2f}")
+            bar.set_postfix(loss=f"{total / max(seen, 1):.3f}", val_mae=f"{val_mae:.2f}",
+                            best=f"{min(best, val_mae):.2f}")
         if val_mae < best - 1e-3:
             best, bad_epochs, result.best_epoch = val_mae, 0, epoch
             best_state = copy.deepcopy(net.state_dict())
@@ -187,10 +188,10 @@ class RunSpec:
     """What ``bpstream train`` trains on and how long it may take."""
 
     data: Path | None = None
-    n_subjects: int = 120
-    minutes: float = 10.0
+    n_subjects: int = 150
+    minutes: float = 8.0
     data_seed: int = 0
-    hop_s: float = 4.0
+    hop_s: float = 5.0
     val_fraction: float = 0.15
     budget_minutes: float = 12.0
     cnn_share: float = 0.25
@@ -253,6 +254,12 @@ def run_training(spec: RunSpec, out_dir: Path, log: Any = print) -> Path:
         log(f"training CNN-without-LSTM baseline (budget {cnn_cfg.max_minutes:.1f} min)")
         cnn_res = train_model(train, val, NetworkConfig(use_lstm=False), cnn_cfg, stats=res.stats)
         log(f"CNN baseline: best val MAE {cnn_res.best_val_mae:.2f} mmHg at epoch {cnn_res.best_epoch}")
+    from bpstream.training.baselines import fit_pat
+
+    coef_s, coef_d, mean_s, mean_d = fit_pat(train)
+    pat_regression = None if coef_s is None or coef_d is None else {
+        "features": "1, 1/PAT (s), HR (bpm)", "sbp": coef_s.tolist(), "dbp": coef_d.tolist(),
+        "sbp_mean": mean_s, "dbp_mean": mean_d}
     pred = predict_net(res.net, val.x, res.stats)
     val_metrics = paired_report(pred[:, 0], pred[:, 1], val.sbp, val.dbp, val.subject, val.t_start)
     version = datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + f"-{fingerprint[:6]}"
@@ -267,7 +274,8 @@ def run_training(spec: RunSpec, out_dir: Path, log: Any = print) -> Path:
     torch.save(checkpoint, run / "checkpoint.pt")
     report = {
         "version": version, "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "training_data": {**desc, "fingerprint": fingerprint, "train_subjects": len(train.subjects),
+        "training_data": {**desc, "fingerprint": fingerprint, "pat_regression": pat_regression,
+                          "train_subjects": len(train.subjects),
                           "val_subjects": len(val.subjects), "train_windows": len(train),
                           "val_windows": len(val)},
         "training": {**{k: v for k, v in asdict(spec.train).items() if k != "progress"},

@@ -25,11 +25,14 @@ LABEL org.opencontainers.image.title="bpstream-inference" \
 RUN groupadd --system --gid 10001 bpstream \
  && useradd --system --uid 10001 --gid bpstream --no-create-home --shell /usr/sbin/nologin bpstream
 COPY --from=builder /opt/venv /opt/venv
+# The repository's exported model versions: served when no models volume is mounted over them.
+COPY models /opt/bpstream/models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     BPSTREAM_INFERENCE_METRICS_PORT=9100 \
-    BPSTREAM_INFERENCE_METRICS_HOST=0.0.0.0
+    BPSTREAM_INFERENCE_METRICS_HOST=0.0.0.0 \
+    BPSTREAM_INFERENCE_MODEL_PATH=/opt/bpstream/models
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 9100

@@ -18,20 +18,21 @@ import asyncio
 import logging
 import time
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.alerting.settings import AlertingSettings
 from bpstream.services.alerting.stage import AlertingState
 from bpstream.services.batching import collect_batch
+from bpstream.services.kafka_tools import read_latest_by_key
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaConsumer, KafkaProducer, ensure_topics
 from bpstream.shared.messages import Estimate, decode_estimate, encode_json
 from bpstream.shared.retry import retry_async
-from bpstream.shared.settings import KafkaSettings, log_settings
+from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import ALERTING_STATE, ALERTS, ESTIMATES, KafkaTopic, topic_name
+from bpstream.shared.topics import ALERTING_STATE, ALERTS, ESTIMATES
 
 log = logging.getLogger(__name__)
 
@@ -40,40 +41,6 @@ ALERTS_OUT = Counter("bpstream_alerting_alerts_total", "Alerts produced", ["kind
 UNDECODABLE = Counter("bpstream_alerting_undecodable_total", "Estimates that did not decode", ["reason"])
 ACTIVE = Gauge("bpstream_alerting_active_alerts", "Alert episodes currently active")
 BATCH_SECONDS = Histogram("bpstream_alerting_batch_seconds", "Time to handle one batch of estimates")
-
-
-async def read_compacted(settings: KafkaSettings, topic: KafkaTopic) -> dict[str, bytes]:
-    """Latest value per key of a (compacted) topic, read from its beginning to its current end."""
-    name = topic_name(topic, settings.topic_prefix)
-    reader = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
-    await reader.start()
-    latest: dict[str, bytes] = {}
-    try:
-        await reader.topics()  # fetch metadata
-        partitions = [TopicPartition(name, p) for p in sorted(reader.partitions_for_topic(name) or ())]
-        if not partitions:
-            return latest
-        reader.assign(partitions)
-        await reader.seek_to_beginning(*partitions)
-        end = await reader.end_offsets(partitions)
-        remaining = {tp for tp in partitions if end[tp] > 0}
-        while remaining:
-            batches = await reader.getmany(*remaining, timeout_ms=1000)
-            for tp, records in batches.items():
-                for r in records:
-                    if r.key is None:
-                        continue
-                    key = r.key.decode(errors="replace")
-                    if r.value is None:
-                        latest.pop(key, None)  # tombstone
-                    else:
-                        latest[key] = r.value
-            for tp in list(remaining):
-                if await reader.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return latest
-    finally:
-        await reader.stop()
 
 
 class AlertingService:
@@ -91,7 +58,7 @@ class AlertingService:
         if assignment == self.assignment:
             return
         self.assignment = assignment
-        saved = await retry_async(lambda: read_compacted(self.settings.kafka, ALERTING_STATE), attempts=10,
+        saved = await retry_async(lambda: read_latest_by_key(self.settings.kafka, ALERTING_STATE), attempts=10,
                                   what="read alerting state")
         bad = self.state.merge(saved)
         if bad:

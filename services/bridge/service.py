@@ -35,7 +35,13 @@ from bpstream.shared.errors import BpstreamError
 from bpstream.shared.kafka import KafkaProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, DeadLetter, encode_json
 from bpstream.shared.retry import retry_async
-from bpstream.shared.topics import SIGNALS_DLQ, SIGNALS_RAW, KafkaTopic, mqtt_shared_subscription
+from bpstream.shared.topics import (
+    SIGNALS_DLQ,
+    SIGNALS_RAW,
+    KafkaTopic,
+    mqtt_shared_subscription,
+    mqtt_signals_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +198,8 @@ class Bridge:
             log.warning("mqtt connect refused", extra={"reason": str(reason)})
             return
         # Subscribing again when the session survived is harmless and covers an expired session.
-        client.subscribe(mqtt_shared_subscription(self.settings.share_group), qos=1)
+        topic_filter = mqtt_signals_topic(self.settings.clinic, "+")
+        client.subscribe(mqtt_shared_subscription(self.settings.share_group, topic_filter), qos=1)
         self._mqtt_connected.set()
         log.info("mqtt connected", extra={"session_present": flags.session_present})
 

@@ -21,6 +21,8 @@ class BridgeSettings(ServiceSettings):
 
     #: MQTT 5 shared-subscription group: bridges in one group split the devices' messages between them.
     share_group: str = "bpstream-bridge"
+    #: Clinic whose devices this bridge group serves ("+" = every clinic), e.g. one bridge group per clinic.
+    clinic: str = Field(default="+", pattern=r"^(\+|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
     #: MQTT client id. Keep it stable across restarts: the broker keeps the session (subscription and
     #: unacknowledged QoS 1 messages) under it while the bridge is down.
     client_id: str = Field(default_factory=_default_client_id)

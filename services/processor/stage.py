@@ -29,6 +29,7 @@ changelog carries stays small and bounded (``max_buffer_chunks``).
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -188,9 +189,20 @@ class Reassembler:
         state.clinic_id = chunk.clinic_id
         item = BufferedChunk(chunk.seq, chunk.t0_ns, chunk.n_samples, received_ns, payload)
         if state.next_seq is None:
-            self._restart_run(state, chunk)
-            state.next_seq = chunk.seq
-        if chunk.seq < state.next_seq:
+            # A device seen for the first time: its first chunks may be reordered too, so they wait like any
+            # out-of-order chunk and the run starts at the lowest seq once the reordering bound is reached.
+            if any(p.seq == chunk.seq for p in state.pending):
+                state.duplicates += 1
+                out.duplicate = True
+                return state, out
+            bisect.insort(state.pending, item, key=lambda c: c.seq)
+            if not self._waited_enough(state, state.pending[0].t0_ns, chunk.sample_rate):
+                self._bound(state)
+                return state, out
+            head = state.pending[0]
+            self._restart_run(state, chunk if head.seq == chunk.seq else decode_chunk(head.payload))
+            state.next_seq = head.seq
+        elif chunk.seq < state.next_seq:
             if self._seen(state, chunk.seq):
                 state.duplicates += 1
                 out.duplicate = True
@@ -220,13 +232,13 @@ class Reassembler:
                 state.late += 1
                 out.late = True
                 return state, out
-        if chunk.seq > state.next_seq:
+        elif chunk.seq > state.next_seq:
             if any(p.seq == chunk.seq for p in state.pending):
                 state.duplicates += 1
                 out.duplicate = True
                 return state, out
             bisect.insort(state.pending, item, key=lambda c: c.seq)
-        else:
+        if chunk.seq == state.next_seq:
             self._accept(state, chunk.device_id, chunk, item, out, now_ns)
         while True:
             self._drain_pending(state, chunk.device_id, chunk, out, now_ns)
@@ -248,10 +260,7 @@ class Reassembler:
         """Give up waiting for the missing chunks when too many later ones wait or event time moved on."""
         if not state.pending or state.next_seq is None:
             return False
-        newest = state.pending[-1]
-        fs = chunk.sample_rate
-        waited_ns = (_end_ns(newest, fs) - state.expected_t0_ns) if state.expected_t0_ns is not None else 0
-        if len(state.pending) <= self.config.max_reorder_chunks and waited_ns <= self.config.max_lateness_ns:
+        if not self._waited_enough(state, state.expected_t0_ns, chunk.sample_rate):
             return False
         first = state.pending[0]
         missing = first.seq - state.next_seq
@@ -275,6 +284,16 @@ class Reassembler:
         state.buffer = []
         state.expected_t0_ns = None  # the run restarts at the first waiting chunk
         return True
+
+    def _waited_enough(self, state: DeviceState, since_ns: int | None, fs: float) -> bool:
+        """Whether the chunks waiting exceed the reordering bound in count, or in device time ``since_ns``."""
+        if len(state.pending) > self.config.max_reorder_chunks:
+            return True
+        if since_ns is None or not state.pending:
+            return False
+        newest = state.pending[-1]
+        waited_ns = newest.t0_ns + round(newest.n_samples * NS / fs) - since_ns
+        return waited_ns > self.config.max_lateness_ns
 
     def _drain_pending(
         self, state: DeviceState, device_id: str, chunk: SignalChunk, out: StageOutput, now_ns: int
@@ -396,10 +415,10 @@ class Reassembler:
 
     @staticmethod
     def _index(t_ns: int, starts: list[int], offsets: npt.NDArray[np.int64], fs: float) -> int:
-        """Sample index of device time ``t_ns`` in the run, anchored on the chunk that contains it (so slow
-        device clock drift does not accumulate into misaligned windows)."""
+        """Index of the first sample at or after device time ``t_ns``, anchored on the chunk that contains it
+        (so slow device clock drift does not accumulate into misaligned windows)."""
         k = max(0, bisect.bisect_right(starts, t_ns) - 1)
-        return int(offsets[k]) + round((t_ns - starts[k]) * fs / NS)
+        return int(offsets[k]) + math.ceil((t_ns - starts[k]) * fs / NS - 1e-6)
 
     def _emit(
         self,

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from bpstream.services.kafka_tools import topic_partitions
 from bpstream.shared.errors import TransientError
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALERTS, ESTIMATES, QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
@@ -65,13 +66,7 @@ class LagProbe:
         await self._admin.close()
 
     async def _partitions(self, topics: Sequence[KafkaTopic]) -> list[TopicPartition]:
-        await self._offsets.topics()  # refresh metadata
-        partitions: list[TopicPartition] = []
-        for topic in topics:
-            name = topic_name(topic, self.settings.topic_prefix)
-            for p in sorted(self._offsets.partitions_for_topic(name) or ()):
-                partitions.append(TopicPartition(name, p))
-        return partitions
+        return await topic_partitions(self._admin, [topic_name(t, self.settings.topic_prefix) for t in topics])
 
     async def lags(self) -> dict[str, int]:
         """``{group (without prefix): messages behind}`` for every configured group."""

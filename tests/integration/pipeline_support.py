@@ -8,10 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import KafkaTopic, topic_name
 
 T = TypeVar("T")
 
@@ -44,26 +41,3 @@ async def wait_until(check: Callable[[], Awaitable[T]], *, timeout_s: float, wha
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last value: {last!r}")
 
 
-async def read_topic(settings: KafkaSettings, topic: KafkaTopic) -> list[tuple[bytes | None, bytes]]:
-    """Every record currently in a topic, as ``(key, value)``, read from the beginning to the end."""
-    name = topic_name(topic, settings.topic_prefix)
-    consumer = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        out: list[tuple[bytes | None, bytes]] = []
-        remaining = {tp for tp in partitions if end[tp] > 0}
-        while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=1000)
-            for records in batches.values():
-                out.extend((r.key, r.value) for r in records if r.value is not None)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return out
-    finally:
-        await consumer.stop()

@@ -39,7 +39,7 @@ class _Subscriber:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         with self.lock:
-            self.received.append(message.payload)
+            self.received.append(bytes(message.payload))
 
     def close(self) -> None:
         self.client.disconnect()
@@ -164,3 +164,20 @@ def test_influx_write_query_and_overwrite(servers: ServerEndpoints, influx_db: s
     rows = [dict(zip(series["columns"], values, strict=True)) for values in series["values"]]
     assert [(r["time"], r["sbp"], r["dbp"]) for r in rows] == [(t0, 121.0, 80.0), (t0 + 2 * 10**9, 130.0, 85.0)]
     assert {(r["clinic"], r["device"], r["model_version"], r["quality_ok"]) for r in rows} == {("c 1", "d,1", "v1", 1)}
+
+
+def test_influx_reads_back_escaped_names_tags_and_strings_exactly(servers: ServerEndpoints, influx_db: str) -> None:
+    tags = {"clinic": "ward 3,east=1", "device": r"dev\7"}
+    text = 'said "stop", then C:\\path\\ and more'
+    point = line("bp alert,x", tags, {"message": text, "n": 5, "ok": True, "x": 1.5, "gone": float("nan")},
+                 1_700_000_000_000_000_000)
+    with httpx.Client(base_url=servers.influx_url, timeout=10) as http:
+        written = http.post("/write", params={"db": influx_db}, content=point)
+        assert written.status_code == 204, written.text
+        answer = http.get("/query", params={"db": influx_db, "q": 'SELECT * FROM "bp alert,x"'}).json()
+    series = answer["results"][0]["series"][0]
+    row = dict(zip(series["columns"], series["values"][0], strict=True))
+    assert series["name"] == "bp alert,x"
+    assert (row["clinic"], row["device"]) == ("ward 3,east=1", r"dev\7")
+    assert (row["message"], row["n"], row["ok"], row["x"]) == (text, 5, True, 1.5)
+    assert "gone" not in row

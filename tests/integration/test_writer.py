@@ -7,9 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from pipeline_support import influx_query, read_topic, wait_until
+from pipeline_support import influx_query, wait_until
 
 from bpstream.localservers import ServerEndpoints
+from bpstream.services.kafka_tools import read_topic
 from bpstream.services.writer.service import run_writer
 from bpstream.services.writer.settings import WriterSettings
 from bpstream.shared.kafka import KafkaProducer
@@ -86,7 +87,7 @@ async def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(writer: Wr
     await wait_until(two_points, timeout_s=120, what="both good estimates stored")
 
     async def dead_letters() -> list[object]:
-        records = [decode_dead_letter(v) for _k, v in await read_topic(writer.kafka, SIGNALS_DLQ)]
+        records = [decode_dead_letter(r.value or b"") for r in await read_topic(writer.kafka, SIGNALS_DLQ)]
         return [r for r in records if r.stage == "writer"] if len(records) >= 2 else []
 
     letters = await wait_until(dead_letters, timeout_s=60, what="two dead letters")

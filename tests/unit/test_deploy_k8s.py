@@ -57,6 +57,11 @@ def by_kind(overlay: str, kind: str) -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in render(overlay) if doc["kind"] == kind}
 
 
+def workloads(overlay: str) -> dict[str, dict[str, Any]]:
+    """Deployments and StatefulSets (the bridge is a StatefulSet for stable MQTT client ids)."""
+    return {**by_kind(overlay, "Deployment"), **by_kind(overlay, "StatefulSet")}
+
+
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
     containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
@@ -84,7 +89,7 @@ def test_every_core_manifest_is_valid_in_strict_mode(overlay: str, version: str)
 
 
 def test_strict_validation_catches_a_misspelled_field() -> None:
-    deployment = json.loads(json.dumps(by_kind("dev", "Deployment")["bridge"]))
+    deployment = json.loads(json.dumps(by_kind("dev", "Deployment")["writer"]))
     container(deployment)["readinesProbe"] = container(deployment).pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
@@ -111,7 +116,7 @@ def test_keda_schema_rejects_an_unknown_field() -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployments_have_probes_limits_and_hardening(overlay: str) -> None:
-    deployments = by_kind(overlay, "Deployment")
+    deployments = workloads(overlay)
     assert set(deployments) == set(SERVICES)
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
@@ -127,6 +132,9 @@ def test_deployments_have_probes_limits_and_hardening(overlay: str) -> None:
         assert security["readOnlyRootFilesystem"] is True, name
         assert security["allowPrivilegeEscalation"] is False, name
         assert security["capabilities"]["drop"] == ["ALL"], name
+        for init in pod.get("initContainers", []):
+            assert init["securityContext"] == security, (name, init["name"])
+            assert {"cpu", "memory"} <= set(init["resources"]["limits"]), (name, init["name"])
         # The read-only root needs a writable /tmp.
         assert any(m["mountPath"] == "/tmp" for m in main["volumeMounts"]), name
         # The metrics port the probes use is the one the service is told to serve on.
@@ -138,7 +146,7 @@ def test_deployments_have_probes_limits_and_hardening(overlay: str) -> None:
 def test_config_comes_from_configmaps_and_secrets_that_exist(overlay: str) -> None:
     configmaps = by_kind(overlay, "ConfigMap")
     secrets = by_kind(overlay, "Secret")
-    for name, deployment in by_kind(overlay, "Deployment").items():
+    for name, deployment in workloads(overlay).items():
         for source in container(deployment)["envFrom"]:
             assert source["configMapRef"]["name"] in configmaps, name
         for value in env_of(deployment).values():
@@ -157,7 +165,7 @@ def test_config_comes_from_configmaps_and_secrets_that_exist(overlay: str) -> No
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_deployment_has_a_disruption_budget_and_network_policies(overlay: str) -> None:
     budgets = by_kind(overlay, "PodDisruptionBudget")
-    for name, deployment in by_kind(overlay, "Deployment").items():
+    for name, deployment in workloads(overlay).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         matching = [b for b in budgets.values()
                     if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
@@ -239,9 +247,30 @@ def test_gpu_overlay_schedules_inference_on_gpus_and_others_stay_on_cpu() -> Non
         assert "nvidia.com/gpu" not in container(cpu)["resources"]["limits"]
         assert env_of(cpu)["BPSTREAM_INFERENCE_DEVICE"] == "cpu"
         assert not container(cpu)["image"].endswith("-cuda")
-    for name, deployment in by_kind("prod-gpu", "Deployment").items():
+    for name, deployment in workloads("prod-gpu").items():
         if name != "inference":
             assert "nvidia.com/gpu" not in container(deployment)["resources"]["limits"], name
+
+
+def test_inference_serves_the_models_volume_seeded_from_the_image() -> None:
+    for overlay in OVERLAYS:
+        inference = by_kind(overlay, "Deployment")["inference"]
+        pod = inference["spec"]["template"]["spec"]
+        mount = {m["name"]: m for m in container(inference)["volumeMounts"]}["models"]
+        assert mount["readOnly"] is True
+        assert env_of(inference)["BPSTREAM_INFERENCE_MODEL_PATH"] == mount["mountPath"]
+        (seed,) = pod["initContainers"]
+        assert seed["image"] == container(inference)["image"]
+        assert "cp -Rn " in seed["command"][-1]  # -n: never overwrites a version already in the volume
+        claim = {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"]["claimName"]
+        assert claim in by_kind(overlay, "PersistentVolumeClaim")
+
+
+def test_bridges_keep_stable_names_for_their_mqtt_sessions() -> None:
+    for overlay in OVERLAYS:
+        bridge = by_kind(overlay, "StatefulSet")["bridge"]
+        assert by_kind(overlay, "Service")[bridge["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+        assert by_kind(overlay, "HorizontalPodAutoscaler")["bridge"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
 
 
 def test_production_talks_tls_to_kafka_and_mqtt() -> None:

@@ -148,20 +148,30 @@ def test_crisis_and_hypotension_reach_their_thresholds_after_onset() -> None:
 
 
 def test_fault_and_rhythm_scenarios_are_visible_in_signals_and_labels() -> None:
-    ds = simulate_cohort(4, 5, seed=4, scenarios=["arrhythmia", "sensor_off", "motion", "noisy"])
-    af, off, motion, noisy = ds.records
+    from scipy.signal import welch
+
+    ds = simulate_cohort(5, 5, seed=4, scenarios=["arrhythmia", "sensor_off", "motion", "noisy", "normotensive"])
+    af, off, motion, noisy, clean = ds.records
     assert (af.labels == LABEL_CODES["atrial_fibrillation"]).any() and (af.beat_type == 2).any()
     assert (af.beat_type == 1).any()  # ectopic beats
+    # beat-to-beat RR change relative to RR, over three consecutive beats of the same rhythm
     rr = np.diff(af.beat_times_s)
-    in_af = af.beat_type[1:] == 2
-    assert np.std(rr[in_af]) / rr[in_af].mean() > 2 * np.std(rr[~in_af]) / rr[~in_af].mean()
+    jump = np.abs(np.diff(rr)) / rr[1:]
+    kind = af.beat_type
+    in_af = (kind[2:] == 2) & (kind[1:-1] == 2) & (kind[:-2] == 2)
+    sinus = (kind[2:] == 0) & (kind[1:-1] == 0) & (kind[:-2] == 0)
+    assert jump[in_af].mean() > 4 * jump[sinus].mean()
     sensor_off = off.labels == LABEL_CODES["sensor_off"]
     assert sensor_off.any() and np.ptp(off.ppg[sensor_off]) < 0.05
     dropout = off.labels == LABEL_CODES["dropout"]
     assert dropout.any() and np.all(off.ecg[dropout] == 0)
     assert (motion.labels == LABEL_CODES["motion"]).any()
-    hf = lambda x: np.std(np.diff(x[: 7500].astype(float)))  # noqa: E731
-    assert hf(noisy.ecg) > 2 * hf(ds.records[2].ecg[-7500:])
+    def band(x: np.ndarray, lo: float, hi: float) -> float:
+        f, p = welch(x.astype(float), fs=FS, nperseg=1024)
+        return float(p[(f >= lo) & (f < hi)].sum())
+
+    assert band(noisy.ecg, 40, 62.5) > 10 * band(clean.ecg, 40, 62.5)  # powerline and muscle noise
+    assert band(noisy.ecg, 0, 0.5) > 3 * band(clean.ecg, 0, 0.5)  # baseline wander
 
 
 def test_clinic_mix_has_exactly_one_crisis_and_one_noisy_device() -> None:

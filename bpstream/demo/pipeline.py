@@ -1,0 +1,216 @@
+"""The whole pipeline on the local servers: set-up, service start with readiness, drain detection, results.
+
+Used by ``bpstream demo``, ``bpstream bench pipeline`` and the end-to-end tests, so all three run the system
+the same way: topics created explicitly, every service a subprocess configured through ``BPSTREAM_*``
+variables, readiness read from each service's ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bpstream.demo.supervisor import SERVICE_MODULES, ServiceSupervisor
+from bpstream.services.writer.lag import LagProbe
+from bpstream.shared.kafka import ensure_topics
+from bpstream.shared.settings import InfluxSettings, KafkaSettings
+from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, SIGNALS_RAW, topic_name
+
+ENV_PREFIX = {"bridge": "BPSTREAM_BRIDGE_", "processor": "BPSTREAM_PROCESSOR_",
+              "inference": "BPSTREAM_INFERENCE_", "alerting": "BPSTREAM_ALERTING_", "writer": "BPSTREAM_WRITER_"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(slots=True)
+class PipelineConfig:
+    """Where the pipeline runs and how its services are tuned."""
+
+    mqtt_host: str
+    mqtt_port: int
+    kafka_bootstrap: str
+    influx_url: str
+    topic_prefix: str = ""
+    database: str = "bpstream"
+    log_dir: Path = Path("reports/logs")
+    #: Extra ``BPSTREAM_*`` variables for every service, and per service.
+    env: dict[str, str] = field(default_factory=dict)
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def kafka(self) -> KafkaSettings:
+        return KafkaSettings(bootstrap_servers=self.kafka_bootstrap, topic_prefix=self.topic_prefix)
+
+    def influx(self) -> InfluxSettings:
+        return InfluxSettings(url=self.influx_url, database=self.database)
+
+    def base_env(self) -> dict[str, str]:
+        return {
+            "BPSTREAM_MQTT_HOST": self.mqtt_host, "BPSTREAM_MQTT_PORT": str(self.mqtt_port),
+            "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap, "BPSTREAM_KAFKA_TOPIC_PREFIX": self.topic_prefix,
+            "BPSTREAM_INFLUX_URL": self.influx_url, "BPSTREAM_INFLUX_DATABASE": self.database,
+            # Faster group rebalances after a service restart (local, single broker).
+            "BPSTREAM_KAFKA_SESSION_TIMEOUT_MS": "6000", "BPSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+            **self.env,
+        }
+
+
+class Pipeline:
+    """The services of one run; a context manager that stops them all (bridge first) on exit."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.metrics_ports: dict[str, int] = {}
+        per_service: dict[str, dict[str, str]] = {}
+        for name in SERVICE_MODULES:
+            port = free_port()
+            self.metrics_ports[name] = port
+            per_service[name] = {f"{ENV_PREFIX[name]}METRICS_PORT": str(port),
+                                 **config.service_env.get(name, {})}
+        prefix = config.topic_prefix
+        # A bridge shares its MQTT subscription group only with bridges of the same run.
+        per_service["bridge"].setdefault("BPSTREAM_BRIDGE_SHARE_GROUP", f"{prefix}bpstream-bridge".replace(".", "-"))
+        per_service["bridge"].setdefault("BPSTREAM_BRIDGE_CLIENT_ID", f"{prefix}bridge-1".replace(".", "-")[:64])
+        self.supervisor = ServiceSupervisor(env=config.base_env(), log_dir=config.log_dir,
+                                            per_service_env=per_service)
+
+    async def prepare(self) -> None:
+        """Create every topic (and alerting's state topic) and the InfluxDB database."""
+        await ensure_topics(self.config.kafka(), [*ALL_TOPICS, ALERTING_STATE])
+        async with httpx.AsyncClient(base_url=self.config.influx_url, timeout=30) as http:
+            response = await http.post("/query", params={"q": f'CREATE DATABASE "{self.config.database}"'})
+            response.raise_for_status()
+
+    async def ready(self, name: str) -> bool:
+        port = self.metrics_ports[name]
+        try:
+            async with httpx.AsyncClient(timeout=2) as http:
+                return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def wait_ready(self, names: tuple[str, ...] = tuple(SERVICE_MODULES), timeout_s: float = 180) -> None:
+        """Wait until each service answers ready; raise with its log tail if one died or never did."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(names)
+        while pending:
+            dead = self.supervisor.dead()
+            for name in pending:
+                if name in dead:
+                    raise RuntimeError(f"{name} exited with {dead[name]}:\n{self.supervisor.log_tail(name)}")
+            pending = [n for n in pending if not await self.ready(n)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n}\n{self.supervisor.log_tail(n)}" for n in pending)
+                raise RuntimeError(f"services not ready after {timeout_s:.0f} s: {pending}\n{tails}")
+            await asyncio.sleep(0.5)
+
+    async def start(self, names: tuple[str, ...] = tuple(SERVICE_MODULES)) -> None:
+        await self.prepare()
+        for name in names:
+            self.supervisor.start(name)
+        await self.wait_ready(names)
+
+    async def restart(self, name: str, *, kill: bool = False, down_s: float = 0.0) -> None:
+        """Stop one service mid-stream (SIGTERM, or SIGKILL for a crash) and start it again."""
+        await asyncio.to_thread(self.supervisor.stop, name, kill=kill)
+        if down_s:
+            await asyncio.sleep(down_s)
+        self.supervisor.start(name)
+        await self.wait_ready((name,))
+
+    async def raw_count(self) -> int:
+        """Records in ``signals.raw`` (what the bridge forwarded) of this run's topics."""
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        from bpstream.services.kafka_tools import topic_partitions
+
+        settings = self.config.kafka()
+        admin = AIOKafkaAdminClient(**settings.client_kwargs())
+        consumer = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
+        await admin.start()
+        await consumer.start()
+        try:
+            partitions = await topic_partitions(admin, [topic_name(SIGNALS_RAW, settings.topic_prefix)])
+            end = await consumer.end_offsets(partitions)
+            begin = await consumer.beginning_offsets(partitions)
+            return sum(end[tp] - begin[tp] for tp in partitions)
+        finally:
+            await consumer.stop()
+            await admin.close()
+
+    async def wait_drained(self, *, min_raw: int, timeout_s: float = 300, settle_probes: int = 2,
+                           on_probe: Any = None) -> dict[str, int]:
+        """Wait until the bridge forwarded at least ``min_raw`` chunks and every group's lag stayed 0."""
+        deadline = time.monotonic() + timeout_s
+        zero_in_a_row = 0
+        lags: dict[str, int] = {}
+        async with LagProbe(self.config.kafka()) as probe:
+            while time.monotonic() < deadline:
+                raw = await self.raw_count()
+                lags = await probe.lags()
+                if on_probe is not None:
+                    on_probe(raw, lags)
+                zero_in_a_row = zero_in_a_row + 1 if raw >= min_raw and not any(lags.values()) else 0
+                if zero_in_a_row >= settle_probes:
+                    return lags
+                dead = self.supervisor.dead()
+                if dead:
+                    raise RuntimeError(f"services exited during the run: {dead}\n" + "\n".join(
+                        f"--- {n}\n{self.supervisor.log_tail(n)}" for n in dead))
+                await asyncio.sleep(1.0)
+        raise TimeoutError(f"pipeline did not drain within {timeout_s:.0f} s: lags {lags}")
+
+    def stop(self) -> dict[str, int | None]:
+        return self.supervisor.stop_all()
+
+    async def __aenter__(self) -> Pipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+async def influx_rows(url: str, database: str, query: str) -> list[dict[str, Any]]:
+    """Rows of an InfluxQL query (tags merged into each row), timestamps in ns."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        response = await http.get("/query", params={"db": database, "q": query, "epoch": "ns"})
+    response.raise_for_status()
+    rows: list[dict[str, Any]] = []
+    for result in response.json().get("results", []):
+        if "error" in result:
+            raise RuntimeError(f"InfluxQL error: {result['error']}")
+        for series in result.get("series", []):
+            for values in series["values"]:
+                rows.append({**series.get("tags", {}), **dict(zip(series["columns"], values, strict=True))})
+    return rows
+
+
+async def stored_estimates(config: PipelineConfig, clinic_id: str) -> list[dict[str, Any]]:
+    """Every estimate point of a clinic in InfluxDB (one row per device and window end)."""
+    return await influx_rows(config.influx_url, config.database,
+                             f"SELECT * FROM bp_estimate WHERE clinic = '{clinic_id}' GROUP BY device")
+
+
+async def stored_alerts(config: PipelineConfig, clinic_id: str) -> list[dict[str, Any]]:
+    return await influx_rows(config.influx_url, config.database,
+                             f"SELECT * FROM bp_alert WHERE clinic = '{clinic_id}' GROUP BY device, kind, severity")
+
+
+def by_device(rows: list[dict[str, Any]]) -> Mapping[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(str(row["device"]), []).append(row)
+    return out

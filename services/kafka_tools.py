@@ -1,0 +1,71 @@
+"""Kafka helpers the pipeline services share beyond ``bpstream.shared.kafka``: partition discovery and reading
+a whole topic (alerting restores its state this way; the demo, the benchmark and the tests read results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from bpstream.shared.errors import TransientError
+from bpstream.shared.settings import KafkaSettings
+from bpstream.shared.topics import KafkaTopic, topic_name
+
+
+async def topic_partitions(admin: AIOKafkaAdminClient, names: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of the named topics that exist (unknown topics are left out)."""
+    partitions: list[TopicPartition] = []
+    for described in await admin.describe_topics(list(names)):
+        if described.get("error_code", 0) != 0:
+            continue
+        for p in sorted(part["partition"] for part in described.get("partitions", [])):
+            partitions.append(TopicPartition(described["topic"], p))
+    return partitions
+
+
+async def read_topic(settings: KafkaSettings, topic: KafkaTopic) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of a topic from its beginning to its end at the time of the call (no consumer group)."""
+    name = topic_name(topic, settings.topic_prefix)
+    admin = AIOKafkaAdminClient(**settings.client_kwargs())
+    reader = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
+    try:
+        await admin.start()
+        partitions = await topic_partitions(admin, [name])
+        await reader.start()
+        if not partitions:
+            return []
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        end = await reader.end_offsets(partitions)
+        out: list[ConsumerRecord[bytes, bytes]] = []
+        remaining = {tp for tp in partitions if end[tp] > 0}
+        while remaining:
+            batches = await reader.getmany(*remaining, timeout_ms=1000)
+            for records in batches.values():
+                out.extend(records)
+            for tp in list(remaining):
+                if await reader.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return out
+    except KafkaError as exc:
+        raise TransientError(f"reading {name}: {exc!r}", reason="kafka_retriable") from exc
+    finally:
+        await reader.stop()
+        await admin.close()
+
+
+async def read_latest_by_key(settings: KafkaSettings, topic: KafkaTopic) -> dict[str, bytes]:
+    """Latest value per key of a (compacted) topic; a tombstone (null value) deletes its key."""
+    latest: dict[str, bytes] = {}
+    for record in await read_topic(settings, topic):
+        if record.key is None:
+            continue
+        key = record.key.decode(errors="replace")
+        if record.value is None:
+            latest.pop(key, None)
+        else:
+            latest[key] = record.value
+    return latest

@@ -1,0 +1,185 @@
+"""Grafana provisioning files (deploy/grafana): parsed and cross-checked offline.
+
+The queries themselves run against a real InfluxDB in tests/integration/test_grafana_queries.py; here we
+check what Grafana needs to load the files and route the alerts: the files are what the generator writes,
+every reference (datasource, refIds, templates, receivers, template variables) resolves, every alert reaches
+a contact point, and every ``$`` that Grafana would expand from its environment is a variable the
+compose file gives the Grafana container.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+GRAFANA = ROOT / "deploy" / "grafana"
+PROVISIONING = GRAFANA / "provisioning"
+
+
+def load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+
+
+def rules() -> list[dict[str, Any]]:
+    data = load(PROVISIONING / "alerting" / "rules.yaml")
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
+        dashboard = load(path)
+        found[dashboard["uid"]] = dashboard
+    return found
+
+
+def test_committed_files_are_what_the_generator_writes() -> None:
+    result = subprocess.run([sys.executable, str(GRAFANA / "generate.py"), "--check"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_provisioning_file_parses_with_api_version_1() -> None:
+    files = sorted(PROVISIONING.rglob("*.yaml"))
+    assert {f.relative_to(PROVISIONING).as_posix() for f in files} == {
+        "datasources/influxdb.yaml", "dashboards/bpstream.yaml", "alerting/rules.yaml",
+        "alerting/contact-points.yaml", "alerting/notification-policies.yaml", "alerting/templates.yaml"}
+    for path in files:
+        assert load(path)["apiVersion"] == 1, path
+
+
+def test_datasource_is_influxql_with_credentials_from_the_environment() -> None:
+    (source,) = load(PROVISIONING / "datasources" / "influxdb.yaml")["datasources"]
+    assert source["type"] == "influxdb"
+    assert source["jsonData"]["version"] == "InfluxQL"
+    assert source["url"] == "${BPSTREAM_INFLUX_URL}"
+    assert source["jsonData"]["dbName"] == "${BPSTREAM_INFLUX_DATABASE}"
+    assert source["secureJsonData"]["password"] == "${BPSTREAM_INFLUX_READ_PASSWORD}"
+
+
+def test_environment_references_are_given_to_grafana_by_compose() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    grafana_env = set(compose["services"]["grafana"]["environment"])
+    for path in sorted(PROVISIONING.rglob("*.yaml")):
+        data = load(path)
+        if path.name == "rules.yaml":
+            # Grafana expands $VARS in rule titles and labels but not in models or annotations.
+            texts = [json.dumps([r["title"], r["labels"]]) for r in rules()]
+        else:
+            texts = [path.read_text()]
+        for text in texts:
+            for match in re.finditer(r"\$(\{?)([A-Za-z_][A-Za-z0-9_]*)", text):
+                assert match.group(1) == "{", f"{path.name}: bare ${match.group(2)} would be expanded"
+                assert match.group(2) in grafana_env, f"{path.name}: {match.group(2)} not set for Grafana"
+        assert data
+
+
+def test_dashboard_provider_path_is_where_compose_mounts_the_dashboards() -> None:
+    (provider,) = load(PROVISIONING / "dashboards" / "bpstream.yaml")["providers"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+
+
+def test_dashboards_reference_the_provisioned_datasource_and_their_variables() -> None:
+    (source,) = load(PROVISIONING / "datasources" / "influxdb.yaml")["datasources"]
+    found = dashboards()
+    assert set(found) == {"bpstream-fleet", "bpstream-patient", "bpstream-pipeline"}
+    for uid, dashboard in found.items():
+        variables = {v["name"] for v in dashboard["templating"]["list"]}
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), uid
+        for panel in dashboard["panels"]:
+            assert panel["targets"], (uid, panel["title"])
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == source["uid"]
+                assert target["rawQuery"] is True
+                query = target["query"]
+                assert "$timeFilter" in query or "now()" in query, (uid, panel["title"])
+                used = set(re.findall(r"\$([a-z][a-z_]*)\b", query)) - {"timeFilter"}
+                assert used <= variables, (uid, panel["title"], used)
+        for variable in dashboard["templating"]["list"]:
+            assert variable["datasource"]["uid"] == source["uid"]
+
+
+def test_patient_dashboard_filters_every_panel_on_the_device_variable() -> None:
+    patient = dashboards()["bpstream-patient"]
+    (device,) = [v for v in patient["templating"]["list"] if v["name"] == "device"]
+    assert device["multi"] is False
+    for panel in patient["panels"]:
+        for target in panel["targets"]:
+            assert '"device" =~ /^$device$/' in target["query"], panel["title"]
+
+
+def test_alert_rules_are_well_formed() -> None:
+    (source,) = load(PROVISIONING / "datasources" / "influxdb.yaml")["datasources"]
+    all_rules = rules()
+    assert {r["title"] for r in all_rules} == {
+        "Hypertensive crisis", "Sustained stage 2 hypertension", "Device silent",
+        "Pipeline consumer lag too high", "Dead-letter rate"}
+    assert len({r["uid"] for r in all_rules}) == len(all_rules)
+    for rule in all_rules:
+        refs = [item["refId"] for item in rule["data"]]
+        assert len(refs) == len(set(refs)), rule["uid"]
+        assert rule["condition"] in refs, rule["uid"]
+        for item in rule["data"]:
+            model = item["model"]
+            assert model["refId"] == item["refId"]
+            if item["datasourceUid"] == "__expr__":
+                sources = re.findall(r"\$\{?([A-Z])\}?", model["expression"]) or [model["expression"]]
+                assert set(sources) <= set(refs), (rule["uid"], model["expression"])
+            else:
+                assert item["datasourceUid"] == source["uid"]
+                assert "$timeFilter" in model["query"]
+                assert item["relativeTimeRange"]["from"] > item["relativeTimeRange"]["to"]
+        assert rule["labels"]["severity"] in {"critical", "warning"}
+        assert rule["noDataState"] == "OK"
+        assert rule["annotations"]["__dashboardUid__"] in dashboards()
+
+
+def _route(labels: dict[str, str], policy: dict[str, Any]) -> str:
+    """The receiver Alertmanager picks: the first matching child route (none set continue), else the root."""
+    for route in policy.get("routes", []):
+        if all(labels.get(name) == value for name, op, value in route["object_matchers"] if op == "="):
+            return _route(labels, route) if route.get("routes") else str(route["receiver"])
+    return str(policy["receiver"])
+
+
+def test_every_alert_reaches_the_right_contact_point() -> None:
+    (policy,) = load(PROVISIONING / "alerting" / "notification-policies.yaml")["policies"]
+    points = {p["name"] for p in load(PROVISIONING / "alerting" / "contact-points.yaml")["contactPoints"]}
+    clinicians, operators = "bpstream-clinicians", "bpstream-operators"
+    expected = {"Hypertensive crisis": clinicians, "Sustained stage 2 hypertension": clinicians,
+                "Device silent": clinicians, "Pipeline consumer lag too high": operators,
+                "Dead-letter rate": operators}
+    for rule in rules():
+        receiver = _route(rule["labels"], policy)
+        assert receiver in points
+        assert receiver == expected[rule["title"]], rule["title"]
+    # A crisis is notified per patient, at once.
+    (crisis_route,) = [r for r in policy["routes"] if ["severity", "=", "critical"] in r["object_matchers"]]
+    assert "device" in crisis_route["group_by"]
+    assert crisis_route["group_wait"] == "0s"
+
+
+def test_contact_points_use_templates_that_exist() -> None:
+    (template,) = load(PROVISIONING / "alerting" / "templates.yaml")["templates"]
+    defined = set(re.findall(r'define "([^"]+)"', template["template"]))
+    assert "$" not in template["template"]  # would be expanded by Grafana's provisioning
+    for point in load(PROVISIONING / "alerting" / "contact-points.yaml")["contactPoints"]:
+        for receiver in point["receivers"]:
+            settings = json.dumps(receiver["settings"]).replace('\\"', '"')
+            used = set(re.findall(r'template "([^"]+)"', settings))
+            assert used, receiver["uid"]
+            assert used <= defined, receiver["uid"]
