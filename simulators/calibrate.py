@@ -185,6 +185,7 @@ def run_calibration(data: Path | None, out: Path, subjects: int = 40, seed: int 
     (out / "figures").mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "figures" / "simulator_calibration.png", dpi=90)
     plt.close(fig)
+    _plot_examples(out / "figures" / "simulator_examples.png", data)
     table = "\n".join(lines)
     note = ("The real pleth channel is delayed by the monitor (~0.55 s), so the absolute R-to-upslope time is "
             "expected to differ; compare the PAT change rows.")
@@ -192,5 +193,37 @@ def run_calibration(data: Path | None, out: Path, subjects: int = 40, seed: int 
         "# Simulator calibration against MIMIC-III windows\n\n"
         f"Produced by `bpstream simulate calibrate --subjects {subjects} --seed {seed}` "
         f"({len(real)} real windows with <5% gaps; {len(sim)} simulated 60 s windows from the `training` mix).\n\n"
-        f"{table}\n\n{note}\n\n![calibration](figures/simulator_calibration.png)\n")
+        f"{table}\n\n{note}\n\n![calibration](figures/simulator_calibration.png)\n\n"
+        "Eight seconds of real and simulated signals:\n\n![examples](figures/simulator_examples.png)\n")
     return table
+
+
+def _plot_examples(path: Path, data: Path | None) -> None:
+    """Eight seconds of two real windows and of several simulated scenarios, ECG and PPG overlaid."""
+    import matplotlib.pyplot as plt
+
+    from bpstream.simulators.dataset import simulate_cohort
+
+    names = ["normotensive", "stage2", "crisis", "arrhythmia", "motion", "noisy"]
+    ds = simulate_cohort(len(names), 2, seed=1, scenarios=names)
+    panels: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for f in list_mimic(data)[:2]:
+        rec = read_mimic_csv(f)
+        panels.append((f"real MIMIC-III {rec.name}", rec.ecg[:1000], rec.ppg[:1000]))
+    for rec in ds.records:
+        a = int(90 * FS)
+        panels.append((f"simulated {rec.profile['scenario']} (SBP {rec.truth_between(90, 98)[0]:.0f})",
+                       rec.ecg[a:a + 1000], rec.ppg[a:a + 1000]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 2.0 * len(panels)), sharex=True)
+    t = np.arange(1000) / FS
+    for ax, (title, ecg, ppg) in zip(axes, panels, strict=True):
+        ax.plot(t, ecg, lw=0.8, color="tab:blue")
+        ax.set_ylabel("ECG mV", fontsize=8)
+        twin = ax.twinx()
+        twin.plot(t, ppg, lw=0.8, color="tab:red")
+        twin.set_ylabel("PPG", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[-1].set_xlabel("s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -211,7 +211,7 @@ class SignalEngine:
             values[_I["type"]] = btype
             values[_I["ecg_amp"]] = p.ecg_amp[idx] * (1 + 0.07 * np.sin(resp_phase)) * np.where(af, 0.95, 1)
             values[_I["ppg_amp"]] = (p.ppg_amp[idx] * (sbp - dbp) / 45 * (1 - 0.3 * symp)
-                                     * (1 + 0.15 * np.sin(resp_phase)) * np.where(pvc, 0.45, 1.0))
+                                     * (1 + p.ppg_resp_mod[idx] * np.sin(resp_phase)) * np.where(pvc, 0.45, 1.0))
             values[_I["refl_off"]] = p.rise_s[idx] / rise_scale + refl_delay - _REFL_PEAK
             values[_I["refl_ratio"]] = np.clip(p.refl_ratio0[idx] + 0.003 * (sbp - 120), 0.05, 0.9)
             values[_I["rise_scale"]] = rise_scale

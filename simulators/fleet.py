@@ -341,6 +341,8 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             t0_ns = start_ns + k * seq_ns
             beat_bounds = np.searchsorted(block.beat_device, np.arange(n + 1))
             draws = net.random((3, n))
+            label_counts = np.stack([(block.labels == code).sum(axis=1) for code in range(len(label_names))], 1)
+            chunk_labels = [label_names[int(c)] for c in label_counts.argmax(axis=1)]
             for p in delayed_dups:
                 gw = gateways[p[0] % n_conn]
                 send(gw, p[1], p[2])
@@ -348,8 +350,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             for i in range(n):
                 sl = slice(beat_bounds[i], beat_bounds[i + 1])
                 beat_ns = start_ns + np.round(block.beat_time[sl] * seq_ns[i]).astype(np.int64)
-                lab = np.bincount(block.labels[i].astype(np.int64), minlength=len(label_names))
-                label = label_names[int(np.argmax(lab))]
+                label = chunk_labels[i]
                 truth.add_chunk(ids[i], k, int(t0_ns[i]), beat_ns, block.beat_sbp[sl], block.beat_dbp[sl], label)
                 if truth_fh is not None:
                     truth_fh.write(json.dumps({

@@ -25,7 +25,7 @@ class AsyncMqttConnection:
 
     def __init__(self, client_id: str, host: str, port: int, *, will_topic: str | None = None,
                  will_payload: bytes = b"offline", username: str | None = None, password: str | None = None,
-                 keepalive: int = 30, max_inflight: int = 100) -> None:
+                 keepalive: int = 30, max_inflight: int = 32) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5, reconnect_on_failure=False)

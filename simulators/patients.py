@@ -55,6 +55,7 @@ class Profiles:
     ecg_qrs: np.ndarray
     ppg_amp: np.ndarray
     ppg_base: np.ndarray
+    ppg_resp_mod: np.ndarray  # respiratory modulation of pulse amplitude (fraction)
     rise_s: np.ndarray  # PPG foot-to-peak time
     refl_delay0: np.ndarray  # reflected-wave delay after the systolic peak at P_REF
     refl_ratio0: np.ndarray  # reflection (augmentation) ratio at 120 mmHg
@@ -95,7 +96,7 @@ def draw_profiles(names: Sequence[str], rng: np.random.Generator) -> Profiles:
     hi_d = np.array([s.baseline_dbp[1] for s in specs])
     sbp0 = lo_s + (hi_s - lo_s) * rng.random(n)
     dbp0 = np.minimum(lo_d + (hi_d - lo_d) * rng.random(n), sbp0 - 28)
-    hr0 = rng.normal(72, 9, n).clip(52, 98)
+    hr0 = rng.normal(69, 9, n).clip(50, 98)
     youth = ((80 - age) / 55).clip(0.1, 1)
     # Stiffer arteries with age and pressure (PWV rises ~0.1 m/s per year of age after 25 and with SBP).
     pwv_ref = (4.6 + 0.055 * (age - 25) + 0.03 * (sbp0 - 120) + rng.normal(0, 0.6, n)).clip(4.0, 12.0)
@@ -112,7 +113,8 @@ def draw_profiles(names: Sequence[str], rng: np.random.Generator) -> Profiles:
         ecg_amp=rng.lognormal(np.log(0.8), 0.4, n).clip(0.3, 2.2), ecg_p=u(0.08, 0.16, n),
         ecg_t=u(0.18, 0.38, n), ecg_pr=u(0.14, 0.19, n), ecg_qrs=u(0.009, 0.013, n),
         ppg_amp=rng.lognormal(np.log(0.9), 0.4, n).clip(0.2, 3.0), ppg_base=u(0.3, 1.5, n),
-        rise_s=(0.11 + 0.0013 * (age - 25) + rng.normal(0, 0.015, n)).clip(0.07, 0.22),
+        ppg_resp_mod=rng.lognormal(np.log(0.1), 0.6, n).clip(0.02, 0.35),
+        rise_s=(0.13 + 0.0013 * (age - 25) + rng.normal(0, 0.015, n)).clip(0.07, 0.26),
         refl_delay0=(0.26 - 0.0016 * (age - 25) + rng.normal(0, 0.02, n)).clip(0.1, 0.34),
         refl_ratio0=(0.2 + 0.006 * (age - 25) + rng.normal(0, 0.05, n)).clip(0.1, 0.7),
         ecg_noise=u(0.005, 0.022, n) * noisy, ppg_noise=u(0.002, 0.008, n) * noisy,

@@ -197,7 +197,39 @@ class RunSpec:
     cnn_share: float = 0.25
     train_cnn: bool = True
     lstm_hidden: int = 64
+    #: Where simulated training windows are cached between runs (None: no cache).
+    cache_dir: Path | None = Path(".local/cache")
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _simulated_windows(spec: RunSpec, progress: bool) -> tuple[WindowSet, dict[str, Any]]:
+    """Simulate and window the training cohort, cached in ``spec.cache_dir`` (same inputs, same arrays: the
+    simulator is deterministic per seed, so the cache key is the spec plus the code versions)."""
+    from bpstream.shared.preprocessing import PREPROCESSING_VERSION
+    from bpstream.simulators.cohort import GENERATOR_VERSION
+    from bpstream.training.data import windows_from_sim
+
+    key = f"{spec.n_subjects}-{spec.minutes:g}-{spec.data_seed}-{spec.hop_s:g}-{GENERATOR_VERSION}-" \
+          f"{PREPROCESSING_VERSION}"
+    key = "".join(c if c.isalnum() or c in ".-" else "_" for c in key)
+    cache = None if spec.cache_dir is None else Path(spec.cache_dir) / f"windows-{key}.npz"
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta_json")))
+        return WindowSet(**arrays), meta
+    from bpstream.simulators.dataset import simulate_cohort
+
+    ds = simulate_cohort(spec.n_subjects, spec.minutes, spec.data_seed)
+    ws = windows_from_sim(ds.records, spec.hop_s, ds.label_names, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, meta_json=json.dumps(ds.meta, default=str), **{
+            f: getattr(ws, f) for f in ("x", "sbp", "dbp", "subject", "t_start", "quality_ok", "sqi", "inputs",
+                                        "fault", "pat", "hr")})
+        tmp.replace(cache)
+    return ws, dict(ds.meta)
 
 
 def load_training_windows(spec: RunSpec, progress: bool = True) -> tuple[WindowSet, dict[str, Any]]:
@@ -208,12 +240,9 @@ def load_training_windows(spec: RunSpec, progress: bool = True) -> tuple[WindowS
         kind, ws = detect_and_load(spec.data, hop_s=spec.hop_s, progress=progress)
         desc: dict[str, Any] = {"source": str(spec.data), "kind": kind, "meta": ws.info.get("meta")}
     else:
-        from bpstream.simulators.dataset import simulate_cohort
-
-        ds = simulate_cohort(spec.n_subjects, spec.minutes, spec.data_seed)
-        ws = windows_from_sim(ds.records, spec.hop_s, ds.label_names, progress=progress)
+        ws, meta = _simulated_windows(spec, progress)
         desc = {"source": "simulate_cohort", "n_subjects": spec.n_subjects, "minutes": spec.minutes,
-                "seed": spec.data_seed, "scenarios": "training", "meta": ds.meta}
+                "seed": spec.data_seed, "scenarios": "training", "meta": meta}
     n_all = len(ws)
     ws = ws.subset(ws.quality_ok)
     desc.update(hop_s=spec.hop_s, n_windows_total=n_all, n_windows_quality_ok=len(ws),

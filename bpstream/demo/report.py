@@ -86,8 +86,9 @@ def plot_patient(path: Path, device: str, scenario: str, rows: list[dict[str, An
     for a in alerts:
         x = (int(a["time"]) - t0_ns) / NS
         ax.axvline(x, color="black" if a.get("state") == "raised" else "grey", ls="--", lw=1)
-        ax.annotate(f"{a.get('kind')} {a.get('state')}", (x, 205), fontsize=7, rotation=90, va="top")
-    ax.set_ylim(30, 215)
+        ax.annotate(f"{a.get('kind')} {a.get('state')}", (x, 200), fontsize=7, rotation=90, va="top")
+    top = max([215.0, *(float(v) + 10 for v in beat_sbp[-2000:])]) if len(beat_t) else 215.0
+    ax.set_ylim(30, top)
     ax.set_xlabel("device time since start (s)")
     ax.set_ylabel("mmHg")
     ax.set_title(f"{device} ({scenario})")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -57,12 +59,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @group.command("status")
     def status() -> None:
         """Show each server's PID, ports and whether it answers a round trip. Exit 1 if any does not."""
-        table = Table("server", "pid", "ports", "state", "log")
+        table = Table("server", "pid", "port", "state", "log")
+        table.columns[4].overflow = "fold"
         items = core.status()
         for item in items:
             state = "[green]healthy[/green]" if item.healthy else f"[red]{item.detail}[/red]"
-            ports = ", ".join(f"{k}={v}" for k, v in item.ports.items())
-            table.add_row(item.name, str(item.pid or "-"), ports, state, item.log_file)
+            extra = ", ".join(f"{k.removesuffix('_port')} {v}" for k, v in item.ports.items() if k != "port")
+            ports = f"{item.ports.get('port', '-')}" + (f" ({extra})" if extra else "")
+            log_file = item.log_file
+            with contextlib.suppress(ValueError):
+                log_file = str(Path(log_file).relative_to(Path.cwd()))
+            table.add_row(item.name, str(item.pid or "-"), ports, state, log_file)
         console.print(table)
         if not all(item.healthy for item in items):
             raise typer.Exit(1)

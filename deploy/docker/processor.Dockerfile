@@ -23,7 +23,10 @@ FROM python:3.11.11-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="bpstream-processor" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 bpstream \
- && useradd --system --uid 10001 --gid bpstream --no-create-home --shell /usr/sbin/nologin bpstream
+ && useradd --system --uid 10001 --gid bpstream --no-create-home --shell /usr/sbin/nologin bpstream \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/bpstream
+# Faust's data directory (BPSTREAM_PROCESSOR_DATA_DIR); a named volume mounted here inherits the owner.
+VOLUME ["/var/lib/bpstream"]
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

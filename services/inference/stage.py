@@ -19,6 +19,7 @@ import numpy.typing as npt
 from bpstream.shared.messages import Estimate, Window
 from bpstream.shared.model.runtime import Predictions
 
+
 @dataclass(slots=True, frozen=True)
 class InputSpec:
     """The model's input contract, read from the loaded artefact's metadata."""

@@ -14,11 +14,13 @@ and Faust is not allowed to declare any; its web server is disabled (the service
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -26,6 +28,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
+    WINDOW,
     DeviceState,
     Reassembler,
     StageConfig,
@@ -47,9 +50,7 @@ class ProcessorMetrics:
     """Prometheus metrics of the processor."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.chunks = Counter(
-            "bpstream_processor_chunks_total", "Chunks consumed from signals.raw", registry=registry
-        )
+        self.chunks = Counter("bpstream_processor_chunks_total", "Chunks consumed from signals.raw", registry=registry)
         self.windows = Counter(
             "bpstream_processor_windows_total",
             "Windows emitted, by quality",
@@ -74,13 +75,11 @@ class ProcessorMetrics:
             ["reason"],
             registry=registry,
         )
-        self.devices = Gauge(
-            "bpstream_processor_devices", "Devices with state in this worker", registry=registry
-        )
-        self.process_seconds = Histogram(
-            "bpstream_processor_chunk_seconds",
-            "Time to process one chunk (stage + preprocessing)",
-            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+        self.devices = Gauge("bpstream_processor_devices", "Devices with state in this worker", registry=registry)
+        self.batch_seconds = Histogram(
+            "bpstream_processor_batch_seconds",
+            "Time to process one batch of chunks, including Kafka acknowledging its outputs",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
 
@@ -108,15 +107,41 @@ def stage_config(settings: ProcessorSettings) -> StageConfig:
 
 async def create_topics(settings: ProcessorSettings) -> None:
     """Create every topic the processor reads, writes or keeps state in (idempotent)."""
-    await ensure_topics(
-        settings.kafka, [SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, QUALITY, changelog_topic(settings)]
-    )
+    await ensure_topics(settings.kafka, [SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, QUALITY, changelog_topic(settings)])
 
 
-@dataclass(slots=True)
-class _CachedState:
-    stored: bytes
-    state: DeviceState
+class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
+    """The per-device state table, written after a batch rather than inside one event's context.
+
+    Faust takes a table write's changelog partition from the current event; here the caller names it: the
+    partition of the ``signals.raw`` record the state came from (the table is co-partitioned with it).
+    """
+
+    _write_partition: int | None = None
+
+    def set_in_partition(self, key: bytes, value: bytes, partition: int) -> None:
+        self._write_partition = partition
+        try:
+            self[key] = value
+        finally:
+            self._write_partition = None
+
+    def partition_for_key(self, key: Any) -> int | None:
+        if self._write_partition is not None:
+            return self._write_partition
+        result: int | None = super().partition_for_key(key)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One ``signals.raw`` record as the agent hands it over (timestamp in seconds, as Faust gives it)."""
+
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    offset: int
+    timestamp_s: float
 
 
 class Processor:
@@ -178,126 +203,104 @@ class Processor:
             key_serializer="raw",
             value_serializer="raw",
         )
-        self.table = self.app.Table(
-            STATE_TABLE,
+        self.table = DeviceStateTable(
+            self.app,
+            name=STATE_TABLE,
             default=None,
+            beacon=self.app.tables.beacon,
             partitions=SIGNALS_RAW.partitions,
             schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
         )
-        # Decoded states of the devices this worker has seen, valid while the table still holds the exact
-        # bytes they were stored as (after a rebalance or recovery the value differs and is decoded afresh).
-        self._cache: dict[bytes, _CachedState] = {}
+        self.app.tables.add(self.table)
         self.started = False
         self.app.agent(self.raw_topic, name="reassemble")(self._agent)
 
     def ready(self) -> bool:
-        """Readiness: the worker started and holds (or is recovering) its partitions."""
+        """Readiness: the worker started and holds its partitions (not in the middle of a rebalance)."""
         return self.started and not self.app.rebalancing
 
     async def _agent(self, stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for event in stream.events():
-            try:
-                await self.handle(
-                    event.key,
-                    event.value,
-                    event.message.partition,
-                    event.message.offset,
-                    event.message.timestamp,
-                )
-            except (
-                BpstreamError
-            ) as exc:  # a bug or bad state: dead-letter and move on, never block the partition
-                log.exception("processing failed", extra={"reason": exc.reason})
-                await self._dead_letter(
-                    event.key,
-                    event.value,
-                    exc.reason,
-                    str(exc),
-                    event.message.partition,
-                    event.message.offset,
-                )
+        # Batches: one wait for Kafka's acknowledgements per batch instead of one per window.
+        take_events = stream.take_events  # type: ignore[attr-defined]
+        async for events in take_events(self.settings.batch_max, self.settings.batch_wait_s):
+            await self.handle_batch(
+                [RawRecord(e.key, e.value, e.message.partition, e.message.offset, e.message.timestamp) for e in events]
+            )
             yield None
 
-    async def handle(
-        self, key: bytes | None, value: bytes | None, partition: int, offset: int, timestamp_s: float
-    ) -> None:
-        """Process one ``signals.raw`` record."""
-        self.metrics.chunks.inc()
+    async def handle_batch(self, records: list[RawRecord]) -> None:
+        """Process a batch of ``signals.raw`` records; return once everything they produced is in Kafka.
+
+        Device states are written to the table (and so its changelog) only after the windows and quality
+        records computed from them were acknowledged: after a crash the state is never ahead of what was
+        published, so a replay can duplicate a window (same identity) but never lose one.
+        """
         started = time.perf_counter()
+        states: dict[bytes, tuple[DeviceState, int]] = {}
+        sends: list[Awaitable[Any]] = []
+        for record in records:
+            try:
+                sends.extend(await self._handle(record, states))
+            except BpstreamError as exc:  # a bug or bad state: dead-letter and move on, never block
+                log.exception("processing failed", extra={"reason": exc.reason})
+                sends.append(await self._dead_letter(record, exc.reason, str(exc)))
+        if sends:
+            await asyncio.gather(*sends)
+        for key, (state, partition) in states.items():
+            self.table.set_in_partition(key, encode_state(state), partition)
+        self.metrics.chunks.inc(len(records))
+        self.metrics.devices.set(len(self.table))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]]) -> list[Awaitable[Any]]:
+        key, value = record.key, record.value
         if value is None or key is None:
-            await self._dead_letter(
-                key, value or b"", "missing_key_or_value", "record without key or value", partition, offset
-            )
-            return
+            return [await self._dead_letter(record, "missing_key_or_value", "record without key or value")]
         try:
             chunk = decode_chunk(value)
         except DecodeError as exc:
-            await self._dead_letter(key, value, exc.reason, str(exc), partition, offset)
-            return
+            return [await self._dead_letter(record, exc.reason, str(exc))]
         if chunk.device_id.encode() != key:
-            await self._dead_letter(
-                key,
-                value,
-                "key_mismatch",
-                f"key {key!r} is not device {chunk.device_id!r}",
-                partition,
-                offset,
-            )
-            return
-        state = self._load(key)
-        received_ns = round(timestamp_s * NS)
+            return [await self._dead_letter(record, "key_mismatch", f"key is not device {chunk.device_id!r}")]
+        state = states[key][0] if key in states else self._load(key)
         state, out = self.reassembler.process(
-            state, chunk, value, received_ns=received_ns, now_ns=time.time_ns()
+            state, chunk, value, received_ns=round(record.timestamp_s * NS), now_ns=time.time_ns()
         )
-        if out.duplicate:
-            self.metrics.dropped.labels(reason="duplicate").inc()
-        elif out.late:
-            self.metrics.dropped.labels(reason="late").inc()
+        if out.duplicate or out.late:
+            self.metrics.dropped.labels(reason="duplicate" if out.duplicate else "late").inc()
+            return []
+        states[key] = (state, record.partition)
+        sends: list[Awaitable[Any]] = []
         for window in out.windows:
-            await self.windows_topic.send(key=key, value=encode_window(window))
+            sends.append(await self.windows_topic.send(key=key, value=encode_window(window)))
             self.metrics.windows.labels(quality_ok=str(window.quality_ok).lower()).inc()
-        for record in out.quality:
-            await self.quality_topic.send(key=key, value=encode_json(record))
-            if record.kind != "window":
-                self.metrics.events.labels(kind=record.kind).inc()
-        if not (out.duplicate or out.late):
-            self._store(key, state)
-        self.metrics.process_seconds.observe(time.perf_counter() - started)
+        for quality in out.quality:
+            sends.append(await self.quality_topic.send(key=key, value=encode_json(quality)))
+            if quality.kind != WINDOW:
+                self.metrics.events.labels(kind=quality.kind).inc()
+        return sends
 
     def _load(self, key: bytes) -> DeviceState | None:
         stored = self.table.get(key)
         if stored is None:
             return None
-        cached = self._cache.get(key)
-        if cached is not None and cached.stored is stored:
-            return cached.state
         try:
             return decode_state(stored)
         except DecodeError:
-            log.warning(
-                "unreadable device state; starting afresh", extra={"device": key.decode(errors="replace")}
-            )
+            log.warning("unreadable device state; starting afresh", extra={"device": key.decode(errors="replace")})
             return None
 
-    def _store(self, key: bytes, state: DeviceState) -> None:
-        encoded = encode_state(state)
-        self.table[key] = encoded
-        self._cache[key] = _CachedState(encoded, state)
-        self.metrics.devices.set(len(self._cache))
-
-    async def _dead_letter(
-        self, key: bytes | None, value: bytes, reason: str, detail: str, partition: int, offset: int
-    ) -> None:
+    async def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> Awaitable[Any]:
         self.metrics.dead_letters.labels(reason=reason).inc()
-        record = DeadLetter(
+        letter = DeadLetter(
             stage=STAGE,
             reason=reason,
             detail=detail[:1000],
             source=topic_name(SIGNALS_RAW, self.settings.kafka.topic_prefix),
-            payload=value[:65536],
-            key=key.decode(errors="replace") if key is not None else None,
-            partition=partition,
-            offset=offset,
+            payload=(record.value or b"")[:65536],
+            key=record.key.decode(errors="replace") if record.key is not None else None,
+            partition=record.partition,
+            offset=record.offset,
             received_ns=time.time_ns(),
         )
-        await self.dlq_topic.send(key=STAGE.encode(), value=encode_json(record))
+        return await self.dlq_topic.send(key=STAGE.encode(), value=encode_json(letter))

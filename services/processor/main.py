@@ -38,6 +38,8 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
 def main() -> None:
     settings = ProcessorSettings()
     configure_logging("processor", settings.log_level, settings.log_json)
+    for name in ("faust", "mode"):
+        logging.getLogger(name).setLevel(settings.faust_loglevel.upper())
     log_settings(settings, "processor")
     run_until_signalled(lambda stop: serve(settings, stop))
 

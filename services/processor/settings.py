@@ -34,5 +34,9 @@ class ProcessorSettings(ServiceSettings):
     faust_loglevel: str = "WARNING"
     #: Folder for Faust's worker files (tables use the in-memory store, rebuilt from their changelog).
     data_dir: str = Field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "bpstream-processor"))
+    #: Records processed together (their outputs acknowledged by Kafka at once), and the longest wait to fill
+    #: a batch (adds at most this much latency).
+    batch_max: int = Field(default=500, ge=1)
+    batch_wait_s: float = Field(default=0.05, gt=0)
     #: Seconds between Faust offset commits.
     commit_interval_s: float = Field(default=1.0, gt=0)

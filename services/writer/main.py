@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from bpstream.shared.logging import configure_logging
 from bpstream.shared.service import run_until_signalled
@@ -14,6 +15,7 @@ def main() -> None:
 
     settings = WriterSettings()
     configure_logging("writer", settings.log_level, settings.log_json)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per write request is noise
 
     async def run(stop: asyncio.Event) -> None:
         await run_writer(settings, stop)

@@ -139,7 +139,7 @@ async def report_pipeline(settings: WriterSettings, stage: WriterStage, influx: 
                 LAG.labels(group).set(lag)
                 own = group == "bpstream-writer"
                 lines.append(pipeline_line(
-                    group.removeprefix("bpstream-"), settings.instance, now_ns, consumer_lag=lag,
+                    group, settings.instance, now_ns, consumer_lag=lag,
                     lag_ms=(now_ns - stage.newest_received_ns) / 1e6 if own and stage.newest_received_ns else None,
                     processed=stage.processed if own else None, rate_per_s=rate if own else None))
             try:

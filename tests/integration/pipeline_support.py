@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import httpx
 
-
 T = TypeVar("T")
 
 

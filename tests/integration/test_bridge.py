@@ -177,7 +177,7 @@ async def test_valid_chunks_arrive_byte_identical_and_bad_ones_are_dead_lettered
     devices = [f"dev-{i}" for i in range(4)]
     sent: dict[tuple[str, int], bytes] = {}
     bad: list[tuple[str, bytes, str]] = [
-        (mqtt_signals_topic(clinic, "dev-0"), b"\x00\x01garbage that is not a chunk at all, whatever the gateway thinks", "bad_magic"),
+        (mqtt_signals_topic(clinic, "dev-0"), b"\x00\x01 garbage, not a chunk, whatever it claims", "bad_magic"),
         (mqtt_signals_topic(clinic, "dev-1"), chunk_payload(clinic, "dev-1", 900)[:2] + b"\x07"
          + chunk_payload(clinic, "dev-1", 900)[3:], "bad_version"),
         (mqtt_signals_topic(clinic, "dev-2"), nan_scale_payload(clinic, "dev-2"), "non_finite"),
@@ -257,15 +257,16 @@ async def test_bridge_killed_mid_stream_loses_no_qos1_message(
 
     expected = {(d, s) for d in devices for s in range(total_per_device)}
     seen: set[tuple[str, int]] = set()
+    checked = 0
 
     def all_seen(records: list[tuple[bytes, bytes]]) -> bool:
-        for _, value in records[all_seen.checked:]:  # type: ignore[attr-defined]
+        nonlocal checked
+        for _, value in records[checked:]:  # only the new ones: the check runs after every fetch
             chunk = decode_chunk(value)
             seen.add((chunk.device_id, chunk.seq))
-        all_seen.checked = len(records)  # type: ignore[attr-defined]
+        checked = len(records)
         return seen >= expected
 
-    all_seen.checked = 0  # type: ignore[attr-defined]
     await consume(kafka_settings, SIGNALS_RAW, all_seen, timeout_s=120)
     assert seen == expected, f"missing {len(expected - seen)}: {sorted(expected - seen)[:10]}"
     assert bridge.terminate() == 0

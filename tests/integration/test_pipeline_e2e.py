@@ -27,8 +27,8 @@ from bpstream.localservers import ServerEndpoints
 from bpstream.services.kafka_tools import read_topic
 from bpstream.shared.anomaly import AlertConfig
 from bpstream.shared.messages import decode_dead_letter
-from bpstream.shared.model.runtime import latest_model_dir
 from bpstream.shared.model.metadata import ModelMetadata
+from bpstream.shared.model.runtime import latest_model_dir
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_signals_topic
 
@@ -39,6 +39,8 @@ DURATION_S = 100.0
 SPEED = 2.0
 CRISIS_ONSET_S = 30.0
 NS = 1_000_000_000
+#: Service logs of these runs (kept after the test for diagnosis; ``reports/`` is git-ignored).
+LOG_ROOT = Path(__file__).resolve().parents[2] / "reports" / "test-logs"
 MALFORMED = (b"", b"BP", b"hello, not a chunk", b"BP\x01" + bytes(60))
 
 
@@ -78,7 +80,8 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
     prefix = f"e2e{uuid.uuid4().hex[:6]}."
     config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
                             kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
-                            topic_prefix=prefix, database=f"e2e_{uuid.uuid4().hex[:8]}", log_dir=log_dir)
+                            topic_prefix=prefix, database=f"e2e_{uuid.uuid4().hex[:8]}",
+                            log_dir=log_dir / prefix.rstrip("."))
     tag = prefix.rstrip(".")
     clinics = {"clean": f"{tag}-clean", "rough": f"{tag}-rough"}
     start_ns = time.time_ns()
@@ -104,9 +107,8 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
 
 
 @pytest.fixture(scope="module")
-def run(servers: ServerEndpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunResult]:
-    log_dir = tmp_path_factory.mktemp("e2e-logs")
-    result = run_sync(lambda: _run(servers, log_dir))
+def run(servers: ServerEndpoints) -> Iterator[RunResult]:
+    result = run_sync(lambda: _run(servers, LOG_ROOT / "e2e"))
     yield result
     import httpx
 

@@ -67,7 +67,7 @@ async def test_estimates_and_alerts_are_stored_once_even_when_replayed(writer: W
     assert alerts[0]["kind"] == "crisis" and alerts[0]["severity"] == "critical"
     # The writer also samples consumer lag of the pipeline's groups.
     lag = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database,
-                                                "SELECT last(consumer_lag) FROM pipeline WHERE service = 'writer'"),
+                                                "SELECT last(consumer_lag) FROM pipeline WHERE service = 'bpstream-writer'"),
                            timeout_s=60, what="pipeline lag point")
     assert lag[0]["last"] == 0
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from bpstream.shared import topics
+from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALL_TOPICS
 
 pytestmark = pytest.mark.unit
@@ -157,10 +159,17 @@ def test_gpu_inference_reserves_an_nvidia_gpu_and_cpu_inference_does_not(model: 
 
 
 def test_kafka_init_creates_exactly_the_topics_of_shared_topics(model: dict[str, Any]) -> None:
+    from bpstream.services.processor.app import changelog_topic
+    from bpstream.services.processor.settings import ProcessorSettings
+
     script = "\n".join(model["services"]["kafka-init"]["command"])
-    calls = re.findall(r"^\s*create (\S+) (\d+) (-?\d+)$", script, re.M)
-    created = {name: (int(partitions), int(retention)) for name, partitions, retention in calls}
-    assert created == {t.name: (t.partitions, t.retention_ms) for t in ALL_TOPICS}
+    calls = re.findall(r"^\s*create (\S+) (\d+) (-?\d+) (delete|compact)$", script, re.M)
+    created = {name: (int(partitions), int(retention), policy) for name, partitions, retention, policy in calls}
+    declared = [value for value in vars(topics).values() if isinstance(value, topics.KafkaTopic)]
+    assert set(ALL_TOPICS) <= set(declared)
+    declared.append(changelog_topic(ProcessorSettings(kafka=KafkaSettings(topic_prefix=""))))
+    expected = {t.name: (t.partitions, t.retention_ms, "compact" if t.compacted else "delete") for t in declared}
+    assert created == expected
 
 
 def test_simulator_is_optional_and_uses_its_own_mqtt_account(model: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ SERVICES = ("bridge", "processor", "inference", "alerting", "writer")
 
 
 def kustomize_command() -> list[str]:
-    if binary := shutil.which("kustomize"):
+    beside_python = Path(sys.executable).parent / "kustomize"  # where bootstrap's `go install` puts it
+    if binary := shutil.which("kustomize") or (str(beside_python) if beside_python.is_file() else None):
         return [binary, "build"]
     if binary := shutil.which("kubectl"):
         return [binary, "kustomize"]
-    raise AssertionError("neither kustomize nor kubectl is installed: run scripts/bootstrap.sh")
+    raise AssertionError("neither kustomize nor kubectl is installed: run scripts/bootstrap.sh "
+                         "(GOBIN=$PWD/.venv/bin go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0)")
 
 
 @cache
