@@ -58,18 +58,20 @@ def measure_one_at_a_time(n: int, seconds: int) -> float:
     return time.process_time() - cpu0
 
 
-def measure_publish(n: int, seconds: int, host: str, port: int) -> tuple[float, float, int]:
+def measure_publish(n: int, seconds: int, host: str, port: int,
+                    speed: float = 1000.0) -> tuple[float, float, int, float]:
+    """(CPU s, wall s, chunks acknowledged, max lag behind schedule in s) of one fleet run."""
     from bpstream.simulators.fleet import FleetConfig, run_fleet
 
-    cfg = FleetConfig(host, port, devices=n, duration_s=seconds, speed=1000.0, clinic_id="bench",
+    cfg = FleetConfig(host, port, devices=n, duration_s=seconds, speed=speed, clinic_id="bench",
                       device_prefix=f"b{n}", scenario="mixed")
     cpu0 = time.process_time()
     report = asyncio.run(run_fleet(cfg))
-    return time.process_time() - cpu0, report.wall_s, report.published
+    return time.process_time() - cpu0, report.wall_s, report.published, report.max_lag_s
 
 
 def run_bench(devices: list[int], seconds: int, host: str | None, port: int | None,
-              publish_devices: list[int]) -> None:
+              publish_devices: list[int], realtime_devices: list[int] | None = None) -> None:
     print(f"machine: {machine()}")
     print(f"generation, {seconds} device-seconds per device, one thread:")
     print("| devices | engine CPU s | devices/core (engine) | + encode CPU s | devices/core (engine+encode) |")
@@ -89,5 +91,12 @@ def run_bench(devices: list[int], seconds: int, host: str | None, port: int | No
     print("| devices | wall s | process CPU s | device-s per wall s | device-s per CPU s | chunks acked |")
     print("|---|---|---|---|---|---|")
     for n in publish_devices:
-        cpu, wall, published = measure_publish(n, seconds, host, port)
+        cpu, wall, published, _ = measure_publish(n, seconds, host, port)
         print(f"| {n} | {wall:.2f} | {cpu:.2f} | {n * seconds / wall:,.0f} | {n * seconds / cpu:,.0f} | {published} |")
+    if realtime_devices:
+        print(f"real time (speed 1, {seconds} s): does the fleet keep its schedule?")
+        print("| devices | wall s | process CPU s | CPU use of one core | max lag behind schedule s | chunks acked |")
+        print("|---|---|---|---|---|---|")
+        for n in realtime_devices:
+            cpu, wall, published, lag = measure_publish(n, seconds, host, port, speed=1.0)
+            print(f"| {n} | {wall:.2f} | {cpu:.2f} | {cpu / wall:.0%} | {lag:.3f} | {published} |")

@@ -139,6 +139,10 @@ def sim_features(subjects: int, seed: int, minutes: float = 3.0) -> list[dict[st
     return rows
 
 
+def fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
 def _overlap(x: np.ndarray, y: np.ndarray) -> float:
     """Histogram intersection of two samples (0 = disjoint, 1 = identical) over their common range."""
     lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
@@ -171,7 +175,6 @@ def run_calibration(data: Path | None, out: Path, subjects: int = 40, seed: int 
             continue
         p5, p95 = np.percentile(xr, [5, 95])
         inside = float(np.mean((xs >= p5) & (xs <= p95)))
-        fmt = lambda v: f"{v:.3g}"  # noqa: E731
         lines.append(f"| {label}{f' ({unit})' if unit else ''} | {fmt(np.median(xr))} [{fmt(np.percentile(xr, 10))}, "
                      f"{fmt(np.percentile(xr, 90))}] ({len(xr)}) | {fmt(np.median(xs))} [{fmt(np.percentile(xs, 10))}, "
                      f"{fmt(np.percentile(xs, 90))}] ({len(xs)}) | {inside:.0%} | {_overlap(xr, xs):.2f} |")
@@ -210,10 +213,10 @@ def _plot_examples(path: Path, data: Path | None) -> None:
     for f in list_mimic(data)[:2]:
         rec = read_mimic_csv(f)
         panels.append((f"real MIMIC-III {rec.name}", rec.ecg[:1000], rec.ppg[:1000]))
-    for rec in ds.records:
+    for sim in ds.records:
         a = int(90 * FS)
-        panels.append((f"simulated {rec.profile['scenario']} (SBP {rec.truth_between(90, 98)[0]:.0f})",
-                       rec.ecg[a:a + 1000], rec.ppg[a:a + 1000]))
+        panels.append((f"simulated {sim.profile['scenario']} (SBP {sim.truth_between(90, 98)[0]:.0f})",
+                       sim.ecg[a:a + 1000], sim.ppg[a:a + 1000]))
     fig, axes = plt.subplots(len(panels), 1, figsize=(14, 2.0 * len(panels)), sharex=True)
     t = np.arange(1000) / FS
     for ax, (title, ecg, ppg) in zip(axes, panels, strict=True):

@@ -165,6 +165,7 @@ def bench_simulator(
     seconds: int = typer.Option(10, help="Device seconds per measurement."),
     broker: str = typer.Option(None, help="Also publish to this broker (default: the local Mosquitto)."),
     publish_devices: str = typer.Option("100,1000,2000", help="Device counts for the publishing benchmark."),
+    realtime_devices: str = typer.Option("", help="Also run these fleet sizes at speed 1 and report the lag."),
     no_publish: bool = typer.Option(False, help="Only measure generation."),
 ) -> None:
     """Devices generated (and published) in real time per core."""
@@ -180,7 +181,7 @@ def bench_simulator(
             eps = ensure_up()
             host, port = eps.mqtt_host, eps.mqtt_port
     run_bench([int(x) for x in devices.split(",")], seconds, host, port,
-              [int(x) for x in publish_devices.split(",")])
+              [int(x) for x in publish_devices.split(",")], [int(x) for x in realtime_devices.split(",") if x])
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

@@ -46,7 +46,7 @@ class SimRecord:
     beat_dbp: np.ndarray
     labels: np.ndarray
     profile: dict[str, float | str]
-    beat_pat_s: np.ndarray = field(default_factory=lambda: _EMPTY_F32)
+    beat_pat_s: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     beat_type: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
 
     @property

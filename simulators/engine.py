@@ -61,14 +61,20 @@ class Block:
     beat_type: np.ndarray
 
 
-def _gauss(x: np.ndarray, mu: np.ndarray, sd: np.ndarray | float, amp: np.ndarray | float) -> np.ndarray:
-    return amp * np.exp(-0.5 * ((x - mu) / sd) ** 2)
+def _gauss(x: np.ndarray, mu: np.ndarray | float, sd: np.ndarray | float, amp: np.ndarray | float) -> np.ndarray:
+    out: np.ndarray = amp * np.exp(-0.5 * ((x - mu) / sd) ** 2)
+    return out
+
+
+def _col(a: np.ndarray) -> np.ndarray:
+    """A per-device vector as a column, to broadcast against ``[devices, samples]``."""
+    return a[:, None]
 
 
 def _ecg_tables(p: Profiles) -> np.ndarray:
     """ECG beat templates ``[n, 3, L]`` (normal, PVC, AF-conducted) in mV, R amplitude 1 (scaled per beat)."""
     tau = (np.arange(_ECG_LEN) / _TAB_HZ - _ECG_PRE)[None, :]
-    c = lambda a: a[:, None]  # noqa: E731
+    c = _col
     qrs = c(p.ecg_qrs)
     qrs_t = (_gauss(tau, -2.2 * qrs, 0.8 * qrs, -0.12) + _gauss(tau, 0.0, qrs, 1.0)
              + _gauss(tau, 2.4 * qrs, qrs, -0.22) + _gauss(tau, 0.26, 0.045, c(p.ecg_t)))
@@ -80,7 +86,8 @@ def _ecg_tables(p: Profiles) -> np.ndarray:
 
 def _gamma_pulse(tau: np.ndarray, peak: np.ndarray | float, k: float) -> np.ndarray:
     x = np.maximum(tau, 0) / peak
-    return x**k * np.exp(k * (1 - x))
+    out: np.ndarray = x**k * np.exp(k * (1 - x))
+    return out
 
 
 def _ppg_tables(p: Profiles) -> np.ndarray:
@@ -289,7 +296,7 @@ class SignalEngine:
         # ---- respiration, wander, powerline, noise --------------------------------------------------
         two_pi = 2 * np.pi
         ph = p.phase
-        c = lambda a: a[:, None]  # noqa: E731
+        c = _col
         resp = np.sin(two_pi * c(p.resp_hz) * t + c(ph[:, 3]))
         slow = np.sin(two_pi * 0.23 * t + c(ph[:, 5])) + 0.6 * np.sin(two_pi * 0.07 * t + c(ph[:, 6]))
         noise = self.rng.standard_normal((2, self.n, n_samples))

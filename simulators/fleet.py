@@ -306,6 +306,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         else:
             gw.queue.append((topic, payload))
 
+    clean_end = False
     try:
         for k in range(n_chunks):
             target = wall0 + k / cfg.speed
@@ -404,9 +405,11 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             for dev in owners:
                 g.conn.publish(mqtt_status_topic(cfg.clinic_id, dev), b"offline", qos=1, retain=True)
         await asyncio.gather(*(g.conn.drain(within_s=10.0) for g in gateways))
+        clean_end = True
     finally:
+        # cancelled or failed: leave with the last will so status topics do not stay "online"
         for g in gateways:
-            await g.conn.disconnect()
+            await g.conn.disconnect(send_will=not clean_end)
         if truth_fh is not None:
             truth_fh.close()
     # Every chunk handed to paho is acknowledged unless ``unacked`` says otherwise (then a lower bound).

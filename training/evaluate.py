@@ -50,6 +50,11 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _free_only(summary: dict[str, Any]) -> dict[str, Any]:
+    """A constant estimate calibrated is the carried-forward reading: report it calibration-free only."""
+    return {k: v for k, v in summary.items() if not k.startswith("calibrated.")}
+
+
 def _crisis_episodes(t_end: np.ndarray, sbp: np.ndarray, dbp: np.ndarray, min_windows: int = 5,
                      ) -> list[tuple[float, float]]:
     """True crisis episodes of one subject: runs of >= ``min_windows`` windows whose reference pressure is in
@@ -174,7 +179,7 @@ def evaluate_windows(ws: WindowSet, kind: str, model_dir: Path, out: Path, folds
     pop_d = np.full(len(good), ts.get("dbp_mean", float("nan")))
     baselines["population_mean_training"] = {
         "what": "mean pressure of the model's training population, for everyone (calibration-free)",
-        **_summary(paired_report(pop_s, pop_d, good.sbp, good.dbp, good.subject, good.t_start))}
+        **_free_only(_summary(paired_report(pop_s, pop_d, good.sbp, good.dbp, good.subject, good.t_start)))}
     cf_s = carried_forward(good.sbp, good.subject, good.t_start)
     cf_d = carried_forward(good.dbp, good.subject, good.t_start)
     keep = np.ones(len(good), bool)
@@ -186,9 +191,10 @@ def evaluate_windows(ws: WindowSet, kind: str, model_dir: Path, out: Path, folds
         "calibrated.sbp": error_metrics(cf_s[keep], good.sbp[keep]),
         "calibrated.dbp": error_metrics(cf_d[keep], good.dbp[keep])}
     for name, (s, d) in cross_validated(good, folds).items():
+        summary = _summary(paired_report(s, d, good.sbp, good.dbp, good.subject, good.t_start))
         baselines[name] = {"what": f"{name.removesuffix('_cv')} fitted on this data set by subject-grouped "
                                    f"{min(folds, len(good.subjects))}-fold (never on the tested subject)",
-                           **_summary(paired_report(s, d, good.sbp, good.dbp, good.subject, good.t_start))}
+                           **(_free_only(summary) if name.startswith("population_mean") else summary)}
     weights = model.directory / WEIGHTS_FILE
     if weights.is_file():
         from bpstream.training.export import build_net, load_checkpoint

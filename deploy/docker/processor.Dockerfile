@@ -25,8 +25,7 @@ LABEL org.opencontainers.image.title="bpstream-processor" \
 RUN groupadd --system --gid 10001 bpstream \
  && useradd --system --uid 10001 --gid bpstream --no-create-home --shell /usr/sbin/nologin bpstream \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/bpstream
-# Faust's data directory (BPSTREAM_PROCESSOR_DATA_DIR); a named volume mounted here inherits the owner.
-VOLUME ["/var/lib/bpstream"]
+# /var/lib/bpstream: Faust's data directory (BPSTREAM_PROCESSOR_DATA_DIR), writable by the service user.
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -209,6 +209,8 @@ class Processor:
             default=None,
             beacon=self.app.tables.beacon,
             partitions=SIGNALS_RAW.partitions,
+            key_type=bytes,  # bytes selects the raw serializer for the store and changelog recovery
+            value_type=bytes,
             schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
         )
         self.app.tables.add(self.table)

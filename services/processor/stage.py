@@ -32,6 +32,7 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final
 
 import msgspec
@@ -163,6 +164,13 @@ class StageOutput:
     quality: list[QualityRecord] = field(default_factory=list)
     duplicate: bool = False
     late: bool = False
+
+
+@lru_cache(maxsize=16384)
+def _decode_buffered(payload: bytes) -> SignalChunk:
+    """Decode a buffered chunk's bytes. A chunk sits in about window/hop windows, so its decoded form is kept
+    (keyed by its bytes, so a different chunk can never be mistaken for it); callers must not modify it."""
+    return decode_chunk(payload)
 
 
 def _end_ns(chunk: BufferedChunk, fs: float) -> int:
@@ -303,7 +311,7 @@ class Reassembler:
             if item.seq < (state.next_seq or 0):
                 continue
             try:
-                pending_chunk = chunk if item.seq == chunk.seq else decode_chunk(item.payload)
+                pending_chunk = chunk if item.seq == chunk.seq else _decode_buffered(item.payload)
             except DecodeError:  # pragma: no cover - payloads were decoded once already
                 state.next_seq = item.seq + 1
                 continue
@@ -400,7 +408,7 @@ class Reassembler:
         if end > run_end:
             return
         n_win = round(self._window_s * fs)
-        decoded = [decode_chunk(c.payload) for c in state.buffer]
+        decoded = [_decode_buffered(c.payload) for c in state.buffer]
         offsets = np.cumsum([0] + [c.n_samples for c in state.buffer])
         data = np.concatenate([c.samples for c in decoded], axis=1)
         starts = [c.t0_ns for c in state.buffer]

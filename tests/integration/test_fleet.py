@@ -137,3 +137,45 @@ async def test_replay_of_mimic_windows_publishes_every_gap_free_second(servers: 
     ref = load_truth(tmp_path / "ref.jsonl")
     sbp, _ = truth_between(ref, first.device_id, got[0].t0_ns, got[0].t0_ns + 60 * 10**9)
     assert sbp == pytest.approx(float(np.mean(first.beat_sbp)), abs=0.05)
+
+
+async def test_cancelled_fleet_leaves_devices_offline(servers: Any) -> None:
+    import asyncio
+
+    clinic = f"t{uuid.uuid4().hex[:8]}"
+    rec = Recorder(servers.mqtt_host, servers.mqtt_port, clinic)
+    try:
+        cfg = FleetConfig(servers.mqtt_host, servers.mqtt_port, devices=3, duration_s=600, speed=2.0,
+                          clinic_id=clinic, scenario="normotensive")
+        task = asyncio.create_task(run_fleet(cfg))
+        deadline = time.monotonic() + 30
+        while rec.total() < 6 and time.monotonic() < deadline:  # noqa: ASYNC110 (filled by paho thread)
+            await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)
+    finally:
+        rec.close()
+    assert rec.total() >= 6
+    for dev in cfg.device_ids():
+        assert rec.status[dev][0] == b"online" and rec.status[dev][-1] == b"offline"  # the last will
+
+
+async def test_replay_of_a_simulated_dataset_publishes_its_samples(servers: Any, tmp_path: Path) -> None:
+    from bpstream.simulators.dataset import simulate_cohort, write_dataset
+    from bpstream.simulators.replay import load_sources, replay
+
+    write_dataset(simulate_cohort(2, 0.25, seed=9), tmp_path / "ds")
+    sources = load_sources(tmp_path / "ds")
+    clinic = f"t{uuid.uuid4().hex[:8]}"
+    rec = Recorder(servers.mqtt_host, servers.mqtt_port, clinic)
+    try:
+        report = await replay(sources, servers.mqtt_host, servers.mqtt_port, clinic_id=clinic, speed=50.0)
+        rec.wait_for(report.published)
+    finally:
+        rec.close()
+    assert report.published == rec.total() == 2 * 15
+    src = sources[1]
+    chunk = next(c for c in rec.chunks[src.device_id] if c.seq == 7)
+    assert np.allclose(chunk.samples[1], src.ppg[875:1000], atol=np.ptp(src.ppg[875:1000]) / 30000 + 1e-6)

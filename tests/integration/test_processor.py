@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import msgspec
 import numpy as np
 import pytest
@@ -54,6 +56,12 @@ def expected_ends(first_seq: int, last_seq: int) -> list[int]:
     return list(range(first, stop + 1, HOP))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class ProcessorProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env, self.log_path = env, log_path
@@ -79,6 +87,9 @@ class ProcessorProcess:
             self.proc.kill()
             self.proc.wait(10)
 
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.env['BPSTREAM_PROCESSOR_METRICS_PORT']}{path}", timeout=5)
+
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
@@ -87,6 +98,7 @@ class ProcessorProcess:
 def processor(service_env: dict[str, str], tmp_path: Path) -> Iterator[ProcessorProcess]:
     env = {**os.environ, **service_env,
            "BPSTREAM_PROCESSOR_DATA_DIR": str(tmp_path / "faust"),
+           "BPSTREAM_PROCESSOR_METRICS_PORT": str(free_port()),
            "BPSTREAM_KAFKA_SESSION_TIMEOUT_MS": "6000",
            "BPSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
            "BPSTREAM_LOG_JSON": "false"}
@@ -187,6 +199,11 @@ async def test_windows_in_device_time_with_duplicates_reordering_gaps_and_bad_re
         letters = [decode_dead_letter(v) for v in await reader.until(bool, 60, "dead letter", processor.log_tail)]
     assert [(d.stage, d.reason, d.key) for d in letters] == [("processor", "bad_magic", "dev-clean")]
     assert letters[0].payload == b"this is not a signal chunk, yet it is in signals.raw"
+    assert processor.get("/readyz").status_code == 200
+    metrics = processor.get("/metrics").text
+    assert f"bpstream_processor_chunks_total {float(len(records))}" in metrics
+    assert 'bpstream_processor_stream_events_total{kind="gap"} 1.0' in metrics
+    assert 'bpstream_processor_dead_letters_total{reason="bad_magic"} 1.0' in metrics
     assert processor.terminate() == 0
 
 

@@ -239,3 +239,18 @@ def test_image_requirements_match_the_project_pins() -> None:
                 name = "onnxruntime"
             assert name in declared, f"{path.name}: {name} is not a project dependency"
             assert version(name) == pinned, f"{path.name}: {name}=={pinned}, tests run {version(name)}"
+
+
+def test_build_context_keeps_what_the_dockerfiles_copy_and_nothing_else() -> None:
+    # .dockerignore excludes everything (**) and lets back only these paths.
+    allowed = [line[1:].removesuffix("/**") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    assert ".venv" not in allowed
+    for path in _dockerfiles():
+        for line in re.findall(r"^COPY\s+(?!--from)(.+)$", path.read_text(), re.M):
+            *sources, _destination = line.split()
+            for source in sources:
+                source = source.rstrip("*")
+                assert (ROOT / source).exists(), f"{path.name}: {source} does not exist"
+                assert any(source == keep or source.startswith(keep + "/") for keep in allowed), (
+                    f"{path.name}: {source} is excluded by .dockerignore")

@@ -183,3 +183,21 @@ def test_contact_points_use_templates_that_exist() -> None:
             used = set(re.findall(r'template "([^"]+)"', settings))
             assert used, receiver["uid"]
             assert used <= defined, receiver["uid"]
+
+
+def test_kubernetes_configmaps_carry_every_provisioning_file_unchanged() -> None:
+    import kubernetes_validate
+    from test_deploy_k8s import KUBERNETES_VERSIONS, kustomize_command
+
+    result = subprocess.run([*kustomize_command(), str(GRAFANA)], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    carried: dict[str, str] = {}
+    for doc in yaml.safe_load_all(result.stdout):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
+        assert doc["kind"] == "ConfigMap"
+        assert {"grafana_dashboard", "grafana_datasource", "grafana_alert"} & set(doc["metadata"]["labels"])
+        carried.update(doc["data"])
+    files = [*(GRAFANA / "dashboards").glob("*.json"), *(PROVISIONING / "datasources").glob("*.yaml"),
+             *(PROVISIONING / "alerting").glob("*.yaml")]
+    assert carried == {path.name: path.read_text() for path in files}

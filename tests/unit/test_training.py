@@ -72,9 +72,10 @@ def test_a_few_training_steps_lower_the_loss(tiny_windows) -> None:  # type: ign
     before = train_mse(net)
     res = train_model(train, val, cfg=TrainConfig(max_epochs=6, patience=100, progress=False, lr=3e-3,
                                                    ecg_dropout=0.0), init=net, stats=stats)
-    after = train_mse(res.net)
-    assert after < 0.7 * before
-    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    # the restored best-on-validation weights fit the training windows better than the initial ones
+    assert train_mse(res.net) < before
 
 
 def test_training_refuses_overlapping_subjects(tiny_windows) -> None:  # type: ignore[no-untyped-def]
