@@ -32,7 +32,7 @@ else
 fi
 
 if [ ! -x .venv/bin/python ]; then
-    "${UV[@]}" venv .venv -p 3.11
+    "${UV[@]}" venv .venv -p 3.11 || "${UV[@]}" venv .venv -p "$(command -v python3.11 || command -v "$PYTHON")"
 fi
 
 # Reinstall only when the dependency list changed (or the project is not installed yet).

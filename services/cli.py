@@ -67,9 +67,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         inference_workers: int = typer.Option(1, "--inference-workers", min=1,
                                                help="Inference processes in the consumer group."),
         output: Path | None = typer.Option(None, "--output", help="Also write the results as JSON here."),
+        profile: bool = typer.Option(False, "--profile", help="cProfile inference, alerting and the writer."),
     ) -> None:
         """The whole system in real time: devices sustained, p50/p99 latency, consumer lag, messages lost."""
         from bpstream.demo.bench import BenchConfig, run_bench
 
         run_bench(BenchConfig(devices=devices, duration_s=duration, inference_workers=inference_workers,
-                              output=output))
+                              output=output, profile=profile))

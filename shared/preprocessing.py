@@ -119,19 +119,28 @@ def _fit_length(x: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.float64]:
 
 
 @lru_cache(maxsize=8)
-def _bandpass(channel: str, fs: float) -> npt.NDArray[np.float64]:
+def _bandpass(channel: str, fs: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Second-order sections of the channel's band-pass and their step-response initial state."""
     low, high = BANDS[channel]
     high = min(high, 0.45 * fs)
     sos: npt.NDArray[np.float64] = signal.butter(FILTER_ORDER, [low, high], btype="bandpass", fs=fs, output="sos")
-    return sos
+    zi: npt.NDArray[np.float64] = signal.sosfilt_zi(sos)
+    return sos, zi
 
 
 def bandpass(x: npt.ArrayLike, channel: str, fs: float = MODEL_SAMPLE_RATE) -> npt.NDArray[np.float64]:
-    """Zero-phase band-pass of one channel (last axis), with padding so the window edges do not ring."""
+    """Zero-phase band-pass of one 1-D channel, odd-reflection padded so the window edges do not ring.
+
+    Same result as ``scipy.signal.sosfiltfilt(..., padtype="odd")``, with the filter's initial state cached
+    (scipy recomputes it on every call, which was a third of the per-window cost).
+    """
     arr = np.asarray(x, dtype=np.float64)
-    padlen = min(arr.shape[-1] - 1, int(3 * fs))
-    out: npt.NDArray[np.float64] = signal.sosfiltfilt(_bandpass(channel, fs), arr, axis=-1, padtype="odd",
-                                                      padlen=padlen)
+    sos, zi = _bandpass(channel, fs)
+    pad = min(arr.shape[-1] - 1, int(3 * fs))
+    ext = np.concatenate([2 * arr[0] - arr[pad:0:-1], arr, 2 * arr[-1] - arr[-2:-pad - 2:-1]])
+    fwd, _ = signal.sosfilt(sos, ext, zi=zi * ext[0])
+    back, _ = signal.sosfilt(sos, fwd[::-1], zi=zi * fwd[-1])
+    out: npt.NDArray[np.float64] = back[::-1][pad:pad + arr.shape[-1]]
     return out
 
 
@@ -190,6 +199,14 @@ def _envelope(x: npt.NDArray[np.float64], fs: float) -> npt.NDArray[np.float64]:
     return np.convolve(d, np.ones(k) / k, mode="same")
 
 
+def _detrend(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Remove the least-squares line (closed form: cheaper than scipy's general detrend)."""
+    t = np.arange(x.size, dtype=np.float64) - (x.size - 1) / 2.0
+    slope = float(np.dot(t, x) / np.dot(t, t)) if x.size > 1 else 0.0
+    out: npt.NDArray[np.float64] = x - x.mean() - slope * t
+    return out
+
+
 def _saturation(native: npt.NDArray[np.float64], channel: str) -> tuple[float, list[str]]:
     """Flat-line and clipping checks on the samples at their native rate (resampling would hide plateaus).
 
@@ -220,8 +237,8 @@ def channel_sqi(raw: npt.NDArray[np.float64], filtered: npt.NDArray[np.float64],
     if clip_score == 0.0 and problems == [f"{channel}_flat"]:
         return 0.0, None, problems
     # Power inside the band versus the detrended raw signal: motion adds large low-frequency excursions.
-    raw_dt = signal.detrend(raw)
-    band_fraction = float(np.var(filtered) / max(np.var(raw_dt), 1e-12))
+    raw_dt = _detrend(raw)
+    band_fraction = float(np.var(filtered)) / max(float(np.var(raw_dt)), 1e-12)
     band_score = float(np.clip(band_fraction / 0.3, 0.0, 1.0))
     if band_score < 1.0:
         problems.append(f"{channel}_out_of_band")

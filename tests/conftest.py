@@ -26,15 +26,25 @@ _TESTS = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests under tests/unit are ``unit`` and under tests/integration ``integration`` unless marked."""
+    """Tests under tests/unit are ``unit`` and under tests/integration ``integration`` unless marked.
+
+    A test that is neither, or a ``unit`` test that asks for servers, stops the run: `make test` runs the two
+    markers separately, so such a test would silently never run, or start servers in the fast stage.
+    """
+    misplaced = []
     for item in items:
-        if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
-            continue
-        path = Path(str(item.fspath)).resolve()
-        if (_TESTS / "integration") in path.parents:
-            item.add_marker(pytest.mark.integration)
-        elif (_TESTS / "unit") in path.parents:
-            item.add_marker(pytest.mark.unit)
+        if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
+            path = Path(str(item.fspath)).resolve()
+            if (_TESTS / "integration") in path.parents:
+                item.add_marker(pytest.mark.integration)
+            elif (_TESTS / "unit") in path.parents:
+                item.add_marker(pytest.mark.unit)
+        if item.get_closest_marker("unit") and "servers" in getattr(item, "fixturenames", ()):
+            misplaced.append(f"{item.nodeid} (a unit test that needs servers)")
+        if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
+            misplaced.append(f"{item.nodeid} (neither unit nor integration: `make test` would never run it)")
+    if misplaced:
+        raise pytest.UsageError("misplaced tests:\n  " + "\n  ".join(misplaced))
 
 
 def run_sync(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
@@ -42,6 +52,10 @@ def run_sync(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        in_loop = False
+    else:
+        in_loop = True
+    if not in_loop:  # outside the except block, so errors of the coroutine carry no unrelated context
         return asyncio.run(factory())
     box: dict[str, Any] = {}
 

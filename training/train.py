@@ -234,7 +234,7 @@ def _simulated_windows(spec: RunSpec, progress: bool) -> tuple[WindowSet, dict[s
 
 def load_training_windows(spec: RunSpec, progress: bool = True) -> tuple[WindowSet, dict[str, Any]]:
     """Simulate (or load) the training cohort and window it; poor-quality windows are excluded."""
-    from bpstream.training.data import detect_and_load, windows_from_sim
+    from bpstream.training.data import detect_and_load
 
     if spec.data is not None:
         kind, ws = detect_and_load(spec.data, hop_s=spec.hop_s, progress=progress)

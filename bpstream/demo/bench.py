@@ -42,6 +42,8 @@ class BenchConfig:
     inference_workers: int = 1
     output: Path | None = None
     keep_database: bool = False
+    #: Run inference, alerting and the writer under cProfile and summarise where their main thread spends time.
+    profile: bool = False
 
 
 @dataclass(slots=True)
@@ -64,6 +66,16 @@ class BenchResult:
     fleet_max_lag_s: float
     cpu_s: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    profile: dict[str, list[str]] = field(default_factory=dict)
+
+
+def summarise_profile(path: Path, top: int = 12) -> list[str]:
+    """The functions with the most own time in a cProfile dump, as ``tottime_s cumtime_s function``."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
+    return [f"{tt:8.2f} {ct:8.2f}  {fn[2]} ({Path(fn[0]).name}:{fn[1]})" for fn, (_cc, _nc, tt, ct, _) in rows]
 
 
 def machine_description() -> str:
@@ -128,10 +140,12 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
 
     endpoints = await asyncio.to_thread(localservers.ensure_up)
     tag = f"bench{uuid.uuid4().hex[:6]}"
+    profile_dir = Path("reports") / "bench" / tag / "profiles"
     pconf = PipelineConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port,
                            kafka_bootstrap=endpoints.kafka_bootstrap, influx_url=endpoints.influx_url,
                            topic_prefix=f"{tag}.", database=f"{tag}", log_dir=Path("reports") / "bench" / tag,
-                           env={"BPSTREAM_LOG_LEVEL": "WARNING"},
+                           env={"BPSTREAM_LOG_LEVEL": "WARNING",
+                                **({"BPSTREAM_PROFILE_DIR": str(profile_dir.resolve())} if cfg.profile else {})},
                            service_env={"inference": {"BPSTREAM_INFERENCE_BATCH_MAX_SIZE": "128",
                                                       "BPSTREAM_INFERENCE_LOG_LEVEL": "WARNING"}})
     fleet_cfg = FleetConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port, devices=cfg.devices,
@@ -178,6 +192,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         await asyncio.sleep(2.0)
         rows = await influx_rows(pconf.influx_url, pconf.database,
                                  f"SELECT stored_latency_ms FROM bp_estimate WHERE clinic = '{tag}' GROUP BY device")
+    profile = {p.stem: summarise_profile(p) for p in sorted(profile_dir.glob("*.prof"))} if cfg.profile else {}
     if not cfg.keep_database:
         async with httpx.AsyncClient(base_url=pconf.influx_url) as http:
             await http.post("/query", params={"q": f'DROP DATABASE "{pconf.database}"'})
@@ -193,7 +208,8 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         latency_p99_ms=round(float(np.percentile(latencies, 99)), 1) if len(latencies) else float("nan"),
         latency_max_ms=round(float(latencies.max()), 1) if len(latencies) else float("nan"),
         max_lag=max_lag, drain_s=round(drain_s, 1), sustained=drain_s <= 3 * hop_s + 5 and fleet.max_lag_s < 1.0,
-        fleet_max_lag_s=round(fleet.max_lag_s, 2), cpu_s=cpu, metrics={k: round(v, 3) for k, v in metrics.items()})
+        fleet_max_lag_s=round(fleet.max_lag_s, 2), cpu_s=cpu, metrics={k: round(v, 3) for k, v in metrics.items()},
+        profile=profile)
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -232,4 +248,9 @@ def print_result(r: BenchResult) -> None:
     ]
     for key, value in rows:
         table.add_row(key, str(value))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for service, lines in r.profile.items():
+        console.print(f"[b]{service}[/]: main-thread functions by own time (tottime s, cumtime s)")
+        for line in lines:
+            console.print("  " + line, highlight=False)

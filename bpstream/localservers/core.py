@@ -290,6 +290,10 @@ def _run(coro_factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        in_loop = False
+    else:
+        in_loop = True
+    if not in_loop:  # outside the except block, so errors of the coroutine carry no unrelated context
         return asyncio.run(coro_factory())
     box: dict[str, Any] = {}
 

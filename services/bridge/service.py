@@ -273,7 +273,11 @@ class Bridge:
         rejected: list[str] = []
         now = time.time_ns()
         for item in batch:
-            verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates)
+            try:
+                verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates)
+            except Exception as exc:  # a bug, not bad input: dead-letter rather than crash-loop on redelivery
+                log.exception("validation failed")
+                verdict = Rejection("internal_error", f"{type(exc).__name__}: {exc}")
             if isinstance(verdict, Rejection):
                 records.append((SIGNALS_DLQ, self._dead_letter(item, verdict, now), STAGE))
                 rejected.append(verdict.reason)
@@ -313,9 +317,7 @@ class Bridge:
         for reason in rejected:
             self.metrics.rejected.labels(reason=reason).inc()
         if rejected:
-            log.info(
-                "dead-lettered payloads", extra={"count": len(rejected), "reasons": sorted(set(rejected))}
-            )
+            log.info("dead-lettered payloads", extra={"count": len(rejected), "reasons": sorted(set(rejected))})
 
     @staticmethod
     def _dead_letter(item: Incoming, rejection: Rejection, now_ns: int) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from bpstream.services.profiling import profiled
 from bpstream.shared.logging import configure_logging
 from bpstream.shared.service import run_until_signalled
 
@@ -18,7 +19,7 @@ def main() -> None:
     async def run(stop: asyncio.Event) -> None:
         await run_inference(settings, stop)
 
-    run_until_signalled(run)
+    profiled("inference", lambda: run_until_signalled(run))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from bpstream.services.processor.stage import (
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.messages import DeadLetter, decode_chunk, encode_json, encode_window
+from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,18 @@ def stage_config(settings: ProcessorSettings) -> StageConfig:
     )
 
 
+def broker_credentials(kafka: KafkaSettings) -> faust.SASLCredentials | None:
+    """Faust's form of the SASL settings the aiokafka clients use (None for a plaintext local broker)."""
+    if not kafka.sasl_mechanism:
+        return None
+    return faust.SASLCredentials(
+        username=kafka.sasl_username,
+        password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+        mechanism=kafka.sasl_mechanism,
+        ssl_context=ssl.create_default_context() if "SSL" in kafka.security_protocol else None,
+    )
+
+
 async def create_topics(settings: ProcessorSettings) -> None:
     """Create every topic the processor reads, writes or keeps state in (idempotent)."""
     await ensure_topics(settings.kafka, [SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, QUALITY, changelog_topic(settings)])
@@ -157,7 +171,7 @@ class Processor:
         self.app = faust.App(
             f"{prefix}{settings.app_id}",
             broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
-            broker_credentials=None,
+            broker_credentials=broker_credentials(kafka),
             broker_request_timeout=kafka.request_timeout_ms / 1000,
             broker_session_timeout=kafka.session_timeout_ms / 1000,
             broker_heartbeat_interval=kafka.heartbeat_interval_ms / 1000,
@@ -243,9 +257,10 @@ class Processor:
         for record in records:
             try:
                 sends.extend(await self._handle(record, states))
-            except BpstreamError as exc:  # a bug or bad state: dead-letter and move on, never block
-                log.exception("processing failed", extra={"reason": exc.reason})
-                sends.append(await self._dead_letter(record, exc.reason, str(exc)))
+            except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
+                reason = exc.reason if isinstance(exc, BpstreamError) else "internal_error"
+                log.exception("processing failed", extra={"reason": reason})
+                sends.append(await self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
         if sends:
             await asyncio.gather(*sends)
         for key, (state, partition) in states.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from bpstream.services.profiling import profiled
 from bpstream.shared.logging import configure_logging
 from bpstream.shared.service import run_until_signalled
 
@@ -20,7 +21,7 @@ def main() -> None:
     async def run(stop: asyncio.Event) -> None:
         await run_writer(settings, stop)
 
-    run_until_signalled(run)
+    profiled("writer", lambda: run_until_signalled(run))
 
 
 if __name__ == "__main__":

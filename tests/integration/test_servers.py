@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bpstream import localservers
 from bpstream.localservers import ServerEndpoints
 from bpstream.shared.influx import line
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_shared_subscription, mqtt_signals_topic, topic_name
@@ -181,3 +182,33 @@ def test_influx_reads_back_escaped_names_tags_and_strings_exactly(servers: Serve
     assert (row["clinic"], row["device"]) == ("ward 3,east=1", r"dev\7")
     assert (row["message"], row["n"], row["ok"], row["x"]) == (text, 5, True, 1.5)
     assert "gone" not in row
+
+
+def test_status_reports_every_server_answering(servers: ServerEndpoints) -> None:
+    report = {item.name: item for item in localservers.status()}
+    assert set(report) == {"mosquitto", "kafka", "influxdb"}
+    assert all(item.running and item.healthy for item in report.values()), report
+    assert report["mosquitto"].ports["port"] == servers.mqtt_port
+
+
+def test_mosquitto_restart_keeps_its_port_and_persisted_messages(servers: ServerEndpoints) -> None:
+    """Retained messages (device status) and QoS 1 sessions live in Mosquitto's persistence file."""
+    topic = f"bpstream/c{uuid.uuid4().hex[:8]}/dev-1/status"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:10]}",
+                         protocol=mqtt.MQTTv5)
+    client.connect(servers.mqtt_host, servers.mqtt_port)
+    client.loop_start()
+    client.publish(topic, b"online", qos=1, retain=True).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    before = {item.name: item.pid for item in localservers.status()}
+
+    after = localservers.restart("mosquitto")
+
+    assert after == servers  # same endpoints: clients reconnect to where they were
+    assert {item.name: item.pid for item in localservers.status()}["mosquitto"] != before["mosquitto"]
+    subscriber = _Subscriber(servers, topic)
+    try:
+        assert _wait_for(lambda: subscriber.received == [b"online"])
+    finally:
+        subscriber.close()

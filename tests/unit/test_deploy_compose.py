@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +255,16 @@ def test_build_context_keeps_what_the_dockerfiles_copy_and_nothing_else() -> Non
                 assert (ROOT / source).exists(), f"{path.name}: {source} does not exist"
                 assert any(source == keep or source.startswith(keep + "/") for keep in allowed), (
                     f"{path.name}: {source} is excluded by .dockerignore")
+
+
+def test_every_container_command_is_a_bpstream_command_with_those_options(model: dict[str, Any]) -> None:
+    commands = {name: s.get("command") or [name] for name, s in model["services"].items() if "build" in s}
+    commands["inference-gpu"] = ["inference"]
+    for name, command in commands.items():
+        words = [w for w in command if not w.startswith("-") and not re.match(r"^[\d.]+$", w)]
+        path = [w for w in words if re.match(r"^[a-z]+$", w)][:2] if name == "simulator" else words[:1]
+        result = subprocess.run([sys.executable, "-m", "bpstream", *path, "--help"], capture_output=True,
+                                text=True, timeout=120, check=False, env={**os.environ, "COLUMNS": "200"})
+        assert result.returncode == 0, f"{name}: bpstream {' '.join(path)}: {result.stderr[-500:]}"
+        for option in (w for w in command if w.startswith("--")):
+            assert option in result.stdout, f"{name}: {option} is not an option of bpstream {' '.join(path)}"

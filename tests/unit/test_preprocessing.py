@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 def pulse_train(fs: float, seconds: float = 8.0, hr: float = 72.0, seed: int = 0) -> np.ndarray:
     """A PPG-like periodic wave (systolic peak plus a smaller reflected wave) with a little noise."""
-    t = np.arange(int(round(seconds * fs))) / fs
+    t = np.arange(round(seconds * fs)) / fs
     phase = (t * hr / 60.0) % 1.0
     wave = np.exp(-((phase - 0.2) ** 2) / 0.004) + 0.4 * np.exp(-((phase - 0.45) ** 2) / 0.006)
     return wave + np.random.default_rng(seed).normal(0, 0.01, t.size)
@@ -21,7 +21,7 @@ def pulse_train(fs: float, seconds: float = 8.0, hr: float = 72.0, seed: int = 0
 
 def ecg_train(fs: float, seconds: float = 8.0, hr: float = 72.0, seed: int = 0) -> np.ndarray:
     """R peak, S dip and T wave, with sensor noise (no real ECG has an exactly flat baseline)."""
-    t = np.arange(int(round(seconds * fs))) / fs
+    t = np.arange(round(seconds * fs)) / fs
     phase = (t * hr / 60.0) % 1.0
     wave = (1.2 * np.exp(-((phase - 0.1) ** 2) / 0.00005) - 0.25 * np.exp(-((phase - 0.12) ** 2) / 0.00005)
             + 0.2 * np.exp(-((phase - 0.4) ** 2) / 0.003))
@@ -142,3 +142,15 @@ def test_malformed_windows_raise_a_clear_error(samples: np.ndarray, channels: tu
     with pytest.raises(PreprocessError) as info:
         preprocess_window(samples, channels, fs)
     assert info.value.reason == reason
+
+
+def test_bandpass_equals_scipy_sosfiltfilt() -> None:
+    from scipy import signal
+
+    from bpstream.shared.preprocessing import _bandpass
+
+    x = np.random.default_rng(5).normal(size=1000).cumsum()
+    for channel in ("ecg", "ppg"):
+        sos, _ = _bandpass(channel, 125.0)
+        np.testing.assert_allclose(bandpass(x, channel), signal.sosfiltfilt(sos, x, padtype="odd", padlen=375),
+                                   atol=1e-9)

@@ -32,7 +32,7 @@ def synthetic_abp(fs: float = 125.0, seconds: float = 20.0, sbp: float = 130.0, 
 def test_abp_beats_recover_sbp_and_dbp_and_screen_artefacts() -> None:
     fs = 125.0
     abp = synthetic_abp(fs)
-    t, s, d, counts = abp_beats(abp, fs)
+    _t, s, d, _counts = abp_beats(abp, fs)
     assert len(s) >= 20
     assert np.median(s) == pytest.approx(130, abs=2) and np.median(d) == pytest.approx(70, abs=2)
     bad = abp.copy()
