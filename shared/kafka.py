@@ -7,6 +7,7 @@ Both clients are async context managers around aiokafka. Kafka errors that aioka
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -55,10 +56,9 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[KafkaTopic]) -
                 configs["cleanup.policy"] = "compact"
             new.append(NewTopic(topic_name(t, settings.topic_prefix), t.partitions, settings.replication_factor,
                                 topic_configs=configs))
-        try:
+        # Another process may create them between list and create.
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(new)
-        except TopicAlreadyExistsError:
-            pass  # another process created them between list and create
         created = [n.name for n in new]
         log.info("created topics", extra={"topics": created})
         return created

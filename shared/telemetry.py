@@ -69,7 +69,8 @@ class HealthServer:
                 ctype, body = "text/plain", b"ready\n" if ok else b"not ready\n"
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
             writer.write(head.encode() + body)
             await writer.drain()
         except (TimeoutError, ConnectionError, UnicodeDecodeError):
