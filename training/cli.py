@@ -30,18 +30,18 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     def train(
         data: Annotated[Path | None, typer.Option(help="Simulated dataset folder (default: simulate a cohort).")]
         = None,
-        subjects: Annotated[int, typer.Option(help="Subjects to simulate when --data is not given.")] = 150,
+        subjects: Annotated[int, typer.Option(help="Subjects to simulate when --data is not given.")] = 300,
         minutes: Annotated[float, typer.Option(help="Minutes per simulated subject.")] = 8.0,
         data_seed: Annotated[int, typer.Option(help="Seed of the simulated training cohort.")] = 0,
         seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and batching.")] = 0,
         epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping usually ends sooner).")] = 100,
         patience: Annotated[int, typer.Option(help="Epochs without validation improvement before stopping.")]
-        = 10,
+        = 6,
         lr: float = 1e-3,
         batch_size: int = 32,
         budget_minutes: Annotated[float, typer.Option(help="Wall-clock budget for data + both trainings.")]
         = 12.0,
-        hop: Annotated[float, typer.Option(help="Hop between training windows (s).")] = 5.0,
+        hop: Annotated[float, typer.Option(help="Hop between training windows (s).")] = 10.0,
         cnn: Annotated[bool, typer.Option(help="Also train the CNN-without-LSTM baseline.")] = True,
         device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
         threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,

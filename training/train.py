@@ -30,7 +30,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     max_epochs: int = 100
-    patience: int = 10
+    patience: int = 6
     seed: int = 0
     ecg_dropout: float = 0.3
     weight_decay: float = 1e-4
@@ -188,10 +188,10 @@ class RunSpec:
     """What ``bpstream train`` trains on and how long it may take."""
 
     data: Path | None = None
-    n_subjects: int = 150
+    n_subjects: int = 300
     minutes: float = 8.0
     data_seed: int = 0
-    hop_s: float = 5.0
+    hop_s: float = 10.0
     val_fraction: float = 0.15
     budget_minutes: float = 12.0
     cnn_share: float = 0.25

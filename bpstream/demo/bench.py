@@ -60,6 +60,12 @@ class BenchResult:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_max_ms: float
+    #: Bridge receipt -> estimate produced by inference (the rest of the total is alerting-free writer time).
+    to_estimate_p50_ms: float
+    to_estimate_p99_ms: float
+    #: Bridge receipt -> window emitted by the processor.
+    to_window_p50_ms: float
+    to_window_p99_ms: float
     max_lag: dict[str, int]
     drain_s: float
     sustained: bool
@@ -189,14 +195,22 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         for name, port in pipeline.metrics_ports.items():
             metrics.update(await scrape(port))
         forwarded = await pipeline.raw_count() - before
+        from bpstream.services.kafka_tools import read_topic
+        from bpstream.shared.messages import decode_window
+        from bpstream.shared.topics import WINDOWS
+
+        window_ms = np.array([(w.emitted_ns - w.received_ns) / 1e6 for w in
+                              (decode_window(r.value or b"") for r in await read_topic(pconf.kafka(), WINDOWS))
+                              if w.clinic_id == tag and w.received_ns and w.emitted_ns])
         await asyncio.sleep(2.0)
         rows = await influx_rows(pconf.influx_url, pconf.database,
-                                 f"SELECT stored_latency_ms FROM bp_estimate WHERE clinic = '{tag}' GROUP BY device")
+                                 f"SELECT stored_latency_ms, latency_ms FROM bp_estimate WHERE clinic = '{tag}' GROUP BY device")
     profile = {p.stem: summarise_profile(p) for p in sorted(profile_dir.glob("*.prof"))} if cfg.profile else {}
     if not cfg.keep_database:
         async with httpx.AsyncClient(base_url=pconf.influx_url) as http:
             await http.post("/query", params={"q": f'DROP DATABASE "{pconf.database}"'})
     latencies = np.array([float(r["stored_latency_ms"]) for r in rows if r.get("stored_latency_ms") is not None])
+    to_estimate = np.array([float(r["latency_ms"]) for r in rows if r.get("latency_ms") is not None])
     expected = sum(expected_windows([t0 for _s, t0, _l in fleet.truth.chunks(d)]) for d in fleet.device_ids)
     stored = len(rows)
     hop_s = HOP_SECONDS
@@ -207,6 +221,10 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         latency_p50_ms=round(float(np.percentile(latencies, 50)), 1) if len(latencies) else float("nan"),
         latency_p99_ms=round(float(np.percentile(latencies, 99)), 1) if len(latencies) else float("nan"),
         latency_max_ms=round(float(latencies.max()), 1) if len(latencies) else float("nan"),
+        to_estimate_p50_ms=round(float(np.percentile(to_estimate, 50)), 1) if len(to_estimate) else float("nan"),
+        to_window_p50_ms=round(float(np.percentile(window_ms, 50)), 1) if len(window_ms) else float("nan"),
+        to_window_p99_ms=round(float(np.percentile(window_ms, 99)), 1) if len(window_ms) else float("nan"),
+        to_estimate_p99_ms=round(float(np.percentile(to_estimate, 99)), 1) if len(to_estimate) else float("nan"),
         max_lag=max_lag, drain_s=round(drain_s, 1), sustained=drain_s <= 3 * hop_s + 5 and fleet.max_lag_s < 1.0,
         fleet_max_lag_s=round(fleet.max_lag_s, 2), cpu_s=cpu, metrics={k: round(v, 3) for k, v in metrics.items()},
         profile=profile)
@@ -236,6 +254,8 @@ def print_result(r: BenchResult) -> None:
         ("sustained in real time", "yes" if r.sustained else "NO"),
         ("drain after stream end (s)", r.drain_s),
         ("latency p50 / p99 / max (ms)", f"{r.latency_p50_ms} / {r.latency_p99_ms} / {r.latency_max_ms}"),
+        ("  of which receipt -> estimate p50 / p99 (ms)", f"{r.to_estimate_p50_ms} / {r.to_estimate_p99_ms}"),
+        ("  of which receipt -> window p50 / p99 (ms)", f"{r.to_window_p50_ms} / {r.to_window_p99_ms}"),
         ("windows expected / stored / lost", f"{r.windows_expected} / {r.windows_stored} / {r.windows_lost}"),
         ("chunks published / forwarded", f"{r.chunks_published} / {r.chunks_forwarded}"),
         ("max consumer lag", ", ".join(f"{g.removeprefix('bpstream-')} {n}" for g, n in sorted(r.max_lag.items()))),

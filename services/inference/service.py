@@ -26,7 +26,7 @@ from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
 from bpstream.shared.messages import Window, decode_window, encode_json
-from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, load_model
+from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, Runtime, load_model
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
@@ -47,13 +47,28 @@ MODEL_INFO = Gauge("bpstream_inference_model_info", "The model version in servic
                                                                                    "device"])
 
 
+def resolve_runtime(runtime: str, device: str) -> tuple[Runtime, str]:
+    """The concrete (runtime, device): ``auto`` devices become CUDA when torch sees a GPU, ``auto`` runtimes
+    ONNX Runtime on CPU and TorchScript on CUDA."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if runtime == "auto":
+        return ("torchscript" if device.startswith("cuda") else "onnx"), device
+    if runtime not in ("torchscript", "onnx"):
+        raise ValueError(f"unknown runtime {runtime!r}")
+    return ("torchscript" if runtime == "torchscript" else "onnx"), device
+
+
 def make_loader(settings: InferenceSettings) -> functools.partial[BpModel]:
     """``load_model`` with the runtime and device from settings (and a thread limit for torch)."""
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
-    return functools.partial(load_model, runtime=settings.runtime, device=settings.device)
+    runtime, device = resolve_runtime(settings.runtime, settings.device)
+    return functools.partial(load_model, runtime=runtime, device=device)
 
 
 class InferenceService:

@@ -20,7 +20,9 @@ class InferenceSettings(ServiceSettings):
     #: A models root (the newest complete version is used and newer ones are picked up while running) or one
     #: version folder (pinned). Default: the repository's committed models.
     model_path: Path | None = None
-    runtime: Literal["torchscript", "onnx"] = "torchscript"
+    #: ``auto``: ONNX Runtime on CPU (about 20x faster than TorchScript there, see docs/BENCHMARKS.md) and
+    #: TorchScript on CUDA (the onnxruntime wheel in use has no CUDA provider); or force one.
+    runtime: Literal["auto", "torchscript", "onnx"] = "auto"
     #: ``auto`` uses CUDA when torch sees a GPU; ``cpu``, ``cuda`` or ``cuda:N`` force one.
     device: str = "auto"
     #: Largest batch scored in one model call.

@@ -61,3 +61,13 @@ def test_predictions_that_do_not_match_the_batch_are_an_error() -> None:
     batch = prepare_batch([_window("a")], SPEC)
     with pytest.raises(ValueError, match="do not match"):
         estimates_for(batch, _predictions(3), "v", lambda: 0)
+
+
+def test_auto_runtime_is_onnx_on_cpu_and_torchscript_on_cuda() -> None:
+    from bpstream.services.inference.service import resolve_runtime
+
+    assert resolve_runtime("auto", "cpu") == ("onnx", "cpu")
+    assert resolve_runtime("auto", "cuda:1") == ("torchscript", "cuda:1")
+    assert resolve_runtime("torchscript", "cpu") == ("torchscript", "cpu")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        resolve_runtime("tensorrt", "cpu")
