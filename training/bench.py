@@ -67,8 +67,8 @@ def run_bench(model_path: Path | None, batch_sizes: list[int], seconds: float, d
     eager = Deployable(net, stats).to(dev).eval()
     scripted = torch.jit.load(str(directory / TORCHSCRIPT_FILE), map_location=dev).eval()
     so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
+    # Same thread count as torch, so the runtimes are compared on equal hardware.
+    so.intra_op_num_threads = threads or torch.get_num_threads()
     providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
                  if dev.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
                  else ["CPUExecutionProvider"])

@@ -192,7 +192,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         cpu.update({k: round(cpu_seconds(pid) - cpu_before[k], 1) for k, pid in server_pids.items()})
         cpu["simulator (this process)"] = round(time.process_time() - own_before, 1)
         metrics: dict[str, float] = {}
-        for name, port in pipeline.metrics_ports.items():
+        for port in pipeline.metrics_ports.values():
             metrics.update(await scrape(port))
         forwarded = await pipeline.raw_count() - before
         from bpstream.services.kafka_tools import read_topic
@@ -204,7 +204,8 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
                               if w.clinic_id == tag and w.received_ns and w.emitted_ns])
         await asyncio.sleep(2.0)
         rows = await influx_rows(pconf.influx_url, pconf.database,
-                                 f"SELECT stored_latency_ms, latency_ms FROM bp_estimate WHERE clinic = '{tag}' GROUP BY device")
+                                 "SELECT stored_latency_ms, latency_ms FROM bp_estimate "
+                                 f"WHERE clinic = '{tag}' GROUP BY device")
     profile = {p.stem: summarise_profile(p) for p in sorted(profile_dir.glob("*.prof"))} if cfg.profile else {}
     if not cfg.keep_database:
         async with httpx.AsyncClient(base_url=pconf.influx_url) as http:

@@ -3,9 +3,9 @@
 # Build from the repository root:  docker build -f deploy/docker/inference-cuda.Dockerfile -t bpstream/inference:0.1.0-cuda .
 # Stage 1 builds the bpstream wheel and a virtual environment with only this image's requirements;
 # stage 2 copies that environment onto a clean slim base and runs as an unprivileged user.
-# Why not an nvidia/cuda base: the PyPI torch and onnxruntime-gpu wheels carry their own CUDA runtime,
-# cuBLAS and cuDNN libraries; the host only provides the driver (libcuda), which the NVIDIA container
-# toolkit mounts into the container. A CUDA base image would add a second, unused copy of those libraries.
+# Why not an nvidia/cuda base: the PyPI torch wheel carries its own CUDA runtime, cuBLAS and cuDNN
+# libraries; the host only provides the driver (libcuda), which the NVIDIA container toolkit mounts into
+# the container. A CUDA base image would add a second, unused copy of those libraries.
 
 FROM python:3.11.11-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

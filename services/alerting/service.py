@@ -24,10 +24,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from bpstream.services.alerting.settings import AlertingSettings
 from bpstream.services.alerting.stage import AlertingState
 from bpstream.services.batching import collect_batch
-from bpstream.services.kafka_tools import read_latest_by_key
+from bpstream.services.kafka_tools import RecoveringProducer, read_latest_by_key
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
-from bpstream.shared.kafka import KafkaConsumer, KafkaProducer, ensure_topics
+from bpstream.shared.kafka import KafkaConsumer, ensure_topics
 from bpstream.shared.messages import Estimate, decode_estimate, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
@@ -46,7 +46,7 @@ BATCH_SECONDS = Histogram("bpstream_alerting_batch_seconds", "Time to handle one
 class AlertingService:
     """One batch at a time; state flushed and offsets committed together every ``state_flush_s``."""
 
-    def __init__(self, settings: AlertingSettings, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+    def __init__(self, settings: AlertingSettings, consumer: KafkaConsumer, producer: RecoveringProducer) -> None:
         self.settings, self.consumer, self.producer = settings, consumer, producer
         self.state = AlertingState(settings.alert_config())
         self.uncommitted: list[ConsumerRecord[bytes, bytes]] = []
@@ -122,7 +122,7 @@ async def run_alerting(settings: AlertingSettings, stop: asyncio.Event) -> None:
     await retry_async(lambda: ensure_topics(settings.kafka, [ALERTING_STATE]), attempts=10,
                       what="create alerting.state")
     async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
-            KafkaProducer(settings.kafka) as producer, \
+            RecoveringProducer(settings.kafka) as producer, \
             KafkaConsumer(settings.kafka, [ESTIMATES], group_name(settings.group_id, settings.kafka),
                           max_poll_records=settings.batch_max_size) as consumer:
         service = AlertingService(settings, consumer, producer)

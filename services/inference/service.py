@@ -19,12 +19,13 @@ from aiokafka import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.batching import collect_batch
+from bpstream.services.kafka_tools import RecoveringProducer
 from bpstream.services.inference.reload import ModelManager
 from bpstream.services.inference.settings import InferenceSettings
 from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
-from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
+from bpstream.shared.kafka import KafkaConsumer
 from bpstream.shared.messages import Window, decode_window, encode_json
 from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, Runtime, load_model
 from bpstream.shared.retry import retry_async
@@ -74,7 +75,7 @@ def make_loader(settings: InferenceSettings) -> functools.partial[BpModel]:
 class InferenceService:
     """Scores one batch at a time with the model in service."""
 
-    def __init__(self, settings: InferenceSettings, consumer: KafkaConsumer, producer: KafkaProducer,
+    def __init__(self, settings: InferenceSettings, consumer: KafkaConsumer, producer: RecoveringProducer,
                  models: ModelManager) -> None:
         self.settings, self.consumer, self.producer, self.models = settings, consumer, producer, models
         self.scored = 0
@@ -151,7 +152,7 @@ async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> Non
     log.info("model loaded", extra={"version": models.version, "runtime": models.model.runtime,
                                     "device": models.model.device, "path": str(models.model.directory)})
     async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
-            KafkaProducer(settings.kafka) as producer, \
+            RecoveringProducer(settings.kafka) as producer, \
             KafkaConsumer(settings.kafka, [WINDOWS], group_name(settings.group_id, settings.kafka),
                           max_poll_records=settings.batch_max_size) as consumer:
         service = InferenceService(settings, consumer, producer, models)

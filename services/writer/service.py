@@ -18,12 +18,13 @@ from aiokafka import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.batching import collect_batch
+from bpstream.services.kafka_tools import RecoveringProducer
 from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
 from bpstream.services.writer.lag import LagProbe, group_name
 from bpstream.services.writer.points import WRITTEN_TOPICS, pipeline_line, record_lines
 from bpstream.services.writer.settings import WriterSettings
 from bpstream.shared.errors import DecodeError, TransientError
-from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
+from bpstream.shared.kafka import KafkaConsumer
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
@@ -47,7 +48,7 @@ LAG = Gauge("bpstream_pipeline_consumer_lag", "Messages a pipeline consumer grou
 class WriterStage:
     """One batch at a time: records in, points stored, offsets committed."""
 
-    def __init__(self, settings: WriterSettings, consumer: KafkaConsumer, producer: KafkaProducer,
+    def __init__(self, settings: WriterSettings, consumer: KafkaConsumer, producer: RecoveringProducer,
                  influx: InfluxWriter) -> None:
         self.settings, self.consumer, self.producer, self.influx = settings, consumer, producer, influx
         self.dlq_topic = topic_name(SIGNALS_DLQ, settings.kafka.topic_prefix)
@@ -159,7 +160,7 @@ async def run_writer(settings: WriterSettings, stop: asyncio.Event) -> None:
     async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
             InfluxWriter(settings.influx, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
                          stop=stop) as influx, \
-            KafkaProducer(settings.kafka) as producer, \
+            RecoveringProducer(settings.kafka) as producer, \
             KafkaConsumer(settings.kafka, WRITTEN_TOPICS, group_name(settings.group_id, settings.kafka),
                           max_poll_records=settings.batch_max_size) as consumer:
         await influx.ensure_database()

@@ -81,6 +81,8 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
     config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
                             kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
                             topic_prefix=prefix, database=f"e2e_{uuid.uuid4().hex[:8]}",
+                            # Pinned: a version rolled out during the run must not change the results compared.
+                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(latest_model_dir())}},
                             log_dir=log_dir / prefix.rstrip("."))
     tag = prefix.rstrip(".")
     clinics = {"clean": f"{tag}-clean", "rough": f"{tag}-rough"}

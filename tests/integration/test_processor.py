@@ -101,6 +101,7 @@ def processor(service_env: dict[str, str], tmp_path: Path) -> Iterator[Processor
            "BPSTREAM_PROCESSOR_METRICS_PORT": str(free_port()),
            "BPSTREAM_KAFKA_SESSION_TIMEOUT_MS": "6000",
            "BPSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+           "BPSTREAM_PROCESSOR_FAUST_LOGLEVEL": "INFO",  # the log is only read when a test fails
            "BPSTREAM_LOG_JSON": "false"}
     process = ProcessorProcess(env, tmp_path / "processor.log")
     yield process

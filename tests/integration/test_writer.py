@@ -11,6 +11,7 @@ from pipeline_support import influx_query, wait_until
 
 from bpstream.localservers import ServerEndpoints
 from bpstream.services.kafka_tools import read_topic
+from bpstream.services.writer.points import WRITTEN_TOPICS as WRITTEN
 from bpstream.services.writer.service import run_writer
 from bpstream.services.writer.settings import WriterSettings
 from bpstream.shared.kafka import KafkaProducer
@@ -66,8 +67,8 @@ async def test_estimates_and_alerts_are_stored_once_even_when_replayed(writer: W
     assert alerts[0]["alert_id"] == "dev-a:crisis:1" and alerts[0]["active"] == 1
     assert alerts[0]["kind"] == "crisis" and alerts[0]["severity"] == "critical"
     # The writer also samples consumer lag of the pipeline's groups.
-    lag = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database,
-                                                "SELECT last(consumer_lag) FROM pipeline WHERE service = 'bpstream-writer'"),
+    query = "SELECT last(consumer_lag) FROM pipeline WHERE service = 'bpstream-writer'"
+    lag = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database, query),
                            timeout_s=60, what="pipeline lag point")
     assert lag[0]["last"] == 0
 
@@ -98,3 +99,34 @@ async def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(writer: Wr
                                                     "SELECT count(\"count\") FROM dead_letter WHERE stage = 'writer'"),
                                timeout_s=60, what="dead_letter points")
     assert counted[0]["count"] == 2
+
+
+async def test_points_influxdb_refuses_are_counted_and_skipped_without_blocking(writer: WriterSettings) -> None:
+    import httpx
+
+    from bpstream.services.writer.lag import LagProbe
+
+    # A field-type conflict: model_version already exists as an integer in this database, so InfluxDB answers
+    # 400 for every estimate line (a bad point). The alert in the same batch must still be stored.
+    async with httpx.AsyncClient(base_url=writer.influx.url) as http:
+        answer = await http.post("/write", params={"db": writer.influx.database, "precision": "ns"},
+                                 content=f"bp_estimate,clinic=c1,device=other model_version=7i {T0}".encode())
+        assert answer.status_code == 204
+    alert = Alert(alert_id="dev-e:stage2:1", clinic_id="c1", device_id="dev-e", kind="stage2", severity="warning",
+                  state="raised", started_ns=T0, event_ns=T0 + HOP, sbp=150.0, dbp=95.0, n_windows=5,
+                  confidence=0.8, message="stage 2")
+    async with KafkaProducer(writer.kafka) as producer:
+        await producer.send_many([(ESTIMATES, encode_json(_estimate("dev-e", i)), "dev-e") for i in range(3)]
+                                 + [(ALERTS, encode_json(alert), "dev-e")])
+    query = "SELECT * FROM bp_alert WHERE device = 'dev-e'"
+    await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database, query), timeout_s=120,
+                     what="the alert stored next to refused estimates")
+    rows = await influx_query(writer.influx.url, writer.influx.database,
+                              "SELECT * FROM bp_estimate WHERE device = 'dev-e'")
+    assert rows == []
+
+    async def writer_caught_up() -> bool:
+        async with LagProbe(writer.kafka, {"bpstream-writer": WRITTEN}) as probe:
+            return (await probe.lags())["bpstream-writer"] == 0
+
+    await wait_until(writer_caught_up, timeout_s=60, what="the writer to commit past the refused points")

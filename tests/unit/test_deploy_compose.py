@@ -236,8 +236,6 @@ def test_image_requirements_match_the_project_pins() -> None:
     declared = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     for path in sorted((DOCKER_DIR / "requirements").glob("*.txt")):
         for name, pinned in _pins(path).items():
-            if name == "onnxruntime-gpu":  # the CUDA build of onnxruntime, released with the same version
-                name = "onnxruntime"
             assert name in declared, f"{path.name}: {name} is not a project dependency"
             assert version(name) == pinned, f"{path.name}: {name}=={pinned}, tests run {version(name)}"
 

@@ -42,8 +42,7 @@ import importlib, importlib.metadata as md, json, re, sys
 from pathlib import Path
 
 def norm(name):
-    name = re.sub(r"[-_.]+", "-", name).lower()
-    return "onnxruntime" if name == "onnxruntime-gpu" else name  # same modules, GPU build
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 def pins(path):
     names = set()
