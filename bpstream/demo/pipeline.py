@@ -151,9 +151,19 @@ class Pipeline:
             await consumer.stop()
             await admin.close()
 
+    def restart_dead(self) -> list[str]:
+        """Start again every service that exited on its own (what a container restart policy does)."""
+        dead = list(self.supervisor.dead())
+        for key in dead:
+            self.supervisor.stop(key)
+            self.supervisor.start(key.split("-")[0], instance=key if "-" in key else None)
+        return dead
+
     async def wait_drained(self, *, min_raw: int, timeout_s: float = 300, settle_probes: int = 2,
-                           on_probe: Any = None) -> dict[str, int]:
-        """Wait until the bridge forwarded at least ``min_raw`` chunks and every group's lag stayed 0."""
+                           on_probe: Any = None, restart_dead: bool = False) -> dict[str, int]:
+        """Wait until the bridge forwarded at least ``min_raw`` chunks and every group's lag stayed 0.
+
+        A service that exits meanwhile fails the wait, or with ``restart_dead`` is started again."""
         deadline = time.monotonic() + timeout_s
         zero_in_a_row = 0
         lags: dict[str, int] = {}
@@ -167,7 +177,9 @@ class Pipeline:
                 if zero_in_a_row >= settle_probes:
                     return lags
                 dead = self.supervisor.dead()
-                if dead:
+                if dead and restart_dead:
+                    self.restart_dead()
+                elif dead:
                     raise RuntimeError(f"services exited during the run: {dead}\n" + "\n".join(
                         f"--- {n}\n{self.supervisor.log_tail(n)}" for n in dead))
                 await asyncio.sleep(1.0)

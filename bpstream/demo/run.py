@@ -87,6 +87,8 @@ async def _demo(cfg: DemoConfig) -> Path:
             with view as live:
                 async def refresh() -> None:
                     while not stop_view.is_set():
+                        for name in pipeline.restart_dead():  # like a container restart policy
+                            console.log(f"{name} exited; restarted it (log: {pconf.log_dir / name}.log)")
                         if live is not None:
                             live.update(state.render())
                         else:
@@ -96,7 +98,8 @@ async def _demo(cfg: DemoConfig) -> Path:
                 tasks.append(asyncio.create_task(refresh()))
                 fleet = await run_fleet(fleet_cfg)
                 state.phase = "stream finished; waiting for the pipeline to drain"
-                await pipeline.wait_drained(min_raw=raw_before + fleet.published, timeout_s=cfg.drain_timeout_s)
+                await pipeline.wait_drained(min_raw=raw_before + fleet.published, timeout_s=cfg.drain_timeout_s,
+                                            restart_dead=True)
                 await asyncio.sleep(2.5)  # the writer's last batch
                 state.phase = "drained; writing the report"
                 if live is not None:

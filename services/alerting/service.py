@@ -77,8 +77,7 @@ class AlertingService:
                 await self._dead_letter(record, exc)
         alerts = self.state.apply(estimates)
         if alerts:
-            await retry_async(lambda: self.producer.send_many(
-                [(ALERTS, encode_json(a), a.device_id) for a in alerts]), attempts=10, what="send alerts")
+            await self.producer.send_many([(ALERTS, encode_json(a), a.device_id) for a in alerts])
             for a in alerts:
                 ALERTS_OUT.labels(a.kind, a.state).inc()
                 log.info("alert", extra={"alert_id": a.alert_id, "device": a.device_id, "kind": a.kind,
@@ -90,12 +89,9 @@ class AlertingService:
     async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], exc: DecodeError) -> None:
         key = record.key.decode(errors="replace") if record.key else None
 
-        async def send() -> None:
-            await self.producer.dead_letter(stage="alerting", reason=exc.reason, detail=str(exc),
-                                            source=record.topic, payload=record.value or b"", key=key,
-                                            partition=record.partition, offset=record.offset)
-
-        await retry_async(send, attempts=10, what="dead letter")
+        await self.producer.dead_letter(stage="alerting", reason=exc.reason, detail=str(exc), source=record.topic,
+                                        payload=record.value or b"", key=key, partition=record.partition,
+                                        offset=record.offset)
 
     async def flush_if_due(self, force: bool = False) -> None:
         if not self.uncommitted and not self.state.dirty:
@@ -104,9 +100,7 @@ class AlertingService:
             return
         saved = self.state.take_dirty()
         if saved:
-            await retry_async(lambda: self.producer.send_many(
-                [(ALERTING_STATE, data, device) for device, data in saved.items()]), attempts=10,
-                what="save alerting state")
+            await self.producer.send_many([(ALERTING_STATE, data, device) for device, data in saved.items()])
         try:
             await retry_async(lambda: self.consumer.commit_records(self.uncommitted), attempts=10, what="commit")
         except Exception as exc:  # rebalanced away: the new owner resumes from the saved state

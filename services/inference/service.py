@@ -19,10 +19,10 @@ from aiokafka import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.batching import collect_batch
-from bpstream.services.kafka_tools import RecoveringProducer
 from bpstream.services.inference.reload import ModelManager
 from bpstream.services.inference.settings import InferenceSettings
 from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
+from bpstream.services.kafka_tools import RecoveringProducer
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaConsumer
@@ -111,9 +111,7 @@ class InferenceService:
             INFER_SECONDS.observe(time.monotonic() - t0)
         estimates = estimates_for(batch, predictions, model.version, time.time_ns)
         if estimates:
-            await retry_async(lambda: self.producer.send_many(
-                [(ESTIMATES, encode_json(e), e.device_id) for e in estimates]), attempts=10, cap_s=5.0,
-                what="send estimates")
+            await self.producer.send_many([(ESTIMATES, encode_json(e), e.device_id) for e in estimates])
         WINDOWS_IN.labels("scored").inc(len(batch.scored))
         WINDOWS_IN.labels("unscored").inc(len(batch.unscored))
         self.scored += len(batch.scored)
@@ -129,12 +127,9 @@ class InferenceService:
         WINDOWS_IN.labels("rejected").inc()
         key = record.key.decode(errors="replace") if record.key else None
 
-        async def send() -> None:
-            await self.producer.dead_letter(stage="inference", reason=reason, detail=detail, source=record.topic,
-                                            payload=record.value or b"", key=key, partition=record.partition,
-                                            offset=record.offset)
-
-        await retry_async(send, attempts=10, cap_s=5.0, what="dead letter")
+        await self.producer.dead_letter(stage="inference", reason=reason, detail=detail, source=record.topic,
+                                        payload=record.value or b"", key=key, partition=record.partition,
+                                        offset=record.offset)
 
     def _model_info(self) -> None:
         MODEL_INFO.clear()

@@ -94,12 +94,9 @@ class WriterStage:
             return  # never dead-letter the dead-letter topic into itself
         key = record.key.decode(errors="replace") if record.key else None
 
-        async def send() -> None:
-            await self.producer.dead_letter(stage="writer", reason=reason, detail=str(exc), source=record.topic,
-                                            payload=record.value or b"", key=key, partition=record.partition,
-                                            offset=record.offset)
-
-        await retry_async(send, attempts=10, cap_s=5.0, what="dead letter")
+        await self.producer.dead_letter(stage="writer", reason=reason, detail=str(exc), source=record.topic,
+                                        payload=record.value or b"", key=key, partition=record.partition,
+                                        offset=record.offset)
 
     async def _commit(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         try:
