@@ -44,6 +44,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
     echo "$want" > "$stamp"
 fi
 
+# kustomize renders the Kubernetes overlays in the deploy tests: kubectl (on this machine image) has it built in;
+# elsewhere build it once through the Go module proxy.
+if ! command -v kustomize >/dev/null 2>&1 && ! command -v kubectl >/dev/null 2>&1 && [ ! -x .venv/bin/kustomize ]; then
+    echo "bootstrap: installing kustomize v5.5.0 with go install"
+    GOBIN="$PWD/.venv/bin" go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0
+fi
+
 # Debian packages (again, for a machine where only they were missing) and the Kafka jars.
 .venv/bin/python -c "
 from bpstream.localservers.install import ensure_installed, kafka_libs_dir, KAFKA_VERSION
