@@ -142,8 +142,9 @@ class SignalEngine:
         s = self.s
         tt = t[:, None]
         ramp = s.ramp[idx]
-        return np.clip((tt - s.start[idx]) / ramp, 0, 1) * np.clip((s.end[idx] - tt) / ramp, 0, 1) * (
+        env: np.ndarray = np.clip((tt - s.start[idx]) / ramp, 0, 1) * np.clip((s.end[idx] - tt) / ramp, 0, 1) * (
             s.kind[idx] >= 0)
+        return env
 
     def _state(self, idx: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, ...]:
         """Smooth SBP, DBP, HR and sympathetic drive of devices ``idx`` at times ``t``."""

@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -27,7 +28,7 @@ class AsyncMqttConnection:
                  will_payload: bytes = b"offline", username: str | None = None, password: str | None = None,
                  keepalive: int = 30, max_inflight: int = 32) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5, reconnect_on_failure=False)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
@@ -115,7 +116,7 @@ class AsyncMqttConnection:
         """Open the connection (first time or again after a disconnect) and wait for CONNACK."""
         self._loop = asyncio.get_running_loop()
         self._connected = self._loop.create_future()
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 300
         try:
             # paho's socket callbacks must run on this loop's thread, so the TCP connect runs here too.
@@ -127,7 +128,7 @@ class AsyncMqttConnection:
             raise TransientError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc}",
                                  reason="mqtt_unreachable") from exc
         sock = self.client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         try:

@@ -42,6 +42,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         budget_minutes: Annotated[float, typer.Option(help="Wall-clock budget for data + both trainings.")]
         = 12.0,
         hop: Annotated[float, typer.Option(help="Hop between training windows (s).")] = 10.0,
+        augment: Annotated[bool, typer.Option(help="Augment training windows (time shift, gain, noise).")]
+        = True,
+        pair_weight: Annotated[float, typer.Option(help="Weight of the within-subject pressure-change loss.")]
+        = 0.0,
+        weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
+        dropout: Annotated[float, typer.Option(help="Dropout before the head.")] = 0.1,
         cnn: Annotated[bool, typer.Option(help="Also train the CNN-without-LSTM baseline.")] = True,
         device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
         threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
@@ -54,9 +60,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from bpstream.training.train import RunSpec, TrainConfig, run_training
 
         spec = RunSpec(data=data, n_subjects=subjects, minutes=minutes, data_seed=data_seed, hop_s=hop,
-                       budget_minutes=budget_minutes, train_cnn=cnn,
+                       budget_minutes=budget_minutes, train_cnn=cnn, dropout=dropout,
                        train=TrainConfig(lr=lr, batch_size=batch_size, max_epochs=epochs, patience=patience,
-                                         seed=seed, device=device))
+                                         seed=seed, device=device, augment=augment,
+                                         pair_weight=pair_weight, weight_decay=weight_decay))
         run = run_training(spec, out, log=typer.echo)
         if export_to is not None:
             from bpstream.training.export import export_run

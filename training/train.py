@@ -33,7 +33,8 @@ class TrainConfig:
     patience: int = 6
     seed: int = 0
     ecg_dropout: float = 0.3
-    weight_decay: float = 1e-4
+    #: Decoupled weight decay (AdamW).
+    weight_decay: float = 1e-2
     anomaly_weight: float = 0.2
     #: Stop after this many minutes even before early stopping (None: no limit).
     max_minutes: float | None = None
@@ -41,6 +42,12 @@ class TrainConfig:
     progress: bool = True
     #: Limit the batches per epoch (tests); None means the whole training set.
     max_batches: int | None = None
+    #: Augment training windows: a random circular time shift (the same for both channels, so the ECG-to-PPG
+    #: timing that carries the pressure is kept), a random gain per channel and a little white noise.
+    augment: bool = True
+    #: Weight of the within-subject loss: half of each batch is paired with another window of the same subject
+    #: and the error of the predicted pressure CHANGE between the two is penalised (what calibration needs).
+    pair_weight: float = 0.0
 
 
 @dataclass(slots=True)
@@ -95,7 +102,7 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
                             dbp_mean=float(train.dbp.mean()), dbp_std=float(max(train.dbp.std(), 1.0)))
     net = copy.deepcopy(init) if init is not None else BpNet(net_config or NetworkConfig())
     net = net.to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, cfg.patience // 3))
     mean = torch.tensor([stats.sbp_mean, stats.dbp_mean], device=device)
     std = torch.tensor([stats.sbp_std, stats.dbp_std], device=device)
@@ -119,6 +126,9 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
 
         bar = tqdm(epochs, desc="epochs", unit="epoch")
         epochs = bar
+    partners = _subject_partners(train.subject)
+    width = x_all.shape[-1]
+    ramp = torch.arange(width, device=device)
     for epoch in epochs:
         net.train()
         perm = torch.from_numpy(rng.permutation(n))
@@ -130,7 +140,17 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
             batches = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False)
         for b in batches:
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            n_pairs = 0
+            if cfg.pair_weight > 0:
+                n_pairs = len(idx) // 2
+                anchors = idx[:n_pairs]
+                idx = torch.cat([anchors, torch.from_numpy(partners(anchors.numpy(), rng))])
             xb = x_all[idx].to(device)
+            if cfg.augment:
+                shift = torch.randint(0, width, (len(idx), 1, 1), device=device)
+                xb = xb.gather(2, ((ramp + shift) % width).expand(-1, xb.shape[1], -1))
+                gain = torch.exp(torch.empty(len(idx), xb.shape[1], 1, device=device).uniform_(-0.2, 0.2))
+                xb = xb * gain + 0.05 * torch.randn_like(xb)
             if cfg.ecg_dropout > 0:
                 drop = torch.rand(len(idx), device=device) < cfg.ecg_dropout
                 xb[:, 0][drop] = 0.0
@@ -139,6 +159,9 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
             out = net(xb)
             mu, logvar = out[:, 0:2], out[:, 2:4].clamp(-10, 10)
             mse = ((mu - yb) ** 2).mean()
+            if n_pairs:
+                delta_err = (mu[:n_pairs] - mu[n_pairs:]) - (yb[:n_pairs] - yb[n_pairs:])
+                mse = mse + cfg.pair_weight * (delta_err ** 2).mean()
             nll = 0.5 * (logvar + (mu.detach() - yb) ** 2 * torch.exp(-logvar)).mean()
             loss = mse + nll + cfg.anomaly_weight * bce(out[:, 4], ab)
             opt.zero_grad(set_to_none=True)
@@ -183,6 +206,20 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
     return result
 
 
+def _subject_partners(subject: np.ndarray) -> Any:
+    """A function drawing, for each given window index, a random window of the same subject."""
+    codes, inverse = np.unique(subject, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], np.arange(len(codes) + 1))
+
+    def draw(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        g = inverse[idx]
+        lo, hi = starts[g], starts[g + 1]
+        return np.asarray(order[lo + (rng.random(idx.size) * (hi - lo)).astype(np.int64)], dtype=np.int64)
+
+    return draw
+
+
 @dataclass(slots=True)
 class RunSpec:
     """What ``bpstream train`` trains on and how long it may take."""
@@ -197,6 +234,7 @@ class RunSpec:
     cnn_share: float = 0.25
     train_cnn: bool = True
     lstm_hidden: int = 64
+    dropout: float = 0.1
     #: Where simulated training windows are cached between runs (None: no cache).
     cache_dir: Path | None = Path(".local/cache")
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -270,7 +308,7 @@ def run_training(spec: RunSpec, out_dir: Path, log: Any = print) -> Path:
     lstm_minutes = remaining * (1 - spec.cnn_share) if spec.train_cnn else remaining
     cfg = copy.copy(spec.train)
     cfg.max_minutes = lstm_minutes
-    net_cfg = NetworkConfig(lstm_hidden=spec.lstm_hidden)
+    net_cfg = NetworkConfig(lstm_hidden=spec.lstm_hidden, dropout=spec.dropout)
     log(f"training ResNet-LSTM on {len(train)} windows / {len(train.subjects)} subjects, validating on "
         f"{len(val)} windows / {len(val.subjects)} other subjects (budget {lstm_minutes:.1f} min)")
     res = train_model(train, val, net_cfg, cfg)
@@ -281,7 +319,7 @@ def run_training(spec: RunSpec, out_dir: Path, log: Any = print) -> Path:
         cnn_cfg = copy.copy(spec.train)
         cnn_cfg.max_minutes = max(0.5, spec.budget_minutes - (time.perf_counter() - t0) / 60)
         log(f"training CNN-without-LSTM baseline (budget {cnn_cfg.max_minutes:.1f} min)")
-        cnn_res = train_model(train, val, NetworkConfig(use_lstm=False), cnn_cfg, stats=res.stats)
+        cnn_res = train_model(train, val, NetworkConfig(use_lstm=False, dropout=spec.dropout), cnn_cfg, stats=res.stats)
         log(f"CNN baseline: best val MAE {cnn_res.best_val_mae:.2f} mmHg at epoch {cnn_res.best_epoch}")
     from bpstream.training.baselines import fit_pat
 

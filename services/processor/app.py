@@ -14,12 +14,11 @@ and Faust is not allowed to declare any; its web server is disabled (the service
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ from bpstream.services.processor.stage import (
     encode_state,
 )
 from bpstream.shared.errors import BpstreamError, DecodeError
-from bpstream.shared.kafka import ensure_topics
+from bpstream.shared.kafka import KafkaProducer, ensure_topics
 from bpstream.shared.messages import DeadLetter, decode_chunk, encode_json, encode_window
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
@@ -147,6 +146,10 @@ class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
         return result
 
 
+#: A record to produce: topic, value, key.
+Output = tuple[KafkaTopic, bytes, str | bytes | None]
+
+
 @dataclass(frozen=True, slots=True)
 class RawRecord:
     """One ``signals.raw`` record as the agent hands it over (timestamp in seconds, as Faust gives it)."""
@@ -196,27 +199,9 @@ class Processor:
             key_serializer="raw",
             value_serializer="raw",
         )
-        self.windows_topic = self.app.topic(
-            topic_name(WINDOWS, prefix),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        self.quality_topic = self.app.topic(
-            topic_name(QUALITY, prefix),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        self.dlq_topic = self.app.topic(
-            topic_name(SIGNALS_DLQ, prefix),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
+        # Outputs go through the shared idempotent producer (acks=all): a batch's send returns only once Kafka
+        # has every record, which is what allows the state to be written afterwards.
+        self.producer = KafkaProducer(kafka)
         self.table = DeviceStateTable(
             self.app,
             name=STATE_TABLE,
@@ -253,32 +238,32 @@ class Processor:
         """
         started = time.perf_counter()
         states: dict[bytes, tuple[DeviceState, int]] = {}
-        sends: list[Awaitable[Any]] = []
+        sends: list[Output] = []
         for record in records:
             try:
-                sends.extend(await self._handle(record, states))
+                sends.extend(self._handle(record, states))
             except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
                 reason = exc.reason if isinstance(exc, BpstreamError) else "internal_error"
                 log.exception("processing failed", extra={"reason": reason})
-                sends.append(await self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
+                sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
         if sends:
-            await asyncio.gather(*sends)
+            await self.producer.send_many(sends)
         for key, (state, partition) in states.items():
             self.table.set_in_partition(key, encode_state(state), partition)
         self.metrics.chunks.inc(len(records))
         self.metrics.devices.set(len(self.table))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    async def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]]) -> list[Awaitable[Any]]:
+    def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]]) -> list[Output]:
         key, value = record.key, record.value
         if value is None or key is None:
-            return [await self._dead_letter(record, "missing_key_or_value", "record without key or value")]
+            return [self._dead_letter(record, "missing_key_or_value", "record without key or value")]
         try:
             chunk = decode_chunk(value)
         except DecodeError as exc:
-            return [await self._dead_letter(record, exc.reason, str(exc))]
+            return [self._dead_letter(record, exc.reason, str(exc))]
         if chunk.device_id.encode() != key:
-            return [await self._dead_letter(record, "key_mismatch", f"key is not device {chunk.device_id!r}")]
+            return [self._dead_letter(record, "key_mismatch", f"key is not device {chunk.device_id!r}")]
         state = states[key][0] if key in states else self._load(key)
         state, out = self.reassembler.process(
             state, chunk, value, received_ns=round(record.timestamp_s * NS), now_ns=time.time_ns()
@@ -287,12 +272,12 @@ class Processor:
             self.metrics.dropped.labels(reason="duplicate" if out.duplicate else "late").inc()
             return []
         states[key] = (state, record.partition)
-        sends: list[Awaitable[Any]] = []
+        sends: list[Output] = []
         for window in out.windows:
-            sends.append(await self.windows_topic.send(key=key, value=encode_window(window)))
+            sends.append((WINDOWS, encode_window(window), key))
             self.metrics.windows.labels(quality_ok=str(window.quality_ok).lower()).inc()
         for quality in out.quality:
-            sends.append(await self.quality_topic.send(key=key, value=encode_json(quality)))
+            sends.append((QUALITY, encode_json(quality), key))
             if quality.kind != WINDOW:
                 self.metrics.events.labels(kind=quality.kind).inc()
         return sends
@@ -307,7 +292,7 @@ class Processor:
             log.warning("unreadable device state; starting afresh", extra={"device": key.decode(errors="replace")})
             return None
 
-    async def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> Awaitable[Any]:
+    def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> Output:
         self.metrics.dead_letters.labels(reason=reason).inc()
         letter = DeadLetter(
             stage=STAGE,
@@ -320,4 +305,4 @@ class Processor:
             offset=record.offset,
             received_ns=time.time_ns(),
         )
-        return await self.dlq_topic.send(key=STAGE.encode(), value=encode_json(letter))
+        return (SIGNALS_DLQ, encode_json(letter), STAGE)

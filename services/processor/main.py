@@ -21,7 +21,7 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     await retry_async(lambda: create_topics(settings), attempts=10, cap_s=5.0, what="create topics")
     processor = Processor(settings)
     port = settings.metrics_port if settings.metrics_port > 0 else -1
-    async with HealthServer(settings.metrics_host, port, processor.ready):
+    async with processor.producer, HealthServer(settings.metrics_host, port, processor.ready):
         # The app is started as a service inside this loop rather than through faust.Worker, which would
         # take over the process's signal handlers and block until it is stopped.
         await processor.app.start()
