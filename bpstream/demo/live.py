@@ -97,15 +97,15 @@ class LiveState:
                 pressure, sd, quality, inputs = "—", "", f"[yellow]poor (SQI {e.sqi:.2f})[/]", "none"
             alerts = ", ".join(f"[bold red]{k}[/]" if a.severity == "critical" else f"[yellow]{k}[/]"
                                for k, a in p.active.items()) or "[green]none[/]"
-            table.add_row(device, p.scenario, pressure, sd, quality, inputs, f"{p.windows} ({p.unscored} poor)",
-                          alerts)
+            short = device.removeprefix(f"{self.clinic_id}-")
+            table.add_row(short, p.scenario, pressure, sd, quality, inputs, f"{p.windows} ({p.unscored} poor)", alerts)
         lag = "  ".join(f"{g.removeprefix('bpstream-')}={n}" for g, n in sorted(self.lags.items())) or "…"
         status = Text.from_markup(
             f"[b]{self.phase}[/]   elapsed {time.monotonic() - self.started:5.0f} s   chunks forwarded {self.raw}   "
             f"estimates {self.estimates} ({self.throughput():.1f}/s)   consumer lag: {lag}")
         recent = "\n".join(
-            f"{'RAISED ' if a.state == 'raised' else 'resolved'} {a.device_id} {a.kind} ({a.severity}): {a.message}"
-            for a in self.alert_log[-6:]) or "no alerts yet"
+            f"{'RAISED ' if a.state == 'raised' else 'resolved'} {a.device_id.removeprefix(self.clinic_id + '-')} "
+            f"{a.kind} ({a.severity}): {a.message}" for a in self.alert_log[-6:]) or "no alerts yet"
         return Group(table, Panel(status, title="pipeline"), Panel(recent, title="alert events"))
 
 

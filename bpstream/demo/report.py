@@ -99,7 +99,7 @@ def plot_patient(path: Path, device: str, scenario: str, rows: list[dict[str, An
 
 
 def plot_alert_timeline(path: Path, devices: list[str], alerts: list[dict[str, Any]], t0_ns: int,
-                        t_end_s: float) -> None:
+                        t_end_s: float, labels: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,16 +111,17 @@ def plot_alert_timeline(path: Path, devices: list[str], alerts: list[dict[str, A
     for a in sorted(alerts, key=lambda a: int(a["time"])):
         episodes.setdefault(str(a["alert_id"]), {"device": a["device"], "kind": a["kind"],
                                                  "severity": a["severity"]})[str(a["state"])] = int(a["time"])
+    lanes = {"crisis": 0.22, "hypotension": 0.22, "stage2": -0.22, "deviation": 0.0}
     for ep in episodes.values():
-        y = devices.index(ep["device"]) if ep["device"] in devices else -1
+        y = (devices.index(ep["device"]) if ep["device"] in devices else -1) + lanes.get(str(ep["kind"]), 0.0)
         start = (ep.get("raised", t0_ns) - t0_ns) / NS
         end = (ep["resolved"] - t0_ns) / NS if "resolved" in ep else t_end_s
-        ax.barh(y, end - start, left=start, color=colours.get(ep["severity"], "tab:grey"), alpha=0.8)
+        ax.barh(y, end - start, left=start, height=0.4, color=colours.get(ep["severity"], "tab:grey"), alpha=0.8)
         ax.text(start, y, f" {ep['kind']}", va="center", fontsize=8)
-    ax.set_yticks(range(len(devices)), devices)
+    ax.set_yticks(range(len(devices)), labels or devices)
     ax.set_xlim(0, max(t_end_s, 1))
     ax.set_xlabel("device time since start (s)")
-    ax.set_title("alert episodes (red = critical, orange = warning; open bar = still active)")
+    ax.set_title("alert episodes (red = critical, orange = warning; a bar to the end = still active)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -141,7 +142,8 @@ def write_report(out_dir: Path, *, clinic_id: str, scenarios: Mapping[str, str],
     summaries = [summarise(d, scenarios[d], est_by[d], truth, window_ns, alerts_by[d]) for d in devices]
     for d in devices:
         plot_patient(out_dir / f"{d}.png", d, scenarios[d], est_by[d], truth, alerts_by[d], t0_ns)
-    plot_alert_timeline(out_dir / "alerts.png", devices, alerts, t0_ns, duration_s)
+    plot_alert_timeline(out_dir / "alerts.png", devices, alerts, t0_ns, duration_s,
+                        labels=[f"{d} ({scenarios[d]})" for d in devices])
 
     def fmt(x: float) -> str:
         return "n/a" if math.isnan(x) else f"{x:.1f}"

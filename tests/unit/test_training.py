@@ -10,7 +10,7 @@ from bpstream.shared.model.network import BpNet, NetworkConfig
 from bpstream.simulators.dataset import simulate_cohort
 from bpstream.training.data import anomaly_label, windows_from_sim
 from bpstream.training.splits import SubjectLeakError, assert_disjoint, group_kfold, split_subjects
-from bpstream.training.train import TrainConfig, predict_net, train_model
+from bpstream.training.train import TrainConfig, _subject_partners, predict_net, train_model
 
 pytestmark = pytest.mark.unit
 
@@ -71,7 +71,7 @@ def test_a_few_training_steps_lower_the_loss(tiny_windows) -> None:  # type: ign
 
     before = train_mse(net)
     res = train_model(train, val, cfg=TrainConfig(max_epochs=6, patience=100, progress=False, lr=3e-3,
-                                                   ecg_dropout=0.0), init=net, stats=stats)
+                                                   ecg_dropout=0.0, augment=False), init=net, stats=stats)
     losses = [h["train_loss"] for h in res.history]
     assert losses[-1] < 0.8 * losses[0], losses
     # the restored best-on-validation weights fit the training windows better than the initial ones
@@ -83,3 +83,25 @@ def test_training_refuses_overlapping_subjects(tiny_windows) -> None:  # type: i
     with pytest.raises(SubjectLeakError):
         train_model(ws, ws.subset(np.arange(3)), NetworkConfig(stem_channels=4, stage_channels=(4,), lstm_hidden=4),
                     TrainConfig(max_epochs=1, progress=False))
+
+
+def test_within_subject_partners_come_from_the_same_subject() -> None:
+    subject = np.array(["b", "a", "c", "a", "b", "a", "c"])
+    draw = _subject_partners(subject)
+    rng = np.random.default_rng(0)
+    idx = np.tile(np.arange(subject.size), 50)
+    partners = draw(idx, rng)
+    np.testing.assert_array_equal(subject[partners], subject[idx])
+    # every window of a subject can be drawn as a partner (subject "a" has windows 1, 3 and 5)
+    assert set(partners[subject[idx] == "a"].tolist()) == {1, 3, 5}
+
+
+def test_training_with_augmentation_and_pair_loss_lowers_the_loss(tiny_windows) -> None:  # type: ignore[no-untyped-def]
+    ws = tiny_windows.subset(tiny_windows.quality_ok)
+    train_idx, val_idx = split_subjects(ws.subject, 0.34, seed=0)
+    train, val = ws.subset(train_idx), ws.subset(val_idx)
+    res = train_model(train, val, NetworkConfig(stem_channels=8, stage_channels=(8, 16), lstm_hidden=16),
+                      TrainConfig(max_epochs=6, patience=100, progress=False, lr=3e-3, augment=True,
+                                  pair_weight=1.0))
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0], losses
