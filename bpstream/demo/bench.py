@@ -162,7 +162,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         await pipeline.start()
         for i in range(2, cfg.inference_workers + 1):
             pipeline.supervisor.start("inference", instance=f"inference-{i}")
-        before = await pipeline.raw_count()
+        ours = (f"{tag}-d",)
         server_pids = {f"server:{st.name}": st.pid for st in await asyncio.to_thread(localservers.status) if st.pid}
         cpu_before = {k: cpu_seconds(c.process.pid) for k, c in pipeline.supervisor.children.items()}
         cpu_before.update({k: cpu_seconds(pid) for k, pid in server_pids.items()})
@@ -182,8 +182,8 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         sampler = asyncio.create_task(sample_lag())
         fleet = await run_fleet(fleet_cfg)
         stream_end = time.monotonic()
-        await pipeline.wait_drained(min_raw=before + fleet.published, timeout_s=max(600.0, cfg.duration_s * 5),
-                                    settle_probes=1)
+        await pipeline.wait_drained(min_raw=fleet.published, key_prefixes=ours,
+                                    timeout_s=max(600.0, cfg.duration_s * 5), settle_probes=1)
         drain_s = time.monotonic() - stream_end
         stop.set()
         await sampler
@@ -194,7 +194,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         metrics: dict[str, float] = {}
         for port in pipeline.metrics_ports.values():
             metrics.update(await scrape(port))
-        forwarded = await pipeline.raw_count() - before
+        forwarded = await pipeline.forwarded(ours)
         from bpstream.services.kafka_tools import read_topic
         from bpstream.shared.messages import decode_window
         from bpstream.shared.topics import WINDOWS

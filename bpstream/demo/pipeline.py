@@ -83,6 +83,10 @@ class Pipeline:
         per_service["bridge"].setdefault("BPSTREAM_BRIDGE_CLIENT_ID", f"{prefix}bridge-1".replace(".", "-")[:64])
         self.supervisor = ServiceSupervisor(env=config.base_env(), log_dir=config.log_dir,
                                             per_service_env=per_service)
+        self._counter: Any = None
+        self._partitions: list[Any] = []
+        self._counts: dict[str, int] = {}
+        self._count_lock = asyncio.Lock()
 
     async def prepare(self) -> None:
         """Create every topic (and alerting's state topic) and the InfluxDB database."""
@@ -121,6 +125,9 @@ class Pipeline:
         for name in names:
             self.supervisor.start(name)
         await self.wait_ready(names)
+        async with self._count_lock:
+            if self._counter is None:
+                await self._start_counting()
 
     async def restart(self, name: str, *, kill: bool = False, down_s: float = 0.0) -> None:
         """Stop one service mid-stream (SIGTERM, or SIGKILL for a crash) and start it again."""
@@ -130,8 +137,8 @@ class Pipeline:
         self.supervisor.start(name)
         await self.wait_ready((name,))
 
-    async def raw_count(self) -> int:
-        """Records in ``signals.raw`` (what the bridge forwarded) of this run's topics."""
+    async def _start_counting(self) -> None:
+        """Follow ``signals.raw`` from its current end, so ``forwarded`` counts only what arrives from now on."""
         from aiokafka import AIOKafkaConsumer
         from aiokafka.admin import AIOKafkaAdminClient
 
@@ -139,17 +146,36 @@ class Pipeline:
 
         settings = self.config.kafka()
         admin = AIOKafkaAdminClient(**settings.client_kwargs())
-        consumer = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
         await admin.start()
-        await consumer.start()
         try:
             partitions = await topic_partitions(admin, [topic_name(SIGNALS_RAW, settings.topic_prefix)])
-            end = await consumer.end_offsets(partitions)
-            begin = await consumer.beginning_offsets(partitions)
-            return sum(end[tp] - begin[tp] for tp in partitions)
         finally:
-            await consumer.stop()
             await admin.close()
+        counter = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
+        await counter.start()
+        counter.assign(partitions)
+        await counter.seek_to_end(*partitions)
+        for tp in partitions:
+            await counter.position(tp)  # resolve the end offsets now, not at the first count
+        self._counter, self._partitions = counter, partitions
+
+    async def forwarded(self, key_prefixes: tuple[str, ...]) -> int:
+        """Records in ``signals.raw`` since ``start()`` whose key (device id) starts with one of ``key_prefixes``:
+        what the bridge forwarded for this run's devices (other traffic on the same broker is not counted)."""
+        async with self._count_lock:
+            if self._counter is None:
+                await self._start_counting()
+            counter = self._counter
+            end = await counter.end_offsets(self._partitions)
+            while True:
+                behind = [tp for tp in self._partitions if await counter.position(tp) < end[tp]]
+                if not behind:
+                    break
+                for records in (await counter.getmany(*behind, timeout_ms=500)).values():
+                    for r in records:
+                        key = (r.key or b"").decode(errors="replace")
+                        self._counts[key] = self._counts.get(key, 0) + 1
+            return sum(n for key, n in self._counts.items() if key.startswith(key_prefixes))
 
     def restart_dead(self) -> list[str]:
         """Start again every service that exited on its own (what a container restart policy does)."""
@@ -159,9 +185,10 @@ class Pipeline:
             self.supervisor.start(key.split("-")[0], instance=key if "-" in key else None)
         return dead
 
-    async def wait_drained(self, *, min_raw: int, timeout_s: float = 300, settle_probes: int = 2,
-                           on_probe: Any = None, restart_dead: bool = False) -> dict[str, int]:
-        """Wait until the bridge forwarded at least ``min_raw`` chunks and every group's lag stayed 0.
+    async def wait_drained(self, *, min_raw: int, key_prefixes: tuple[str, ...], timeout_s: float = 300,
+                           settle_probes: int = 2, on_probe: Any = None, restart_dead: bool = False) -> dict[str, int]:
+        """Wait until the bridge forwarded at least ``min_raw`` chunks of the devices named by ``key_prefixes``
+        and every group's lag stayed 0.
 
         A service that exits meanwhile fails the wait, or with ``restart_dead`` is started again."""
         deadline = time.monotonic() + timeout_s
@@ -169,7 +196,7 @@ class Pipeline:
         lags: dict[str, int] = {}
         async with LagProbe(self.config.kafka()) as probe:
             while time.monotonic() < deadline:
-                raw = await self.raw_count()
+                raw = await self.forwarded(key_prefixes)
                 lags = await probe.lags()
                 if on_probe is not None:
                     on_probe(raw, lags)
@@ -192,6 +219,9 @@ class Pipeline:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._counter is not None:
+            await self._counter.stop()
+            self._counter = None
         await asyncio.to_thread(self.stop)
 
 

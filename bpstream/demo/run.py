@@ -76,10 +76,10 @@ async def _demo(cfg: DemoConfig) -> Path:
             console.print(f"servers: mqtt {endpoints.mqtt_port}, kafka {endpoints.kafka_bootstrap}, influx "
                           f"{endpoints.influx_url}; starting bridge, processor, inference, alerting, writer…")
             await pipeline.start()
-            raw_before = await pipeline.raw_count()
+            ours = (f"{clinic}-pt",)
             kafka = pconf.kafka()
             tasks.append(asyncio.create_task(follow_outputs(kafka, state, stop_view)))
-            tasks.append(asyncio.create_task(follow_lag(kafka, state, stop_view, pipeline.raw_count)))
+            tasks.append(asyncio.create_task(follow_lag(kafka, state, stop_view, lambda: pipeline.forwarded(ours))))
             await asyncio.sleep(1.0)  # let the view's reader take its starting offsets
             state.phase = f"streaming {cfg.patients} patients for {cfg.duration_s:.0f} s at {cfg.speed:g}x"
             view = contextlib.nullcontext() if not cfg.live else Live(state.render(), console=console,
@@ -98,8 +98,8 @@ async def _demo(cfg: DemoConfig) -> Path:
                 tasks.append(asyncio.create_task(refresh()))
                 fleet = await run_fleet(fleet_cfg)
                 state.phase = "stream finished; waiting for the pipeline to drain"
-                await pipeline.wait_drained(min_raw=raw_before + fleet.published, timeout_s=cfg.drain_timeout_s,
-                                            restart_dead=True)
+                await pipeline.wait_drained(min_raw=fleet.published, key_prefixes=ours,
+                                            timeout_s=cfg.drain_timeout_s, restart_dead=True)
                 await asyncio.sleep(2.5)  # the writer's last batch
                 state.phase = "drained; writing the report"
                 if live is not None:

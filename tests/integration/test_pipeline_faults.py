@@ -80,10 +80,9 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> FaultRun:
     done: list[tuple[str, float]] = []
     async with Pipeline(config) as pipeline:
         await pipeline.start()
-        before = await pipeline.raw_count()
         started = time.monotonic()
         fleet, _ = await asyncio.gather(run_fleet(fleet_cfg), _inject(pipeline, done, started))
-        await pipeline.wait_drained(min_raw=before + fleet.published, timeout_s=600)
+        await pipeline.wait_drained(min_raw=fleet.published, key_prefixes=(f"{tag}-d",), timeout_s=600)
         await asyncio.sleep(3)
         estimates = dict(by_device(await stored_estimates(config, tag)))
         alerts = await stored_alerts(config, tag)
