@@ -30,8 +30,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     def train(
         data: Annotated[Path | None, typer.Option(help="Simulated dataset folder (default: simulate a cohort).")]
         = None,
-        subjects: Annotated[int, typer.Option(help="Subjects to simulate when --data is not given.")] = 300,
-        minutes: Annotated[float, typer.Option(help="Minutes per simulated subject.")] = 8.0,
+        subjects: Annotated[int, typer.Option(help="Subjects to simulate when --data is not given.")] = 900,
+        minutes: Annotated[float, typer.Option(help="Minutes per simulated subject.")] = 4.0,
         data_seed: Annotated[int, typer.Option(help="Seed of the simulated training cohort.")] = 0,
         seed: Annotated[int, typer.Option(help="Seed of splits, initialisation and batching.")] = 0,
         epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping usually ends sooner).")] = 100,
@@ -45,7 +45,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         augment: Annotated[bool, typer.Option(help="Augment training windows (time shift, gain, noise).")]
         = True,
         pair_weight: Annotated[float, typer.Option(help="Weight of the within-subject pressure-change loss.")]
-        = 0.0,
+        = 1.0,
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
         dropout: Annotated[float, typer.Option(help="Dropout before the head.")] = 0.1,
         cnn: Annotated[bool, typer.Option(help="Also train the CNN-without-LSTM baseline.")] = True,
