@@ -14,8 +14,10 @@ and Faust is not allowed to declare any; its web server is disabled (the service
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +27,7 @@ from typing import Any
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from bpstream.services.kafka_tools import RecoveringProducer
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
@@ -36,7 +39,7 @@ from bpstream.services.processor.stage import (
     encode_state,
 )
 from bpstream.shared.errors import BpstreamError, DecodeError
-from bpstream.shared.kafka import KafkaProducer, ensure_topics
+from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.messages import DeadLetter, decode_chunk, encode_json, encode_window
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
@@ -74,6 +77,11 @@ class ProcessorMetrics:
             "bpstream_processor_dead_letters_total",
             "Records dead-lettered, by reason",
             ["reason"],
+            registry=registry,
+        )
+        self.send_retries = Counter(
+            "bpstream_processor_send_retries_total",
+            "Batches whose outputs Kafka refused and that were sent again",
             registry=registry,
         )
         self.devices = Gauge("bpstream_processor_devices", "Devices with state in this worker", registry=registry)
@@ -201,7 +209,7 @@ class Processor:
         )
         # Outputs go through the shared idempotent producer (acks=all): a batch's send returns only once Kafka
         # has every record, which is what allows the state to be written afterwards.
-        self.producer = KafkaProducer(kafka)
+        self.producer = RecoveringProducer(kafka)
         self.table = DeviceStateTable(
             self.app,
             name=STATE_TABLE,
@@ -224,9 +232,17 @@ class Processor:
         # Batches: one wait for Kafka's acknowledgements per batch instead of one per window.
         take_events = stream.take_events  # type: ignore[attr-defined]
         async for events in take_events(self.settings.batch_max, self.settings.batch_wait_s):
-            await self.handle_batch(
-                [RawRecord(e.key, e.value, e.message.partition, e.message.offset, e.message.timestamp) for e in events]
-            )
+            records = [RawRecord(e.key, e.value, e.message.partition, e.message.offset, e.message.timestamp)
+                       for e in events]
+            # Faust acks a taken batch when the stream closes, processed or not, and then commits its offsets.
+            # So a stop in the middle of a batch first finishes the batch: no offset is ever committed for a
+            # record whose windows and state were not written (that would be a silent gap after restart).
+            batch = asyncio.ensure_future(self.handle_batch(records))
+            try:
+                await asyncio.shield(batch)
+            except asyncio.CancelledError:
+                await batch
+                raise
             yield None
 
     async def handle_batch(self, records: list[RawRecord]) -> None:
@@ -247,12 +263,31 @@ class Processor:
                 log.exception("processing failed", extra={"reason": reason})
                 sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
         if sends:
-            await self.producer.send_many(sends)
+            await self._send_until_accepted(sends)
         for key, (state, partition) in states.items():
             self.table.set_in_partition(key, encode_state(state), partition)
         self.metrics.chunks.inc(len(records))
         self.metrics.devices.set(len(self.table))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _send_until_accepted(self, sends: list[Output]) -> None:
+        """Send the batch's outputs, retrying (capped, jittered backoff) for as long as Kafka refuses them.
+
+        Giving up is not an option: the batch's offsets would be acked and its windows lost. If Kafka never
+        comes back, the process is eventually killed without committing, and the batch is replayed.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self.producer.send_many(sends)
+                return
+            except BpstreamError as exc:
+                attempt += 1
+                delay = random.uniform(0, min(5.0, 0.2 * 2**attempt))
+                self.metrics.send_retries.inc()
+                log.warning("outputs not accepted by Kafka; retrying",
+                            extra={"reason": exc.reason, "attempt": attempt, "delay_s": round(delay, 2)})
+                await asyncio.sleep(delay)
 
     def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]]) -> list[Output]:
         key, value = record.key, record.value
