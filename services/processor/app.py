@@ -22,7 +22,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -132,26 +131,17 @@ async def create_topics(settings: ProcessorSettings) -> None:
 
 
 class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
-    """The per-device state table, written after a batch rather than inside one event's context.
+    """The per-device state table. Faust recovers it from its changelog at start and on rebalance.
 
-    Faust takes a table write's changelog partition from the current event; here the caller names it: the
-    partition of the ``signals.raw`` record the state came from (the table is co-partitioned with it).
+    The processor writes the changelog itself (``store``), through the idempotent producer, and waits for
+    Kafka's acknowledgement before the batch's offsets may be committed. Faust's own changelog path sends
+    through a buffer whose ``flush`` returns after a 0.1 s stall with records still queued, so offsets could
+    be committed ahead of the state, and a restart would then skip chunks: a silent gap.
     """
 
-    _write_partition: int | None = None
-
-    def set_in_partition(self, key: bytes, value: bytes, partition: int) -> None:
-        self._write_partition = partition
-        try:
-            self[key] = value
-        finally:
-            self._write_partition = None
-
-    def partition_for_key(self, key: Any) -> int | None:
-        if self._write_partition is not None:
-            return self._write_partition
-        result: int | None = super().partition_for_key(key)
-        return result
+    def store_locally(self, key: bytes, value: bytes) -> None:
+        """Update the in-memory store only (the changelog record was already acknowledged)."""
+        self.data[key] = value
 
 
 #: A record to produce: topic, value, key.
@@ -221,6 +211,7 @@ class Processor:
             schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
         )
         self.app.tables.add(self.table)
+        self.changelog = changelog_topic(settings)
         self.started = False
         self.app.agent(self.raw_topic, name="reassemble")(self._agent)
 
@@ -264,8 +255,15 @@ class Processor:
                 sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
         if sends:
             await self._send_until_accepted(sends)
-        for key, (state, partition) in states.items():
-            self.table.set_in_partition(key, encode_state(state), partition)
+        if states:
+            # State goes to the changelog only after the outputs computed from it are in Kafka: after a crash
+            # the state is never ahead of what was published. Keyed by device, the default partitioner puts it
+            # in the same partition number as the device's signals.raw records (equal partition counts), which
+            # is where Faust's recovery looks for it.
+            encoded = {key: encode_state(state) for key, (state, _partition) in states.items()}
+            await self._send_until_accepted([(self.changelog, value, key) for key, value in encoded.items()])
+            for key, value in encoded.items():
+                self.table.store_locally(key, value)
         self.metrics.chunks.inc(len(records))
         self.metrics.devices.set(len(self.table))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
