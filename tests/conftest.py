@@ -7,21 +7,18 @@ reason; nothing is skipped silently.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from bpstream.localservers import InstallError, ServerEndpoints, ServerError, ensure_up
+from bpstream.localservers.core import run_blocking as run_sync
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALL_TOPICS, topic_name
 
-_T = TypeVar("_T")
 _TESTS = Path(__file__).parent
 
 
@@ -45,33 +42,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             misplaced.append(f"{item.nodeid} (neither unit nor integration: `make test` would never run it)")
     if misplaced:
         raise pytest.UsageError("misplaced tests:\n  " + "\n  ".join(misplaced))
-
-
-def run_sync(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run a coroutine from sync code, in a helper thread when an event loop already runs here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        in_loop = False
-    else:
-        in_loop = True
-    if not in_loop:  # outside the except block, so errors of the coroutine carry no unrelated context
-        return asyncio.run(factory())
-    box: dict[str, Any] = {}
-
-    def worker() -> None:
-        try:
-            box["value"] = asyncio.run(factory())
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    value: _T = box["value"]
-    return value
 
 
 @pytest.fixture(scope="session")

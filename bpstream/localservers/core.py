@@ -285,7 +285,7 @@ def _start(name: str, paths: dict[str, str], ports: dict[str, int]) -> dict[str,
             "argv": launch.argv, "started_at": time.time()}
 
 
-def _run(coro_factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+def run_blocking(coro_factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     """Run a coroutine to completion, also when called from inside a running event loop."""
     try:
         asyncio.get_running_loop()
@@ -355,7 +355,7 @@ def ensure_up_report(timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[ServerEndpoi
                 raise ServerError("\n\n".join(str(exc) for exc in errors))
 
         try:
-            _run(all_up)
+            run_blocking(all_up)
         finally:
             _save_state(state)
         return _endpoints(state), [report[name] for name in SERVER_NAMES]
@@ -399,7 +399,7 @@ def status() -> list[ServerStatus]:
     async def check_all() -> list[ServerStatus]:
         return list(await asyncio.gather(*(check(name) for name in SERVER_NAMES)))
 
-    return _run(check_all)
+    return run_blocking(check_all)
 
 
 def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 0.0) -> ServerEndpoints:
@@ -426,7 +426,7 @@ def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 
         async def wait() -> None:
             await _wait_healthy(name, new_entry, timeout_s)
 
-        _run(wait)
+        run_blocking(wait)
         if not all(n in state for n in SERVER_NAMES):
             raise ServerError("other servers are not started; run `bpstream services up`")
         return _endpoints(state)
