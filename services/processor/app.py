@@ -213,6 +213,8 @@ class Processor:
         self.app.tables.add(self.table)
         self.changelog = changelog_topic(settings)
         self.started = False
+        #: Monotonic time of the last processed batch (or of the last moment the worker was not ready).
+        self.last_progress = time.monotonic()
         self.app.agent(self.raw_topic, name="reassemble")(self._agent)
 
     def ready(self) -> bool:
@@ -264,6 +266,7 @@ class Processor:
             await self._send_until_accepted([(self.changelog, value, key) for key, value in encoded.items()])
             for key, value in encoded.items():
                 self.table.store_locally(key, value)
+        self.last_progress = time.monotonic()
         self.metrics.chunks.inc(len(records))
         self.metrics.devices.set(len(self.table))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)

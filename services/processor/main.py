@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import sys
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from bpstream.services.processor.app import Processor, create_topics
 from bpstream.services.processor.settings import ProcessorSettings
@@ -12,8 +20,57 @@ from bpstream.shared.retry import retry_async
 from bpstream.shared.service import run_until_signalled
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
+from bpstream.shared.topics import SIGNALS_RAW, topic_name
 
 log = logging.getLogger(__name__)
+
+
+async def waiting_records(settings: ProcessorSettings, group_id: str) -> int:
+    """Records in signals.raw past the processor group's committed offsets."""
+    topic = topic_name(SIGNALS_RAW, settings.kafka.topic_prefix)
+    admin = AIOKafkaAdminClient(**settings.kafka.client_kwargs())
+    reader = AIOKafkaConsumer(**settings.kafka.client_kwargs(), enable_auto_commit=False)
+    await admin.start()
+    await reader.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group_id)
+        partitions = [TopicPartition(topic, p) for p in range(SIGNALS_RAW.partitions)]
+        ends = await reader.end_offsets(partitions)
+        return sum(max(0, ends[tp] - max(committed[tp].offset, 0)) if tp in committed else ends[tp]
+                   for tp in partitions)
+    finally:
+        await reader.stop()
+        await admin.close()
+
+
+async def watch_for_stall(processor: Processor, settings: ProcessorSettings) -> None:
+    """Re-execute the process when the Faust worker is ready, records wait, and nothing was processed.
+
+    Faust's consumer has been seen to stop fetching after a restart's table recovery (the worker reports
+    ready, the agent never receives a record). A fresh process resumes from the committed offsets and the
+    changelog, like a crash restart, so nothing is lost.
+    """
+    limit = settings.stall_restart_s
+    while True:
+        await asyncio.sleep(min(5.0, limit / 3))
+        if not processor.ready():
+            processor.last_progress = time.monotonic()
+            continue
+        if time.monotonic() - processor.last_progress < limit:
+            continue
+        try:
+            waiting = await waiting_records(settings, processor.app.conf.id)
+        except (KafkaError, OSError) as exc:
+            log.warning("stall check failed", extra={"error": repr(exc)[:200]})
+            continue
+        if waiting == 0:
+            processor.last_progress = time.monotonic()
+            continue
+        log.error("processor stalled: records wait but none was processed; restarting the process",
+                  extra={"waiting_records": waiting, "stalled_s": round(time.monotonic() - processor.last_progress)})
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "bpstream.services.processor.main"])
 
 
 async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
@@ -27,9 +84,15 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
         await processor.app.start()
         processor.started = True
         log.info("processor started", extra={"app_id": processor.app.conf.id})
+        watchdog = (asyncio.create_task(watch_for_stall(processor, settings))
+                    if settings.stall_restart_s > 0 else None)
         try:
             await stop.wait()
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
             processor.started = False
             await processor.app.stop()
             log.info("processor stopped")
