@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.kafka_tools import RecoveringProducer
+from bpstream.services.kafka_tools import RecoveringProducer, read_latest_by_key
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
@@ -213,6 +213,8 @@ class Processor:
         self.app.tables.add(self.table)
         self.changelog = changelog_topic(settings)
         self.started = False
+        #: Device states read from the changelog by the processor itself at start (``restore_states``).
+        self.restored: dict[bytes, bytes] = {}
         #: Monotonic time of the last processed batch (or of the last moment the worker was not ready).
         self.last_progress = time.monotonic()
         self.app.agent(self.raw_topic, name="reassemble")(self._agent)
@@ -318,8 +320,21 @@ class Processor:
                 self.metrics.events.labels(kind=quality.kind).inc()
         return sends
 
+    async def restore_states(self) -> int:
+        """Read the newest state of every device from the changelog, before the worker starts.
+
+        Faust restores the table from the same topic, but has been seen to come back with an older record of a
+        device (the windows after it then went missing); the first time this process meets a device, the
+        state read here wins. Later reads use the table, which this process keeps current.
+        """
+        latest = await read_latest_by_key(self.settings.kafka, self.changelog)
+        self.restored = {key.encode(): value for key, value in latest.items()}
+        return len(self.restored)
+
     def _load(self, key: bytes) -> DeviceState | None:
-        stored = self.table.get(key)
+        stored = self.restored.pop(key, None)
+        if stored is None:
+            stored = self.table.get(key)
         if stored is None:
             return None
         try:

@@ -44,16 +44,17 @@ async def waiting_records(settings: ProcessorSettings, group_id: str) -> int:
 
 
 async def watch_for_stall(processor: Processor, settings: ProcessorSettings) -> None:
-    """Re-execute the process when the Faust worker is ready, records wait, and nothing was processed.
+    """Re-execute the process when records wait in signals.raw and nothing was processed for a while.
 
-    Faust's consumer has been seen to stop fetching after a restart's table recovery (the worker reports
-    ready, the agent never receives a record). A fresh process resumes from the committed offsets and the
-    changelog, like a crash restart, so nothing is lost.
+    Faust's consumer has been seen to stop fetching after a restart's table recovery (the agent never
+    receives a record, sometimes with the worker stuck in a rebalance). A fresh process resumes from the
+    committed offsets and the changelog, like a crash restart, so nothing is lost.
     """
     limit = settings.stall_restart_s
     while True:
         await asyncio.sleep(min(5.0, limit / 3))
-        if not processor.ready():
+        # Readiness is not consulted: the stall has also shown up as a rebalance that never ends.
+        if not processor.started:
             processor.last_progress = time.monotonic()
             continue
         if time.monotonic() - processor.last_progress < limit:
@@ -81,6 +82,8 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     async with processor.producer, HealthServer(settings.metrics_host, port, processor.ready):
         # The app is started as a service inside this loop rather than through faust.Worker, which would
         # take over the process's signal handlers and block until it is stopped.
+        restored = await retry_async(processor.restore_states, attempts=10, cap_s=5.0, what="read device states")
+        log.info("device states read from the changelog", extra={"devices": restored})
         await processor.app.start()
         processor.started = True
         log.info("processor started", extra={"app_id": processor.app.conf.id})

@@ -41,5 +41,6 @@ class ProcessorSettings(ServiceSettings):
     #: Seconds between Faust offset commits.
     commit_interval_s: float = Field(default=1.0, gt=0)
     #: Restart the process (exec) when records wait in signals.raw but no batch was processed for this long
-    #: while the worker was ready (0 disables). Guards against Faust's consumer stalling after a recovery.
-    stall_restart_s: float = Field(default=30.0, ge=0)
+    #: (0 disables). Guards against Faust's consumer stalling after a recovery; keep it above the time a
+    #: table recovery takes.
+    stall_restart_s: float = Field(default=40.0, ge=0)
