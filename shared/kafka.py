@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -21,9 +21,11 @@ from aiokafka.structs import RecordMetadata
 
 from bpstream.shared.errors import BpstreamError, TransientError
 from bpstream.shared.messages import DeadLetter, encode_json
+from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import SIGNALS_DLQ, KafkaTopic, topic_name
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -195,3 +197,58 @@ class KafkaConsumer:
                 continue
             total += max(0, ends[tp] - position)
         return total
+
+
+class RecoveringProducer:
+    """``KafkaProducer`` that survives a broker restart: retriable errors are retried with backoff, and an
+    error the idempotent producer cannot recover from by itself (OutOfOrderSequenceNumber, UnknownProducerId
+    after the broker lost producer state) replaces the producer with a fresh one and sends again.
+    Sending twice is safe: every consumer of these topics treats records as at-least-once and idempotent."""
+
+    def __init__(self, settings: KafkaSettings, *, recreate_attempts: int = 5, **kwargs: Any) -> None:
+        self.settings, self.recreate_attempts, self.kwargs = settings, recreate_attempts, kwargs
+        self._producer = KafkaProducer(settings, **kwargs)
+        self.recreated = 0
+
+    async def start(self) -> None:
+        async def start_once() -> None:
+            try:
+                await self._producer.start()
+            except KafkaError as exc:
+                raise TransientError(f"kafka producer start: {exc!r}", reason="kafka_retriable") from exc
+
+        await retry_async(start_once, attempts=20, cap_s=5.0, what="start kafka producer")
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def _call(self, operation: Callable[[KafkaProducer], Awaitable[T]], what: str) -> T:
+        for attempt in range(self.recreate_attempts + 1):
+            try:
+                return await retry_async(lambda: operation(self._producer), attempts=10, cap_s=5.0, what=what)
+            except KafkaClientError as exc:
+                if attempt == self.recreate_attempts:
+                    raise
+                log.warning("kafka producer failed; replacing it", extra={"what": what, "error": repr(exc)[:200]})
+                with contextlib.suppress(Exception):
+                    await self._producer.stop()
+                self._producer = KafkaProducer(self.settings, **self.kwargs)
+                self.recreated += 1
+                await self.start()
+        raise AssertionError("unreachable")
+
+    async def send_many(self, records: Sequence[tuple[KafkaTopic, bytes, str | bytes | None]]) -> None:
+        """Send records and return once Kafka acknowledged all of them."""
+        await self._call(lambda p: p.send_many(records), "send")
+
+    async def dead_letter(self, **fields: Any) -> None:
+        """``KafkaProducer.dead_letter`` with the same recovery."""
+        await self._call(lambda p: p.dead_letter(**fields), "dead letter")

@@ -24,10 +24,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from bpstream.services.alerting.settings import AlertingSettings
 from bpstream.services.alerting.stage import AlertingState
 from bpstream.services.batching import collect_batch
-from bpstream.services.kafka_tools import RecoveringProducer, read_latest_by_key
+from bpstream.services.kafka_tools import read_latest_by_key
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
-from bpstream.shared.kafka import KafkaConsumer, ensure_topics
+from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
 from bpstream.shared.messages import Estimate, decode_estimate, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings

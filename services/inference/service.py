@@ -22,10 +22,9 @@ from bpstream.services.batching import collect_batch
 from bpstream.services.inference.reload import ModelManager
 from bpstream.services.inference.settings import InferenceSettings
 from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
-from bpstream.services.kafka_tools import RecoveringProducer
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
-from bpstream.shared.kafka import KafkaConsumer
+from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer
 from bpstream.shared.messages import Window, decode_window, encode_json
 from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, Runtime, load_model
 from bpstream.shared.retry import retry_async

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.kafka_tools import RecoveringProducer, read_latest_by_key
+from bpstream.services.kafka_tools import read_latest_by_key
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
@@ -38,7 +38,7 @@ from bpstream.services.processor.stage import (
     encode_state,
 )
 from bpstream.shared.errors import BpstreamError, DecodeError
-from bpstream.shared.kafka import ensure_topics
+from bpstream.shared.kafka import RecoveringProducer, ensure_topics
 from bpstream.shared.messages import DeadLetter, decode_chunk, encode_json, encode_window
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name

@@ -18,13 +18,12 @@ from aiokafka import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.batching import collect_batch
-from bpstream.services.kafka_tools import RecoveringProducer
 from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
 from bpstream.services.writer.lag import LagProbe, group_name
 from bpstream.services.writer.points import WRITTEN_TOPICS, pipeline_line, record_lines
 from bpstream.services.writer.settings import WriterSettings
 from bpstream.shared.errors import DecodeError, TransientError
-from bpstream.shared.kafka import KafkaConsumer
+from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
