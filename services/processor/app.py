@@ -1,11 +1,12 @@
 """The processor's Faust application: ``signals.raw`` in, ``windows`` and ``quality`` out, state in a Table.
 
-One agent consumes ``signals.raw`` (raw bytes, keyed by device). Per device, the state of the pure stage
-(:mod:`bpstream.services.processor.stage`) lives in a Faust Table whose changelog topic is compacted and
-co-partitioned with ``signals.raw``, so a restarted (or rebalanced) worker rebuilds it and carries on where
-the previous one stopped. Faust commits a record's offset only after the agent processed it and after the
-producer flushed what the agent sent, so delivery is at-least-once; the stage's forward-only window ends make
-a replay re-emit nothing already recorded in the state, and sinks treat ``(device, end_ns)`` as identity.
+One agent consumes ``signals.raw`` (raw bytes, keyed by device) in batches. Per device, the state of the pure
+stage (:mod:`bpstream.services.processor.stage`) lives in a Faust Table whose compacted changelog is
+co-partitioned with ``signals.raw``. The processor writes that changelog itself, through the idempotent
+producer, only after the batch's windows and quality records were acknowledged, and before the batch's offsets
+can be committed; at start it also reads the newest state per device itself (Faust's restore was seen to
+return an older record). Delivery is at-least-once: a replay can re-emit an identical window, never lose one,
+and sinks treat ``(device, end_ns)`` as identity.
 
 Topics are created here explicitly (``ensure_topics``) with the partitions from ``bpstream.shared.topics``,
 and Faust is not allowed to declare any; its web server is disabled (the service's own HealthServer serves
