@@ -1,6 +1,6 @@
 """Kafka helpers the pipeline services share beyond ``bpstream.shared.kafka``: partition discovery, reading a
-whole topic (alerting restores its state this way; the demo, the benchmark and the tests read results), and a
-(the producer that survives broker restarts is ``bpstream.shared.kafka.RecoveringProducer``).
+whole topic (alerting restores its state this way; the demo, the benchmark and the tests read results) and
+reading a range of offsets of one partition (the processor reads back records its consumer skipped).
 """
 
 from __future__ import annotations
@@ -73,3 +73,29 @@ async def read_latest_by_key(settings: KafkaSettings, topic: KafkaTopic) -> dict
         else:
             latest[key] = record.value
     return latest
+
+
+async def read_range(settings: KafkaSettings, topic: KafkaTopic, partition: int, start: int,
+                     end: int) -> list[ConsumerRecord[bytes, bytes]]:
+    """The records of one partition with ``start <= offset < end`` (no consumer group, nothing committed).
+
+    Offsets that hold no record (compacted away, transaction markers) are simply absent from the result.
+    """
+    name = topic_name(topic, settings.topic_prefix)
+    tp = TopicPartition(name, partition)
+    reader = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
+    try:
+        await reader.start()
+        reader.assign([tp])
+        last = (await reader.end_offsets([tp]))[tp]
+        stop = min(end, last)
+        reader.seek(tp, start)
+        out: list[ConsumerRecord[bytes, bytes]] = []
+        while await reader.position(tp) < stop:
+            batches = await reader.getmany(tp, timeout_ms=1000)
+            out.extend(r for r in batches.get(tp, []) if start <= r.offset < end)
+        return out
+    except KafkaError as exc:
+        raise TransientError(f"reading {name}[{partition}] {start}..{end}: {exc!r}", reason="kafka_retriable") from exc
+    finally:
+        await reader.stop()

@@ -28,6 +28,11 @@ from bpstream.shared.topics import SIGNALS_DLQ, KafkaTopic, topic_name
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+#: A record to send: topic, value, key (the partition follows from the key), or the same with an explicit
+#: partition for records whose place is not their key's (the processor's per-partition offset marks).
+OutgoingRecord = (tuple[KafkaTopic, bytes, str | bytes | None]
+                  | tuple[KafkaTopic, bytes, str | bytes | None, int])
+
 
 class KafkaClientError(BpstreamError):
     """A Kafka error that retrying will not fix."""
@@ -110,13 +115,20 @@ class KafkaProducer:
         except KafkaError as exc:
             raise translate_kafka_error(exc) from exc
 
-    async def send_many(self, records: Sequence[tuple[KafkaTopic, bytes, str | bytes | None]]) -> list[RecordMetadata]:
-        """Send records without waiting on each; return once all of them are acknowledged (order per key kept)."""
+    async def send_many(self, records: Sequence[OutgoingRecord]) -> list[RecordMetadata]:
+        """Send records without waiting on each; return once all of them are acknowledged.
+
+        Order is kept per partition (the producer is idempotent), so a record sent after others to the same
+        partition is never stored before them.
+        """
         futures = []
         try:
-            for topic, value, key in records:
+            for record in records:
+                topic, value, key = record[0], record[1], record[2]
+                partition = record[3] if len(record) == 4 else None
                 key_bytes = key.encode() if isinstance(key, str) else key
-                futures.append(await self._producer.send(self.topic(topic), value, key=key_bytes))
+                futures.append(await self._producer.send(self.topic(topic), value, key=key_bytes,
+                                                         partition=partition))
             return [await f for f in futures]
         except KafkaError as exc:
             raise translate_kafka_error(exc) from exc
@@ -245,7 +257,7 @@ class RecoveringProducer:
                 await self.start()
         raise AssertionError("unreachable")
 
-    async def send_many(self, records: Sequence[tuple[KafkaTopic, bytes, str | bytes | None]]) -> None:
+    async def send_many(self, records: Sequence[OutgoingRecord]) -> None:
         """Send records and return once Kafka acknowledged all of them."""
         await self._call(lambda p: p.send_many(records), "send")
 

@@ -8,6 +8,12 @@ can be committed; at start it also reads the newest state per device itself (Fau
 return an older record). Delivery is at-least-once: a replay can re-emit an identical window, never lose one,
 and sinks treat ``(device, end_ns)`` as identity.
 
+The processor does not rely on Faust for *which* records it saw. Next to the device states, the changelog holds
+one offset mark per partition: the ``signals.raw`` offset after the last record whose results are stored. A
+record below the mark is a replay and is passed over; a record above it means the consumer skipped records
+(Faust drops and acks records it fetched before a rebalance or while flow control was paused; a restart then
+resumes after them), so the processor reads the skipped range back from Kafka itself and processes it first.
+
 Topics are created here explicitly (``ensure_topics``) with the partitions from ``bpstream.shared.topics``,
 and Faust is not allowed to declare any; its web server is disabled (the service's own HealthServer serves
 /metrics and /readyz on loopback).
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.kafka_tools import read_latest_by_key
+from bpstream.services.kafka_tools import read_latest_by_key, read_range
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
@@ -39,8 +45,9 @@ from bpstream.services.processor.stage import (
     encode_state,
 )
 from bpstream.shared.errors import BpstreamError, DecodeError
-from bpstream.shared.kafka import RecoveringProducer, ensure_topics
+from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
 from bpstream.shared.messages import DeadLetter, decode_chunk, encode_json, encode_window
+from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
 
@@ -48,6 +55,18 @@ log = logging.getLogger(__name__)
 
 STAGE = "processor"
 STATE_TABLE = "device-state"
+#: Key prefix of the per-partition offset marks in the state table ('#' is not allowed in a device id, so a
+#: mark never collides with a device's state).
+OFFSET_MARK_PREFIX = b"#next-offset/"
+
+
+def offset_mark_key(partition: int) -> bytes:
+    """Table key of the offset mark of one ``signals.raw`` partition."""
+    return OFFSET_MARK_PREFIX + str(partition).encode()
+
+
+def is_offset_mark(key: bytes) -> bool:
+    return key.startswith(OFFSET_MARK_PREFIX)
 
 
 class ProcessorMetrics:
@@ -77,6 +96,16 @@ class ProcessorMetrics:
             "bpstream_processor_dead_letters_total",
             "Records dead-lettered, by reason",
             ["reason"],
+            registry=registry,
+        )
+        self.replayed = Counter(
+            "bpstream_processor_replayed_records_total",
+            "Records below the partition's offset mark (already processed) that were passed over",
+            registry=registry,
+        )
+        self.read_back = Counter(
+            "bpstream_processor_read_back_records_total",
+            "Records the consumer skipped that the processor read back from Kafka and processed",
             registry=registry,
         )
         self.send_retries = Counter(
@@ -145,8 +174,8 @@ class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
         self.data[key] = value
 
 
-#: A record to produce: topic, value, key.
-Output = tuple[KafkaTopic, bytes, str | bytes | None]
+#: A record to produce: topic, value, key (and, for offset marks, the partition).
+Output = OutgoingRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,14 +273,17 @@ class Processor:
     async def handle_batch(self, records: list[RawRecord]) -> None:
         """Process a batch of ``signals.raw`` records; return once everything they produced is in Kafka.
 
-        Device states are written to the table (and so its changelog) only after the windows and quality
-        records computed from them were acknowledged: after a crash the state is never ahead of what was
-        published, so a replay can duplicate a window (same identity) but never lose one.
+        Device states and the partitions' offset marks are written to the table (and so its changelog) only
+        after the windows and quality records computed from them were acknowledged: after a crash the state is
+        never ahead of what was published, so a replay can duplicate a window (same identity) but never lose
+        one. In each changelog partition the mark is sent after the states, so a stored mark implies stored
+        states.
         """
         started = time.perf_counter()
         states: dict[bytes, tuple[DeviceState, int]] = {}
         sends: list[Output] = []
-        for record in records:
+        ordered, marks = await self._in_offset_order(records)
+        for record in ordered:
             try:
                 sends.extend(self._handle(record, states))
             except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
@@ -260,19 +292,70 @@ class Processor:
                 sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
         if sends:
             await self._send_until_accepted(sends)
-        if states:
-            # State goes to the changelog only after the outputs computed from it are in Kafka: after a crash
-            # the state is never ahead of what was published. Keyed by device, the default partitioner puts it
-            # in the same partition number as the device's signals.raw records (equal partition counts), which
-            # is where Faust's recovery looks for it.
+        if states or marks:
+            # Keyed by device, the default partitioner puts a state in the same partition number as the
+            # device's signals.raw records (equal partition counts), which is where Faust's recovery looks.
             encoded = {key: encode_state(state) for key, (state, _partition) in states.items()}
-            await self._send_until_accepted([(self.changelog, value, key) for key, value in encoded.items()])
+            encoded_marks = {partition: str(offset).encode() for partition, offset in marks.items()}
+            state_sends: list[Output] = [(self.changelog, value, key) for key, value in encoded.items()]
+            state_sends += [(self.changelog, value, offset_mark_key(partition), partition)
+                            for partition, value in encoded_marks.items()]
+            await self._send_until_accepted(state_sends)
             for key, value in encoded.items():
                 self.table.store_locally(key, value)
+            for partition, value in encoded_marks.items():
+                self.table.store_locally(offset_mark_key(partition), value)
         self.last_progress = time.monotonic()
         self.metrics.chunks.inc(len(records))
-        self.metrics.devices.set(len(self.table))
+        self.metrics.devices.set(sum(1 for key in self.table if not is_offset_mark(key)))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _offset_mark(self, partition: int) -> int | None:
+        """The next ``signals.raw`` offset to process in a partition, from the table (None: never recorded)."""
+        key = offset_mark_key(partition)
+        stored = self.restored.pop(key, None)
+        if stored is None:
+            stored = self.table.get(key)
+        try:
+            return int(stored) if stored is not None else None
+        except ValueError:
+            log.warning("unreadable offset mark; trusting the consumer", extra={"partition": partition})
+            return None
+
+    async def _in_offset_order(self, records: list[RawRecord]) -> tuple[list[RawRecord], dict[int, int]]:
+        """The batch's records without replays, with records the consumer skipped read back in their place.
+
+        Also returns the new offset mark of every partition the batch advances.
+        """
+        expected: dict[int, int] = {}
+        advanced: dict[int, int] = {}
+        out: list[RawRecord] = []
+        for record in records:
+            partition = record.partition
+            if partition not in expected:
+                mark = self._offset_mark(partition)
+                expected[partition] = record.offset if mark is None else mark
+            if record.offset < expected[partition]:
+                self.metrics.replayed.inc()
+                continue
+            if record.offset > expected[partition]:
+                missing = await self._read_back(partition, expected[partition], record.offset)
+                log.warning("the consumer skipped records; read them back from Kafka",
+                            extra={"partition": partition, "from_offset": expected[partition],
+                                   "to_offset": record.offset, "records": len(missing)})
+                self.metrics.read_back.inc(len(missing))
+                out.extend(missing)
+            out.append(record)
+            expected[partition] = advanced[partition] = record.offset + 1
+        return out, advanced
+
+    async def _read_back(self, partition: int, start: int, end: int) -> list[RawRecord]:
+        """Read ``signals.raw`` offsets ``start..end-1`` of a partition directly from Kafka (retrying)."""
+        async def read() -> list[RawRecord]:
+            found = await read_range(self.settings.kafka, SIGNALS_RAW, partition, start, end)
+            return [RawRecord(r.key, r.value, r.partition, r.offset, r.timestamp / 1000) for r in found]
+
+        return await retry_async(read, attempts=60, cap_s=5.0, what="read back skipped records")
 
     async def _send_until_accepted(self, sends: list[Output]) -> None:
         """Send the batch's outputs, retrying (capped, jittered backoff) for as long as Kafka refuses them.

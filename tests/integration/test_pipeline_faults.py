@@ -101,10 +101,6 @@ def test_every_fault_was_injected_while_the_stream_ran(faults: FaultRun) -> None
     assert [name for name, _t in faults.faults_done] == [name for name, _how in FAULTS]
 
 
-# Known open bug (issue 5's closing note): in some runs one device loses a few consecutive windows around a
-# service restart in this sequence; not yet understood. Kept visible as xfail (not strict, so a pass shows as
-# XPASS) rather than removed; the no-duplicate half of the promise is asserted by the test below as well.
-@pytest.mark.xfail(reason="open bug: a device can lose windows around a mid-stream service restart", strict=False)
 def test_no_window_is_lost_and_none_is_stored_twice(faults: FaultRun) -> None:
     fleet = faults.fleet
     assert set(faults.estimates) == set(fleet.device_ids)

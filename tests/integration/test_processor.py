@@ -23,12 +23,13 @@ import httpx
 import msgspec
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bpstream.services.processor.stage import QualityRecord
 from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
 from bpstream.shared.messages import SignalChunk, decode_dead_letter, decode_window, encode_chunk
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic
+from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
 from bpstream.simulators.cohort import build_cohort
 
 NS = 1_000_000_000
@@ -244,4 +245,57 @@ async def test_restart_mid_stream_resumes_from_the_changelog_without_losing_wind
             for end, first, last, data in got[device]:
                 by_end.setdefault(end, set()).add((first, last, data))
             assert all(len(versions) == 1 for versions in by_end.values())
+    assert processor.terminate() == 0
+
+
+async def skip_committed_offsets(settings: KafkaSettings, group_id: str, skip: int) -> dict[TopicPartition, int]:
+    """Move the (idle) group's committed offsets on signals.raw forward by ``skip`` records per partition, as
+    a consumer does that acks records it never handed to the processor. Returns the offsets skipped from."""
+    name = topic_name(SIGNALS_RAW, settings.topic_prefix)
+    partitions = [TopicPartition(name, p) for p in range(SIGNALS_RAW.partitions)]
+    consumer = AIOKafkaConsumer(**settings.client_kwargs(), group_id=group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        skipped: dict[TopicPartition, int] = {}
+        ends = await consumer.end_offsets(partitions)
+        for tp in partitions:
+            committed = await consumer.committed(tp)
+            if committed is not None and committed + skip <= ends[tp]:
+                skipped[tp] = committed
+        await consumer.commit({tp: offset + skip for tp, offset in skipped.items()})
+        return skipped
+    finally:
+        await consumer.stop()
+
+
+async def test_records_the_consumer_skipped_are_read_back_from_kafka(
+        processor: ProcessorProcess, kafka_settings: KafkaSettings) -> None:
+    # Faust can ack (and so commit) records its agent never received: records fetched before a rebalance or
+    # while flow control was paused are dropped and acked. The processor's own offset marks must catch that.
+    seconds, cut, skip = 40, 20, 5
+    devices = [f"dev-{i}" for i in range(3)]
+    streams = {d: payloads(d, simulated_samples(seconds, seed=40 + i)) for i, d in enumerate(devices)}
+    await produce(kafka_settings, [(d, streams[d][k]) for k in range(cut) for d in devices])
+    processor.start()
+    first_half = expected_ends(0, cut - 1)
+    async with Reader(kafka_settings, WINDOWS) as reader:
+        await reader.until(lambda vs: all(len(windows_by_device(vs).get(d, [])) >= len(first_half)
+                                          for d in devices), 120, "first windows", processor.log_tail)
+        assert processor.terminate() == 0
+        await produce(kafka_settings, [(d, streams[d][k]) for k in range(cut, seconds) for d in devices])
+        group = f"{kafka_settings.topic_prefix}bpstream-processor"
+        skipped = await skip_committed_offsets(kafka_settings, group, skip)
+        assert skipped, "no partition had records to skip"
+        processor.start()
+        full = expected_ends(0, seconds - 1)
+        values = await reader.until(lambda vs: all(len(set(w[0] for w in windows_by_device(vs).get(d, [])))
+                                                   >= len(full) for d in devices), 120, "all windows",
+                                    processor.log_tail)
+    got = windows_by_device(values)
+    for device in devices:
+        assert sorted({end for end, *_ in got[device]}) == full, device
+    metrics = processor.get("/metrics").text
+    assert f"bpstream_processor_read_back_records_total {float(skip * len(skipped))}" in metrics
+    assert 'bpstream_processor_stream_events_total{kind="gap"}' not in metrics
     assert processor.terminate() == 0
