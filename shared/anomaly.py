@@ -1,15 +1,17 @@
 """Per-patient hypertension alert logic, shared by training-time evaluation and the live alerting service.
 
-:class:`AlertDetector` consumes one patient's estimates in window order and returns raise/resolve events. It
-is pure (no I/O, no clock): the same sequence of estimates always gives the same events, so the alerting
-service can persist its state (``to_bytes`` / ``from_bytes``) and replay Kafka without duplicating alerts
-(alert ids are derived from the device, the kind and the episode's first window).
+:class:`AlertDetector` consumes one patient's estimates in window order and returns the ``Alert`` messages
+(``bpstream.shared.messages``) it raises or resolves. It is pure (no I/O, no clock): the same sequence of
+estimates always gives the same alerts, so the alerting service can persist its state (``to_bytes`` /
+``from_bytes``) and replay Kafka without duplicating alerts (alert ids are derived from the device, the kind
+and the episode's first window).
 
 What it does, and why:
 
 * poor-quality windows (``quality_ok`` false) and very uncertain estimates are ignored: never silently scored;
 * estimates are smoothed with a running median of the last few good windows, so one bad estimate cannot alert;
-* the ACC/AHA category (normal / elevated / stage1 / stage2 / crisis) of the smoothed pressure is reported;
+* events are the Kafka ``Alert`` messages themselves; the ACC/AHA category (normal / elevated / stage1 /
+  stage2 / crisis) is not a field of the alert, it is ``bp_category(alert.sbp, alert.dbp)``;
 * the patient's own baseline is the median of a long, sub-sampled history (robust to outliers); it is frozen
   while an acute episode is pending or active, so an episode never drags the baseline along with it;
 * a condition must hold for ``persistence`` consecutive good windows before an alert is raised, and its
@@ -121,37 +123,6 @@ class AlertConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_gap_s: float = 60.0
 
 
-@dataclass(slots=True, frozen=True)
-class AlertEvent:
-    """A raise or resolve of one alert episode."""
-
-    alert_id: str
-    clinic_id: str
-    device_id: str
-    kind: str
-    severity: str
-    state: str
-    started_ns: int
-    event_ns: int
-    sbp: float
-    dbp: float
-    category: str
-    baseline_sbp: float | None
-    baseline_dbp: float | None
-    n_windows: int
-    confidence: float
-    message: str
-
-    def to_message(self) -> Alert:
-        """The Kafka ``Alert`` for this event."""
-        return Alert(alert_id=self.alert_id, clinic_id=self.clinic_id, device_id=self.device_id, kind=self.kind,
-                     severity=self.severity, state=self.state, started_ns=self.started_ns,
-                     event_ns=self.event_ns, sbp=round(self.sbp, 1), dbp=round(self.dbp, 1),
-                     baseline_sbp=None if self.baseline_sbp is None else round(self.baseline_sbp, 1),
-                     baseline_dbp=None if self.baseline_dbp is None else round(self.baseline_dbp, 1),
-                     n_windows=self.n_windows, confidence=round(self.confidence, 3), message=self.message)
-
-
 class _Episode(msgspec.Struct):
     """One kind's state machine: counting up to a raise, active, counting down to a resolve."""
 
@@ -225,7 +196,7 @@ class AlertDetector:
         return tuple(k for k, e in self.state.episodes.items() if e.active)
 
     # ---- the update ----------------------------------------------------------------------------------------
-    def update(self, est: EstimateLike) -> list[AlertEvent]:
+    def update(self, est: EstimateLike) -> list[Alert]:
         """Take the next estimate of this patient; return the alerts it raises or resolves (usually none).
 
         Estimates at or before the last one seen (replays, reordering) are ignored, so replaying a partition
@@ -260,7 +231,7 @@ class AlertDetector:
         smooth_sd = max(1.0, 1.25 * float(np.median(s.recent_sd)) / math.sqrt(len(s.recent_sd)))
         base = self.baseline
 
-        events: list[AlertEvent] = []
+        events: list[Alert] = []
         for kind in KINDS:
             raise_margin, calm = self._condition(kind, smooth_sbp, smooth_dbp, base)
             event = self._step(kind, raise_margin, calm, end_ns, smooth_sbp, smooth_dbp, smooth_sd, base)
@@ -300,15 +271,17 @@ class AlertDetector:
         return (best if holds else None), calm
 
     def _step(self, kind: str, margin: float | None, calm: bool, end_ns: int, sbp: float, dbp: float,
-              sd: float, base: tuple[float, float] | None) -> AlertEvent | None:
+              sd: float, base: tuple[float, float] | None) -> Alert | None:
         c, s = self.config, self.state
         ep = s.episodes.setdefault(kind, _Episode())
-        make: Callable[[str, float, str], AlertEvent] = lambda state, conf, msg: AlertEvent(  # noqa: E731
+        # Numbers are rounded here, not by consumers, so the alert on the wire is what the detector returns.
+        make: Callable[[str, float, str], Alert] = lambda state, conf, msg: Alert(  # noqa: E731
             alert_id=f"{s.device_id}:{kind}:{ep.started_ns}", clinic_id=s.clinic_id, device_id=s.device_id,
             kind=kind, severity=SEVERITY[kind], state=state, started_ns=ep.started_ns, event_ns=end_ns,
-            sbp=sbp, dbp=dbp, category=bp_category(sbp, dbp),
-            baseline_sbp=None if base is None else base[0], baseline_dbp=None if base is None else base[1],
-            n_windows=ep.n_windows, confidence=conf, message=msg)
+            sbp=round(sbp, 1), dbp=round(dbp, 1),
+            baseline_sbp=None if base is None else round(base[0], 1),
+            baseline_dbp=None if base is None else round(base[1], 1),
+            n_windows=ep.n_windows, confidence=round(conf, 3), message=msg)
         if not ep.active:
             suppressed = any(s.episodes.get(k, _Episode()).active for k in SUPPRESSED_BY.get(kind, ()))
             if margin is None or suppressed:

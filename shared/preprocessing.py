@@ -129,18 +129,24 @@ def _bandpass(channel: str, fs: float) -> tuple[npt.NDArray[np.float64], npt.NDA
 
 
 def bandpass(x: npt.ArrayLike, channel: str, fs: float = MODEL_SAMPLE_RATE) -> npt.NDArray[np.float64]:
-    """Zero-phase band-pass of one 1-D channel, odd-reflection padded so the window edges do not ring.
+    """Zero-phase band-pass along the last axis (one channel, or a stack of windows of one channel),
+    odd-reflection padded so the window edges do not ring.
 
     Same result as ``scipy.signal.sosfiltfilt(..., padtype="odd")``, with the filter's initial state cached
     (scipy recomputes it on every call, which was a third of the per-window cost).
     """
     arr = np.asarray(x, dtype=np.float64)
     sos, zi = _bandpass(channel, fs)
-    pad = min(arr.shape[-1] - 1, int(3 * fs))
-    ext = np.concatenate([2 * arr[0] - arr[pad:0:-1], arr, 2 * arr[-1] - arr[-2:-pad - 2:-1]])
-    fwd, _ = signal.sosfilt(sos, ext, zi=zi * ext[0])
-    back, _ = signal.sosfilt(sos, fwd[::-1], zi=zi * fwd[-1])
-    out: npt.NDArray[np.float64] = back[::-1][pad:pad + arr.shape[-1]]
+    n = arr.shape[-1]
+    pad = min(n - 1, int(3 * fs))
+    first, last = arr[..., :1], arr[..., -1:]
+    ext = np.concatenate([2 * first - arr[..., pad:0:-1], arr, 2 * last - arr[..., -2:-pad - 2:-1]], axis=-1)
+    # The step-response state scaled by each row's first sample: shape (sections, *rows, 2).
+    lead = (slice(None),) + (None,) * (arr.ndim - 1) + (slice(None),)
+    fwd, _ = signal.sosfilt(sos, ext, axis=-1, zi=zi[lead] * ext[..., 0][None, ..., None])
+    rev = fwd[..., ::-1]
+    back, _ = signal.sosfilt(sos, rev, axis=-1, zi=zi[lead] * rev[..., 0][None, ..., None])
+    out: npt.NDArray[np.float64] = back[..., ::-1][..., pad:pad + n]
     return out
 
 
@@ -158,127 +164,137 @@ def _fill_gaps(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], flo
     return filled, frac
 
 
-def _periodicity(x: npt.NDArray[np.float64], fs: float) -> tuple[float, float | None]:
-    """Strength (0-1) of the dominant beat period in [HR_MIN, HR_MAX] and the heart rate it implies.
+def _periodicity(x: npt.NDArray[np.float64], fs: float) -> tuple[npt.NDArray[np.float64], list[float | None]]:
+    """Strength (0-1) of the dominant beat period in [HR_MIN, HR_MAX] of each row, and the heart rate it implies.
 
     Uses the normalised autocorrelation; the first clear peak inside the plausible lag range is taken, so a
     clean pulse train gives a value near 1 and noise gives a value near 0.
     """
-    x = x - x.mean()
-    energy = float(np.dot(x, x))
-    if energy <= 0.0:
-        return 0.0, None
-    n = x.size
-    spec = np.fft.rfft(x, 2 * n)
-    ac = np.fft.irfft(spec * np.conj(spec))[:n] / energy
-    # Unbiased correction so long lags are not penalised for having fewer overlapping samples.
-    ac = ac * n / np.maximum(n - np.arange(n), 1)
+    rows, n = x.shape
+    strength = np.zeros(rows)
+    rates: list[float | None] = [None] * rows
+    x = x - x.mean(axis=-1, keepdims=True)
+    energy = np.einsum("ij,ij->i", x, x)
     # Search down to lags of 1.5x the highest plausible rate, so a too-fast rhythm is seen as such and not
     # mistaken for its own second multiple.
-    lo = int(fs * 60.0 / (1.5 * HR_MAX_BPM))
+    lo = max(int(fs * 60.0 / (1.5 * HR_MAX_BPM)), 1)
     hi = min(n // 2, int(fs * 60.0 / HR_MIN_BPM * 1.1) + 1)
-    lo = max(lo, 1)
     if hi <= lo + 2:
-        return 0.0, None
-    seg = ac[lo:hi]
-    peaks, _ = signal.find_peaks(seg)
-    if peaks.size == 0:
-        return 0.0, None
-    best = float(seg[peaks].max())
-    # The first peak within 60% of the best one is the fundamental (not a multiple of the period).
-    first = int(peaks[np.argmax(seg[peaks] >= 0.6 * best)])
-    lag = lo + first
-    hr = 60.0 * fs / lag
-    return float(np.clip(best, 0.0, 1.0)), hr
+        return strength, rates
+    spec = np.fft.rfft(x, 2 * n, axis=-1)
+    ac = np.fft.irfft(spec * np.conj(spec), axis=-1)[:, :n]
+    # Unbiased correction so long lags are not penalised for having fewer overlapping samples.
+    ac = ac * (n / np.maximum(n - np.arange(n), 1))
+    for r in range(rows):
+        if energy[r] <= 0.0:
+            continue
+        seg = ac[r, lo:hi] / energy[r]
+        peaks, _ = signal.find_peaks(seg)
+        if peaks.size == 0:
+            continue
+        best = float(seg[peaks].max())
+        # The first peak within 60% of the best one is the fundamental (not a multiple of the period).
+        first = int(peaks[np.argmax(seg[peaks] >= 0.6 * best)])
+        strength[r] = float(np.clip(best, 0.0, 1.0))
+        rates[r] = 60.0 * fs / (lo + first)
+    return strength, rates
 
 
 def _envelope(x: npt.NDArray[np.float64], fs: float) -> npt.NDArray[np.float64]:
-    """A smooth energy envelope of the ECG whose period is the RR interval (QRS complexes dominate)."""
-    d = np.diff(x, prepend=x[0]) ** 2
+    """A smooth energy envelope of each ECG row whose period is the RR interval (QRS complexes dominate)."""
+    d = np.diff(x, axis=-1, prepend=x[:, :1]) ** 2
     k = max(1, int(0.08 * fs))
-    return np.convolve(d, np.ones(k) / k, mode="same")
+    kernel = np.ones(k) / k
+    return np.stack([np.convolve(row, kernel, mode="same") for row in d])
 
 
 def _detrend(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Remove the least-squares line (closed form: cheaper than scipy's general detrend)."""
-    t = np.arange(x.size, dtype=np.float64) - (x.size - 1) / 2.0
-    slope = float(np.dot(t, x) / np.dot(t, t)) if x.size > 1 else 0.0
-    out: npt.NDArray[np.float64] = x - x.mean() - slope * t
+    """Remove each row's least-squares line (closed form: cheaper than scipy's general detrend)."""
+    n = x.shape[-1]
+    t = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    slope = x @ t / np.dot(t, t) if n > 1 else np.zeros(x.shape[0])
+    out: npt.NDArray[np.float64] = x - x.mean(axis=-1, keepdims=True) - slope[:, None] * t
     return out
 
 
-def _saturation(native: npt.NDArray[np.float64], channel: str) -> tuple[float, list[str]]:
-    """Flat-line and clipping checks on the samples at their native rate (resampling would hide plateaus).
+def _saturation(native: npt.NDArray[np.float64], channel: str) -> tuple[npt.NDArray[np.float64], list[list[str]]]:
+    """Flat-line and clipping checks of each row at its native rate (resampling would hide plateaus).
 
-    Returns a score in [0, 1] (0 for a flat line) and the names of the failed checks.
+    Returns a score in [0, 1] per row (0 for a flat line) and the names of the failed checks.
     """
-    spread = float(np.ptp(native))
-    sd = float(native.std())
-    if spread == 0.0 or sd < 1e-6 * max(1.0, float(np.abs(native).mean())):
-        return 0.0, [f"{channel}_flat"]
-    same = float(np.mean(np.abs(np.diff(native)) <= 1e-9 * spread))
-    if same > 0.5:
-        return 0.0, [f"{channel}_flat"]
+    spread = np.ptp(native, axis=-1)
+    sd = native.std(axis=-1)
+    scale = np.maximum(1.0, np.abs(native).mean(axis=-1))
+    same = np.mean(np.abs(np.diff(native, axis=-1)) <= 1e-9 * spread[:, None], axis=-1)
+    flat = (spread == 0.0) | (sd < 1e-6 * scale) | (same > 0.5)
     # Clipping: samples within 0.5% of the range from either extreme. A clean beat spends little time there.
-    tol = 0.005 * spread
-    pinned = float(np.mean(native >= native.max() - tol) + np.mean(native <= native.min() + tol))
-    score = float(np.clip(1.0 - (pinned - 0.04) / 0.11, 0.0, 1.0))
-    return score, ([f"{channel}_clipping"] if score < 1.0 else [])
+    tol = (0.005 * spread)[:, None]
+    pinned = (np.mean(native >= native.max(axis=-1, keepdims=True) - tol, axis=-1)
+              + np.mean(native <= native.min(axis=-1, keepdims=True) + tol, axis=-1))
+    score = np.where(flat, 0.0, np.clip(1.0 - (pinned - 0.04) / 0.11, 0.0, 1.0))
+    problems = [[f"{channel}_flat"] if f else [f"{channel}_clipping"] if v < 1.0 else []
+                for f, v in zip(flat.tolist(), score.tolist(), strict=True)]
+    return score, problems
 
 
 def channel_sqi(raw: npt.NDArray[np.float64], filtered: npt.NDArray[np.float64], channel: str,
                 fs: float = MODEL_SAMPLE_RATE, native: npt.NDArray[np.float64] | None = None,
-                ) -> tuple[float, float | None, list[str]]:
-    """SQI in [0, 1] of one channel, the heart rate it shows, and the names of the checks it failed.
+                ) -> tuple[list[float], list[float | None], list[list[str]]]:
+    """SQI in [0, 1] of one channel in each row, the heart rate it shows, and the names of the checks it failed.
 
-    ``raw`` and ``filtered`` are at ``fs``; ``native`` is the channel at its original rate (defaults to ``raw``).
+    ``raw`` and ``filtered`` are ``(windows, samples)`` at ``fs``; ``native`` is the channel at its original
+    rate (defaults to ``raw``).
     """
     clip_score, problems = _saturation(raw if native is None else native, channel)
-    if clip_score == 0.0 and problems == [f"{channel}_flat"]:
-        return 0.0, None, problems
     # Power inside the band versus the detrended raw signal: motion adds large low-frequency excursions.
-    raw_dt = _detrend(raw)
-    band_fraction = float(np.var(filtered)) / max(float(np.var(raw_dt)), 1e-12)
-    band_score = float(np.clip(band_fraction / 0.3, 0.0, 1.0))
-    if band_score < 1.0:
-        problems.append(f"{channel}_out_of_band")
+    band_fraction = filtered.var(axis=-1) / np.maximum(_detrend(raw).var(axis=-1), 1e-12)
+    band_score = np.clip(band_fraction / 0.3, 0.0, 1.0)
     series = _envelope(filtered, fs) if channel == "ecg" else filtered
-    periodic, hr = _periodicity(series, fs)
+    periodic, rates = _periodicity(series, fs)
     # An autocorrelation peak of 0.5 or more is a clearly repeating beat.
-    periodic_score = float(np.clip((periodic - 0.2) / 0.4, 0.0, 1.0))
-    if periodic_score < 1.0:
-        problems.append(f"{channel}_not_periodic")
-    hr_score = 1.0
-    if hr is None or not (HR_MIN_BPM <= hr <= HR_MAX_BPM):
-        hr_score = 0.0
-        problems.append(f"{channel}_implausible_hr")
-    sqi = clip_score * band_score * periodic_score * hr_score
-    return float(np.clip(sqi, 0.0, 1.0)), hr, problems
+    periodic_score = np.clip((periodic - 0.2) / 0.4, 0.0, 1.0)
+    scores: list[float] = []
+    for r, hr in enumerate(rates):
+        if problems[r] == [f"{channel}_flat"]:
+            scores.append(0.0)
+            rates[r] = None
+            continue
+        hr_score = 1.0
+        if band_score[r] < 1.0:
+            problems[r].append(f"{channel}_out_of_band")
+        if periodic_score[r] < 1.0:
+            problems[r].append(f"{channel}_not_periodic")
+        if hr is None or not (HR_MIN_BPM <= hr <= HR_MAX_BPM):
+            hr_score = 0.0
+            problems[r].append(f"{channel}_implausible_hr")
+        sqi = float(clip_score[r]) * float(band_score[r]) * float(periodic_score[r]) * hr_score
+        scores.append(float(np.clip(sqi, 0.0, 1.0)))
+    return scores, rates, problems
 
 
 def normalise(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Per-window z-score, clipped, so amplitude (which depends on the sensor and its placement) is ignored."""
-    sd = float(x.std())
-    if sd < 1e-12:
-        return np.zeros_like(x)
-    out: npt.NDArray[np.float64] = np.clip((x - x.mean()) / sd, -NORM_CLIP, NORM_CLIP)
+    """Per-window (per-row) z-score, clipped, so amplitude (which depends on the sensor and its placement) is
+    ignored. A row without variance becomes zeros."""
+    sd = x.std(axis=-1, keepdims=True)
+    flat = sd < 1e-12
+    out: npt.NDArray[np.float64] = np.where(
+        flat, 0.0, np.clip((x - x.mean(axis=-1, keepdims=True)) / np.where(flat, 1.0, sd), -NORM_CLIP, NORM_CLIP))
     return out
 
 
-def preprocess_window(samples: npt.ArrayLike, channels: Sequence[str], fs: float) -> PreparedWindow:
-    """Prepare one raw window (``(C, N)``, ``channels`` naming the rows, ``fs`` Hz) for the model.
+#: One raw window to prepare: samples ``(C, N)``, the channel name of each row, and the sample rate in Hz.
+RawWindow = tuple[npt.ArrayLike, Sequence[str], float]
 
-    Raises ``PreprocessError`` for a window that is not a window at all (bad shape, unknown or duplicate
-    channel, length more than 10% off ``WINDOW_SECONDS``); every other defect is reported through the SQI,
-    ``quality_ok`` and ``problems``, never by an exception, so the caller can flag and count it.
-    """
+
+def _validated(samples: npt.ArrayLike, channels: Sequence[str], fs: float) -> tuple[npt.NDArray[np.float64],
+                                                                                       tuple[str, ...]]:
     arr = np.asarray(samples, dtype=np.float64)
-    channels = tuple(channels)
-    if arr.ndim != 2 or arr.shape[0] != len(channels):
-        raise PreprocessError(f"samples of shape {arr.shape} do not match channels {channels}", reason="bad_shape")
-    if len(set(channels)) != len(channels):
-        raise PreprocessError(f"duplicate channel in {channels}", reason="duplicate_channel")
-    for name in channels:
+    names = tuple(channels)
+    if arr.ndim != 2 or arr.shape[0] != len(names):
+        raise PreprocessError(f"samples of shape {arr.shape} do not match channels {names}", reason="bad_shape")
+    if len(set(names)) != len(names):
+        raise PreprocessError(f"duplicate channel in {names}", reason="duplicate_channel")
+    for name in names:
         if name not in MODEL_CHANNELS:
             raise PreprocessError(f"unknown channel {name!r}; expected a subset of {MODEL_CHANNELS}",
                                   reason="unknown_channel")
@@ -288,29 +304,86 @@ def preprocess_window(samples: npt.ArrayLike, channels: Sequence[str], fs: float
     if abs(arr.shape[1] - expected) > LENGTH_TOLERANCE * expected:
         raise PreprocessError(f"window of {arr.shape[1]} samples at {fs:g} Hz is not "
                               f"{WINDOW_SAMPLES / MODEL_SAMPLE_RATE:g} s", reason="bad_length")
+    return arr, names
 
+
+@dataclass(slots=True)
+class _PreparedChannel:
+    """One channel of a stack of windows: model-rate band-passed rows, SQI, heart rate and failed checks."""
+
+    filtered: npt.NDArray[np.float64]
+    scores: list[float]
+    rates: list[float | None]
+    problems: list[list[str]]
+
+
+def _prepare_channel(x: npt.NDArray[np.float64], name: str, fs: float) -> _PreparedChannel:
+    """Gap-fill, resample, band-pass and score one channel of ``(windows, samples)``."""
+    gaps = np.zeros(x.shape[0])
+    native = x
+    broken = np.flatnonzero(~np.isfinite(x).all(axis=-1))
+    if broken.size:
+        native = x.copy()
+        for row in broken.tolist():
+            native[row], gaps[row] = _fill_gaps(x[row])
+    raw = _fit_length(resample(native, fs, MODEL_SAMPLE_RATE), WINDOW_SAMPLES)
+    filtered = bandpass(raw, name)
+    scores, rates, problems = channel_sqi(raw, filtered, name, native=native)
+    for r, gap in enumerate(gaps.tolist()):
+        if gap > MAX_GAP_FRACTION:
+            scores[r], problems[r] = 0.0, [*problems[r], f"{name}_gaps"]
+        elif gap > 0.0:
+            scores[r] *= 1.0 - gap / MAX_GAP_FRACTION * 0.5
+    return _PreparedChannel(filtered, scores, rates, problems)
+
+
+def preprocess_windows(windows: Sequence[RawWindow]) -> list[PreparedWindow | PreprocessError]:
+    """Prepare many raw windows at once; the result for each is what :func:`preprocess_window` gives it.
+
+    Windows with the same channels, rate and length are stacked and prepared with array operations over the
+    stack (per-call overhead, not arithmetic, dominates a single 8 s window). A window that is not a window
+    at all gets its ``PreprocessError`` in its place instead of raising, so one bad window cannot fail the
+    others.
+    """
+    results: list[PreparedWindow | PreprocessError | None] = [None] * len(windows)
+    arrays: dict[int, npt.NDArray[np.float64]] = {}
+    groups: dict[tuple[tuple[str, ...], float, int], list[int]] = {}
+    for i, (samples, channels, fs) in enumerate(windows):
+        try:
+            arr, names = _validated(samples, channels, fs)
+        except PreprocessError as exc:
+            results[i] = exc
+            continue
+        arrays[i] = arr
+        groups.setdefault((names, float(fs), arr.shape[1]), []).append(i)
+    for (names, fs, _n), members in groups.items():
+        stack = np.stack([arrays[i] for i in members])
+        prepared = {name: _prepare_channel(stack[:, row, :], name, fs) for row, name in enumerate(names)}
+        normalised = {name: normalise(p.filtered).astype(np.float32) for name, p in prepared.items()}
+        for k, i in enumerate(members):
+            results[i] = _assemble(names, prepared, normalised, k)
+    return [r if r is not None else PreprocessError("not prepared") for r in results]
+
+
+def _assemble(names: tuple[str, ...], prepared: dict[str, _PreparedChannel],
+              normalised: dict[str, npt.NDArray[np.float32]], k: int) -> PreparedWindow:
+    """The :class:`PreparedWindow` of row ``k`` of a prepared stack."""
     out = np.zeros((len(MODEL_CHANNELS), WINDOW_SAMPLES), dtype=np.float32)
     sqi: dict[str, float] = {}
     hrs: dict[str, float | None] = {}
     problems: list[str] = []
     used: list[str] = []
-    for row, name in enumerate(channels):
-        native, gap = _fill_gaps(arr[row])
-        raw = _fit_length(resample(native, fs, MODEL_SAMPLE_RATE), WINDOW_SAMPLES)
-        filtered = bandpass(raw, name)
-        score, hr, issues = channel_sqi(raw, filtered, name, native=native)
-        if gap > MAX_GAP_FRACTION:
-            score, issues = 0.0, [*issues, f"{name}_gaps"]
-        elif gap > 0.0:
-            score *= 1.0 - gap / MAX_GAP_FRACTION * 0.5
+    for name in names:
+        channel = prepared[name]
+        score = channel.scores[k]
         sqi[name] = round(float(score), 4)
-        hrs[name] = hr
+        hrs[name] = channel.rates[k]
         if score >= SQI_THRESHOLD:
-            out[MODEL_CHANNELS.index(name)] = normalise(filtered).astype(np.float32)
+            out[MODEL_CHANNELS.index(name)] = normalised[name][k]
             used.append(name)
         else:
-            problems.extend(issues or [f"{name}_poor"])
-    if "ppg" not in channels:
+            problems.extend(channel.problems[k] or [f"{name}_poor"])
+    if "ppg" not in names:
         problems.append("ppg_missing")
     quality_ok = "ppg" in used
     inputs = ("ecg+ppg" if "ecg" in used else "ppg") if quality_ok else "none"
@@ -320,4 +393,17 @@ def preprocess_window(samples: npt.ArrayLike, channels: Sequence[str], fs: float
     hr_best = hrs.get("ppg") if "ppg" in used else hrs.get("ecg") if "ecg" in used else None
     return PreparedWindow(samples=out, sqi=sqi, quality_ok=quality_ok, inputs=inputs, missing=missing,
                           heart_rate_bpm=None if hr_best is None else round(float(hr_best), 1),
-                          problems=tuple(problems) if not quality_ok else tuple(p for p in problems))
+                          problems=tuple(problems))
+
+
+def preprocess_window(samples: npt.ArrayLike, channels: Sequence[str], fs: float) -> PreparedWindow:
+    """Prepare one raw window (``(C, N)``, ``channels`` naming the rows, ``fs`` Hz) for the model.
+
+    Raises ``PreprocessError`` for a window that is not a window at all (bad shape, unknown or duplicate
+    channel, length more than 10% off ``WINDOW_SECONDS``); every other defect is reported through the SQI,
+    ``quality_ok`` and ``problems``, never by an exception, so the caller can flag and count it.
+    """
+    result = preprocess_windows([(samples, channels, fs)])[0]
+    if isinstance(result, PreprocessError):
+        raise result
+    return result

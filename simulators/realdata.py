@@ -43,8 +43,12 @@ class RealRecord:
         return float(bad.mean())
 
 
-def read_mimic_csv(path: Path, sample_rate: float = 125.0) -> RealRecord:
-    """Read one window, columns by name; empty or unparsable cells become NaN."""
+def read_mimic_columns(path: Path) -> dict[str, np.ndarray]:
+    """The ``II``, ``PLETH`` and ``ABP`` columns of one window CSV (float64, keyed by column name).
+
+    Columns are found by name because their order varies between files; empty or unparsable cells become NaN.
+    This is the one MIMIC CSV parser: the replay, the calibration and ``bpstream.training.real_data`` all use it.
+    """
     path = Path(path)
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
@@ -55,17 +59,26 @@ def read_mimic_csv(path: Path, sample_rate: float = 125.0) -> RealRecord:
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise DataFormatError(f"{path} lacks columns {missing} (has {header})")
-        cols = [header.index(c) for c in REQUIRED_COLUMNS]
-        rows = list(reader)
-    data = np.full((len(rows), 3), np.nan)
-    for r, row in enumerate(rows):
-        for k, c in enumerate(cols):
-            if c < len(row) and row[c].strip():
-                with contextlib.suppress(ValueError):
-                    data[r, k] = float(row[c])
-    if len(rows) < sample_rate:
-        raise DataFormatError(f"{path} holds {len(rows)} samples, less than one second")
-    return RealRecord(path.stem, sample_rate, data[:, 0], data[:, 1], data[:, 2])
+        idx = [header.index(c) for c in REQUIRED_COLUMNS]
+        cols: list[list[float]] = [[] for _ in REQUIRED_COLUMNS]
+        for row in reader:
+            for col, i in zip(cols, idx, strict=True):
+                value = np.nan
+                if i < len(row) and row[i].strip():
+                    with contextlib.suppress(ValueError):
+                        value = float(row[i])
+                col.append(value)
+    return {c: np.asarray(v, dtype=np.float64) for c, v in zip(REQUIRED_COLUMNS, cols, strict=True)}
+
+
+def read_mimic_csv(path: Path, sample_rate: float = 125.0) -> RealRecord:
+    """Read one window, columns by name; empty or unparsable cells become NaN."""
+    path = Path(path)
+    cols = read_mimic_columns(path)
+    n = len(cols["ABP"])
+    if n < sample_rate:
+        raise DataFormatError(f"{path} holds {n} samples, less than one second")
+    return RealRecord(path.stem, sample_rate, cols["II"], cols["PLETH"], cols["ABP"])
 
 
 def list_mimic(directory: Path | None = None) -> list[Path]:

@@ -1,8 +1,8 @@
 """Readers for the real recordings in ``../shared/data`` (never copied into the repository).
 
 * ``mimic3-windows``: 60 s ICU records at 125 Hz, columns Time, II (ECG), PLETH (PPG), ABP in varying order,
-  with empty cells (gaps). Beat-to-beat SBP/DBP come from the ABP waveform after artefact screening
-  (:func:`abp_beats`).
+  with empty cells (gaps), parsed by the simulator's reader (``bpstream.simulators.realdata``). Beat-to-beat
+  SBP/DBP come from the ABP waveform after artefact screening (:func:`abp_beats`).
 * ``ppg-bp``: one 2.1 s fingertip PPG segment per subject at 1 kHz with a cuff reading. The model needs 8 s,
   so the segment is cut to whole beats (foot to foot) and those beats are repeated; this is stated in every
   report, because a repeated 2 s excerpt is not a real 8 s recording.
@@ -22,6 +22,8 @@ from scipy import signal
 
 from bpstream.shared.errors import BpstreamError
 from bpstream.shared.modelspec import WINDOW_SECONDS
+from bpstream.simulators.errors import DataFormatError
+from bpstream.simulators.realdata import read_mimic_columns
 
 #: Where the real data lives relative to the repository root (``../shared/data``).
 DEFAULT_REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -54,26 +56,12 @@ class RealRecord:
         return len(next(iter(self.channels.values()))) / self.sample_rate
 
 
-def _read_csv_columns(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Read named numeric columns of a CSV (any order); empty or bad cells become NaN."""
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise RealDataError(f"{path} is empty") from None
-        missing = [n for n in names if n not in header]
-        if missing:
-            raise RealDataError(f"{path} lacks columns {missing} (has {header})")
-        idx = [header.index(n) for n in names]
-        cols: list[list[float]] = [[] for _ in names]
-        for row in reader:
-            for j, i in enumerate(idx):
-                try:
-                    cols[j].append(float(row[i]) if i < len(row) and row[i].strip() else np.nan)
-                except ValueError:
-                    cols[j].append(np.nan)
-    return {n: np.asarray(c, dtype=np.float64) for n, c in zip(names, cols, strict=True)}
+def _read_mimic_columns(path: Path) -> dict[str, np.ndarray]:
+    """The simulator's MIMIC CSV parser, with its format errors reported as this module's ``RealDataError``."""
+    try:
+        return read_mimic_columns(path)
+    except DataFormatError as exc:
+        raise RealDataError(str(exc)) from exc
 
 
 def abp_beats(abp: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
@@ -133,7 +121,7 @@ def load_mimic3(folder: Path) -> list[RealRecord]:
         raise RealDataError(f"no MIMIC-III window CSVs in {rec_dir}")
     out = []
     for path in files:
-        cols = _read_csv_columns(path, ("II", "PLETH", "ABP"))
+        cols = _read_mimic_columns(path)
         t, s, d, counts = abp_beats(cols["ABP"], MIMIC_FS)
         gaps = {k: float(np.mean(~np.isfinite(v))) for k, v in cols.items()}
         out.append(RealRecord(subject_id=f"mimic3-{path.stem}", sample_rate=MIMIC_FS,

@@ -30,9 +30,8 @@ class AlertingState:
             detector = self.detectors.get(estimate.device_id)
             if detector is None:
                 detector = self.detectors[estimate.device_id] = AlertDetector(self.config)
-            events = detector.update(estimate)
+            alerts.extend(detector.update(estimate))
             self.dirty.add(estimate.device_id)
-            alerts.extend(event.to_message() for event in events)
         return alerts
 
     def take_dirty(self) -> dict[str, bytes]:

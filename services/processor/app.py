@@ -38,15 +38,18 @@ from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
     WINDOW,
+    WINDOW_ERROR,
     DeviceState,
+    QualityRecord,
     Reassembler,
     StageConfig,
+    WindowCut,
     decode_state,
     encode_state,
 )
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
-from bpstream.shared.messages import DeadLetter, decode_chunk, encode_json, encode_window
+from bpstream.shared.messages import DeadLetter, Window, decode_chunk, encode_json, encode_window
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
@@ -140,6 +143,7 @@ def stage_config(settings: ProcessorSettings) -> StageConfig:
         max_lateness_ns=round(settings.max_lateness_s * NS),
         clock_tolerance_ns=round(settings.clock_tolerance_s * NS),
         max_buffer_chunks=settings.max_buffer_chunks,
+        defer_preparation=True,  # a batch's windows are prepared together (handle_batch)
     )
 
 
@@ -282,14 +286,17 @@ class Processor:
         started = time.perf_counter()
         states: dict[bytes, tuple[DeviceState, int]] = {}
         sends: list[Output] = []
+        cuts: list[WindowCut] = []
         ordered, marks = await self._in_offset_order(records)
         for record in ordered:
             try:
-                sends.extend(self._handle(record, states))
+                sends.extend(self._handle(record, states, cuts))
             except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
                 reason = exc.reason if isinstance(exc, BpstreamError) else "internal_error"
                 log.exception("processing failed", extra={"reason": reason})
                 sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
+        if cuts:
+            sends.extend(self._finish(cuts))
         if sends:
             await self._send_until_accepted(sends)
         if states or marks:
@@ -376,7 +383,8 @@ class Processor:
                             extra={"reason": exc.reason, "attempt": attempt, "delay_s": round(delay, 2)})
                 await asyncio.sleep(delay)
 
-    def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]]) -> list[Output]:
+    def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]],
+                cuts: list[WindowCut]) -> list[Output]:
         key, value = record.key, record.value
         if value is None or key is None:
             return [self._dead_letter(record, "missing_key_or_value", "record without key or value")]
@@ -394,14 +402,37 @@ class Processor:
             self.metrics.dropped.labels(reason="duplicate" if out.duplicate else "late").inc()
             return []
         states[key] = (state, record.partition)
+        cuts.extend(out.cuts)
+        return self._outputs(out.windows, out.quality)
+
+    def _outputs(self, windows: list[Window], quality: list[QualityRecord]) -> list[Output]:
         sends: list[Output] = []
-        for window in out.windows:
-            sends.append((WINDOWS, encode_window(window), key))
+        for window in windows:
+            sends.append((WINDOWS, encode_window(window), window.device_id))
             self.metrics.windows.labels(quality_ok=str(window.quality_ok).lower()).inc()
-        for quality in out.quality:
-            sends.append((QUALITY, encode_json(quality), key))
-            if quality.kind != WINDOW:
-                self.metrics.events.labels(kind=quality.kind).inc()
+        for record in quality:
+            sends.append((QUALITY, encode_json(record), record.device_id))
+            if record.kind != WINDOW:
+                self.metrics.events.labels(kind=record.kind).inc()
+        return sends
+
+    def _finish(self, cuts: list[WindowCut]) -> list[Output]:
+        """Prepare the batch's cut windows together; a failure (a bug, never bad data) costs only its window."""
+        now = time.time_ns()
+        try:
+            return self._outputs(*self.reassembler.finish(cuts, now))
+        except Exception:
+            log.exception("preparing a batch of windows failed; preparing them one by one")
+        sends: list[Output] = []
+        for cut in cuts:
+            try:
+                sends.extend(self._outputs(*self.reassembler.finish([cut], now)))
+            except Exception as exc:
+                error = QualityRecord(kind=WINDOW_ERROR, clinic_id=cut.clinic_id, device_id=cut.device_id,
+                                      start_ns=cut.start_ns, end_ns=cut.end_ns, seq_first=cut.seq_first,
+                                      seq_last=cut.seq_last, quality_ok=False,
+                                      detail=f"internal_error: {type(exc).__name__}: {exc}"[:1000], emitted_ns=now)
+                sends.extend(self._outputs([], [error]))
         return sends
 
     async def restore_states(self) -> int:

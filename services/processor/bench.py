@@ -26,7 +26,14 @@ import uuid
 import httpx
 import numpy as np
 
-from bpstream.services.processor.stage import DeviceState, Reassembler, decode_state, encode_state
+from bpstream.services.processor.stage import (
+    DeviceState,
+    Reassembler,
+    StageConfig,
+    WindowCut,
+    decode_state,
+    encode_state,
+)
 from bpstream.shared.kafka import KafkaProducer, ensure_topics
 from bpstream.shared.messages import SignalChunk, decode_chunk, encode_chunk
 from bpstream.shared.settings import KafkaSettings
@@ -50,18 +57,25 @@ def simulated_chunks(devices: int, seconds: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def stage_rate(chunks: list[tuple[str, bytes]]) -> tuple[float, int]:
-    """Chunks/s of decode + stage + preprocessing + state (de)serialisation, in this process; windows made."""
-    stage = Reassembler()
+def stage_rate(chunks: list[tuple[str, bytes]], batch: int = 500) -> tuple[float, int]:
+    """Chunks/s of decode + stage + preprocessing + state (de)serialisation, in this process; windows made.
+
+    Windows are prepared in batches of ``batch`` chunks, as the service does.
+    """
+    stage = Reassembler(StageConfig(defer_preparation=True))
     states: dict[str, bytes] = {}
     windows = 0
+    cuts: list[WindowCut] = []
     started = time.perf_counter()
-    for device, payload in chunks:
+    for i, (device, payload) in enumerate(chunks):
         stored = states.get(device)
         state: DeviceState | None = decode_state(stored) if stored is not None else None
         state, out = stage.process(state, decode_chunk(payload), payload, received_ns=0, now_ns=0)
         states[device] = encode_state(state)
-        windows += len(out.windows)
+        cuts.extend(out.cuts)
+        if (i + 1) % batch == 0 or i == len(chunks) - 1:
+            windows += len(stage.finish(cuts, 0)[0])
+            cuts = []
     return len(chunks) / (time.perf_counter() - started), windows
 
 

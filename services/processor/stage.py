@@ -39,10 +39,10 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from bpstream.shared.errors import BpstreamError, DecodeError
+from bpstream.shared.errors import DecodeError
 from bpstream.shared.messages import SignalChunk, Window, decode_chunk
 from bpstream.shared.modelspec import HOP_SECONDS, MODEL_CHANNELS, MODEL_SAMPLE_RATE, WINDOW_SECONDS
-from bpstream.shared.preprocessing import PreparedWindow, preprocess_window
+from bpstream.shared.preprocessing import PreparedWindow, PreprocessError, RawWindow, preprocess_windows
 
 NS: Final = 1_000_000_000
 STATE_VERSION: Final = 1
@@ -139,7 +139,8 @@ def decode_state(data: bytes) -> DeviceState:
     return state
 
 
-PrepareFn = Callable[[npt.NDArray[np.float32], Sequence[str], float], PreparedWindow]
+#: Prepares many raw windows at once (``bpstream.shared.preprocessing.preprocess_windows``).
+PrepareManyFn = Callable[[Sequence[RawWindow]], list[PreparedWindow | PreprocessError]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,27 @@ class StageConfig:
     clock_tolerance_ns: int = NS // 4
     #: Upper bound on buffered + pending chunks per device (memory bound; oldest dropped first).
     max_buffer_chunks: int = 64
-    prepare: PrepareFn = field(default=preprocess_window)
+    prepare_many: PrepareManyFn = field(default=preprocess_windows)
+    #: Leave cut windows in ``StageOutput.cuts`` for the caller to prepare in one batch (``finish``), instead
+    #: of preparing each as it is cut (preparing a stack of windows is several times cheaper per window).
+    defer_preparation: bool = False
+
+
+@dataclass(slots=True)
+class WindowCut:
+    """A window cut from a device's contiguous run, not yet prepared for the model."""
+
+    clinic_id: str
+    device_id: str
+    start_ns: int
+    end_ns: int
+    seq_first: int
+    seq_last: int
+    #: When the newest chunk of the window reached Kafka.
+    received_ns: int
+    samples: npt.NDArray[np.float32]
+    channels: tuple[str, ...]
+    sample_rate: float
 
 
 @dataclass(slots=True)
@@ -162,6 +183,8 @@ class StageOutput:
 
     windows: list[Window] = field(default_factory=list)
     quality: list[QualityRecord] = field(default_factory=list)
+    #: Windows cut but not prepared (only with ``StageConfig.defer_preparation``; see ``Reassembler.finish``).
+    cuts: list[WindowCut] = field(default_factory=list)
     duplicate: bool = False
     late: bool = False
 
@@ -438,65 +461,65 @@ class Reassembler:
         out: StageOutput,
         now_ns: int,
     ) -> None:
-        start = end - self.config.window_ns
-        seq_first, seq_last = used[0].seq, used[-1].seq
         state.last_window_end_ns = end
-        try:
-            prepared = self.config.prepare(samples, state.channels, state.sample_rate)
-        except BpstreamError as exc:
-            out.quality.append(
-                self._record(
-                    state,
-                    device_id,
-                    WINDOW_ERROR,
-                    start,
-                    end,
-                    seq_first,
-                    seq_last,
-                    now_ns,
-                    quality_ok=False,
-                    detail=f"{exc.reason}: {exc}",
-                )
-            )
-            return
         state.windows += 1
-        received = max(c.received_ns for c in used)
-        out.windows.append(
-            Window(
-                clinic_id=state.clinic_id,
-                device_id=device_id,
-                start_ns=start,
-                end_ns=end,
+        cut = WindowCut(clinic_id=state.clinic_id, device_id=device_id, start_ns=end - self.config.window_ns,
+                        end_ns=end, seq_first=used[0].seq, seq_last=used[-1].seq,
+                        received_ns=max(c.received_ns for c in used), samples=samples, channels=state.channels,
+                        sample_rate=state.sample_rate)
+        if self.config.defer_preparation:
+            out.cuts.append(cut)
+            return
+        windows, quality = self.finish([cut], now_ns)
+        out.windows.extend(windows)
+        out.quality.extend(quality)
+
+    def finish(self, cuts: Sequence[WindowCut], now_ns: int) -> tuple[list[Window], list[QualityRecord]]:
+        """Prepare cut windows in one batch: the model-ready windows, and a quality record for every cut (its
+        SQI, or a ``window_error`` record for a window preprocessing refused)."""
+        prepared = self.config.prepare_many([(c.samples, c.channels, c.sample_rate) for c in cuts])
+        windows: list[Window] = []
+        quality: list[QualityRecord] = []
+        for cut, result in zip(cuts, prepared, strict=True):
+            if isinstance(result, PreprocessError):
+                quality.append(QualityRecord(
+                    kind=WINDOW_ERROR, clinic_id=cut.clinic_id, device_id=cut.device_id, start_ns=cut.start_ns,
+                    end_ns=cut.end_ns, seq_first=cut.seq_first, seq_last=cut.seq_last, quality_ok=False,
+                    detail=f"{result.reason}: {result}", emitted_ns=now_ns))
+                continue
+            windows.append(Window(
+                clinic_id=cut.clinic_id,
+                device_id=cut.device_id,
+                start_ns=cut.start_ns,
+                end_ns=cut.end_ns,
                 sample_rate=MODEL_SAMPLE_RATE,
                 channels=MODEL_CHANNELS,
-                n_samples=int(prepared.samples.shape[1]),
-                samples=np.ascontiguousarray(prepared.samples, dtype="<f4").tobytes(),
-                sqi=dict(prepared.sqi),
-                quality_ok=prepared.quality_ok,
+                n_samples=int(result.samples.shape[1]),
+                samples=np.ascontiguousarray(result.samples, dtype="<f4").tobytes(),
+                sqi=dict(result.sqi),
+                quality_ok=result.quality_ok,
                 gap_fraction=0.0,
-                seq_first=seq_first,
-                seq_last=seq_last,
-                received_ns=received,
+                seq_first=cut.seq_first,
+                seq_last=cut.seq_last,
+                received_ns=cut.received_ns,
                 emitted_ns=now_ns,
-            )
-        )
-        out.quality.append(
-            QualityRecord(
+            ))
+            quality.append(QualityRecord(
                 kind=WINDOW,
-                clinic_id=state.clinic_id,
-                device_id=device_id,
-                start_ns=start,
-                end_ns=end,
-                seq_first=seq_first,
-                seq_last=seq_last,
-                sqi=dict(prepared.sqi),
-                quality_ok=prepared.quality_ok,
-                inputs=prepared.inputs,
-                heart_rate_bpm=prepared.heart_rate_bpm,
-                problems=prepared.problems,
+                clinic_id=cut.clinic_id,
+                device_id=cut.device_id,
+                start_ns=cut.start_ns,
+                end_ns=cut.end_ns,
+                seq_first=cut.seq_first,
+                seq_last=cut.seq_last,
+                sqi=dict(result.sqi),
+                quality_ok=result.quality_ok,
+                inputs=result.inputs,
+                heart_rate_bpm=result.heart_rate_bpm,
+                problems=result.problems,
                 emitted_ns=now_ns,
-            )
-        )
+            ))
+        return windows, quality
 
     @staticmethod
     def _record(

@@ -14,8 +14,8 @@ HOP_NS = 2_000_000_000
 
 
 def feed(det: AlertDetector, sbp: np.ndarray, dbp: np.ndarray, quality: np.ndarray | None = None,
-         start: int = 0) -> list[tuple[int, object]]:
-    events = []
+         start: int = 0) -> list[tuple[int, Alert]]:
+    events: list[tuple[int, Alert]] = []
     for i, (s, d) in enumerate(zip(sbp, dbp, strict=True)):
         ok = True if quality is None else bool(quality[i])
         for e in det.update(Reading("clinic-1", "dev-1", (start + i + 1) * HOP_NS, float(s), float(d),
@@ -43,12 +43,12 @@ def test_acc_aha_categories(sbp: float, dbp: float, category: str) -> None:
 def test_crisis_episode_raises_once_and_resolves_once() -> None:
     s, d = noisy([(200, 122.0), (60, 192.0), (150, 122.0)], [(200, 78.0), (60, 105.0), (150, 78.0)])
     events = feed(AlertDetector(AlertConfig()), s, d)
-    kinds = [(e.kind, e.state) for _, e in events]  # type: ignore[attr-defined]
+    kinds = [(e.kind, e.state) for _, e in events]
     assert kinds == [("crisis", "raised"), ("crisis", "resolved")]
     (i_raise, raised), (i_resolve, resolved) = events
     assert 200 + 4 <= i_raise <= 200 + 10  # persistence: not before 5 windows, not much later
-    assert resolved.alert_id == raised.alert_id  # type: ignore[attr-defined]
-    assert raised.severity == "critical" and raised.baseline_sbp == pytest.approx(122, abs=3)  # type: ignore
+    assert resolved.alert_id == raised.alert_id
+    assert raised.severity == "critical" and raised.baseline_sbp == pytest.approx(122, abs=3)
     assert i_resolve >= 260 + 10  # hysteresis: resolves only after the calm windows
 
 
@@ -65,7 +65,7 @@ def test_fluctuating_around_threshold_does_not_storm() -> None:
     s = 178 + 8 * np.sin(2 * np.pi * t / 40)
     d = np.full(600, 95.0)
     events = feed(AlertDetector(AlertConfig()), s, d)
-    crisis_raised = [e for _, e in events if e.kind == "crisis" and e.state == "raised"]  # type: ignore
+    crisis_raised = [e for _, e in events if e.kind == "crisis" and e.state == "raised"]
     assert len(crisis_raised) <= 1
 
 
@@ -86,7 +86,7 @@ def test_baseline_is_robust_to_outliers_and_frozen_during_an_episode() -> None:
     base = det.baseline
     assert base is not None and base[0] == pytest.approx(118, abs=3)
     events = feed(det, s[300:], d[300:], start=300)
-    assert {e.kind for _, e in events} >= {"deviation", "stage2"}  # type: ignore[attr-defined]
+    assert {e.kind for _, e in events} >= {"deviation", "stage2"}
     # the episode did not drag the baseline up
     assert det.baseline is not None and det.baseline[0] == pytest.approx(118, abs=3)
 
@@ -95,7 +95,7 @@ def test_replayed_estimates_raise_nothing_twice() -> None:
     s, d = noisy([(100, 120.0), (40, 195.0)], [(100, 75.0), (40, 110.0)])
     det = AlertDetector(AlertConfig())
     first = feed(det, s, d)
-    assert [e.state for _, e in first] == ["raised"]  # type: ignore[attr-defined]
+    assert [e.state for _, e in first] == ["raised"]
     assert feed(det, s, d) == []  # same window times again: ignored
 
 
@@ -105,26 +105,26 @@ def test_state_round_trips_through_bytes_and_continues_identically() -> None:
     feed(a, s[:230], d[:230])
     b = AlertDetector.from_bytes(a.to_bytes(), AlertConfig())
     assert b.active == a.active == ("crisis",)
-    rest_a = [(i, e.state, e.alert_id) for i, e in feed(a, s[230:], d[230:], start=230)]  # type: ignore
-    rest_b = [(i, e.state, e.alert_id) for i, e in feed(b, s[230:], d[230:], start=230)]  # type: ignore
+    rest_a = [(i, e.state, e.alert_id) for i, e in feed(a, s[230:], d[230:], start=230)]
+    rest_b = [(i, e.state, e.alert_id) for i, e in feed(b, s[230:], d[230:], start=230)]
     assert rest_a == rest_b and rest_a[0][1] == "resolved"
     with pytest.raises(DecodeError):
         AlertDetector.from_bytes(b"not a state")
 
 
-def test_events_map_to_alert_messages_and_estimates_are_accepted() -> None:
+def test_events_are_alert_messages_and_estimates_are_accepted() -> None:
     det = AlertDetector(AlertConfig(persistence=2))
-    event = None
+    msg = None
     for i in range(3):
         est = Estimate(clinic_id="c1", device_id="d1", window_start_ns=i * HOP_NS, window_end_ns=(i + 4) * HOP_NS,
                        sbp=200.0, dbp=125.0, sbp_sd=4.0, dbp_sd=3.0, anomaly_prob=0.9, sqi=0.9, quality_ok=True,
                        inputs="ecg+ppg", model_version="v")
         for e in det.update(est):
-            event = e
-    assert event is not None
-    msg = event.to_message()
+            msg = e
     assert isinstance(msg, Alert)
+    assert bp_category(msg.sbp, msg.dbp) == "crisis"  # the category is derived, not carried
     back = decode_alert(encode_json(msg))
+    assert back == msg
     assert back.kind == "crisis" and back.state == "raised" and back.device_id == "d1"
     assert back.sbp == pytest.approx(200.0) and 0.5 < back.confidence <= 1.0
     assert "crisis" in back.message
@@ -133,5 +133,5 @@ def test_events_map_to_alert_messages_and_estimates_are_accepted() -> None:
 def test_hypotension_is_detected() -> None:
     s, d = noisy([(100, 115.0), (50, 78.0), (50, 115.0)], [(100, 72.0), (50, 45.0), (50, 72.0)])
     events = feed(AlertDetector(AlertConfig()), s, d)
-    assert ("hypotension", "raised") in [(e.kind, e.state) for _, e in events]  # type: ignore[attr-defined]
-    assert ("deviation", "raised") not in [(e.kind, e.state) for _, e in events]  # type: ignore[attr-defined]
+    assert ("hypotension", "raised") in [(e.kind, e.state) for _, e in events]
+    assert ("deviation", "raised") not in [(e.kind, e.state) for _, e in events]

@@ -356,6 +356,29 @@ def test_json_messages_round_trip(encode: Callable[[Any], bytes], decode: Callab
     assert decode(payload) == message
 
 
+#: An alert exactly as the alerting service encoded it before the detector returned ``Alert`` directly
+#: (captured from that code); alerts already in Kafka must keep decoding.
+ENCODED_ALERT_V1 = (
+    b'{"v":1,"alert_id":"d1:crisis:8000000000","clinic_id":"c1","device_id":"d1","kind":"crisis",'
+    b'"severity":"critical","state":"raised","started_ns":8000000000,"event_ns":10000000000,"sbp":200.0,'
+    b'"dbp":125.0,"baseline_sbp":null,"baseline_dbp":null,"n_windows":2,"confidence":1.0,'
+    b'"message":"hypertensive crisis (>180 and/or >120): smoothed 200/125 mmHg over 2 consecutive good windows"}'
+)
+
+
+def test_alert_encoded_by_earlier_code_still_decodes_and_re_encodes_identically() -> None:
+    alert = m.decode_alert(ENCODED_ALERT_V1)
+    assert (alert.alert_id, alert.kind, alert.state, alert.sbp, alert.dbp) == (
+        "d1:crisis:8000000000", "crisis", "raised", 200.0, 125.0)
+    assert alert.baseline_sbp is None and alert.n_windows == 2 and alert.confidence == 1.0
+    assert m.encode_json(alert) == ENCODED_ALERT_V1
+    # Only the identity fields are required: optional ones added over time all have defaults.
+    minimal = m.decode_alert(b'{"alert_id":"a","clinic_id":"c","device_id":"d","kind":"crisis",'
+                             b'"severity":"critical","state":"raised","started_ns":1,"event_ns":2,'
+                             b'"sbp":181.0,"dbp":100.0}')
+    assert minimal.v == 1 and minimal.message == "" and minimal.baseline_dbp is None
+
+
 def test_window_with_wrong_sample_bytes_or_channel_is_rejected() -> None:
     short = _window(samples=b"\x00" * 12)
     assert _reason(lambda: m.decode_window(m.encode_window(short))) == "sample_count_mismatch"

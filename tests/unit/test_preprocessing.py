@@ -154,3 +154,34 @@ def test_bandpass_equals_scipy_sosfiltfilt() -> None:
         sos, _ = _bandpass(channel, 125.0)
         np.testing.assert_allclose(bandpass(x, channel), signal.sosfiltfilt(sos, x, padtype="odd", padlen=375),
                                    atol=1e-9)
+
+
+def test_a_batch_prepares_each_window_as_if_it_were_alone() -> None:
+    from bpstream.shared.preprocessing import preprocess_windows
+
+    clean = np.stack([ecg_train(125.0), pulse_train(125.0)])
+    gappy = clean.copy()
+    gappy[1, 100:400] = np.nan
+    noisy = clean + np.random.default_rng(2).normal(0, 2.0, clean.shape)
+    batch = [
+        (clean, ("ecg", "ppg"), 125.0),
+        (np.full((2, 1000), 2.5), ("ecg", "ppg"), 125.0),  # flat
+        (gappy, ("ecg", "ppg"), 125.0),
+        (np.zeros((1, 500)), ("ppg",), 125.0),  # not a window: its error takes its place
+        (noisy, ("ecg", "ppg"), 125.0),
+        (clean[1:], ("ppg",), 125.0),
+        (np.stack([ecg_train(250.0), pulse_train(250.0)]), ("ecg", "ppg"), 250.0),
+        (clean[::-1], ("ppg", "ecg"), 125.0),
+    ]
+    results = preprocess_windows(batch)
+    assert len(results) == len(batch)
+    assert isinstance(results[3], PreprocessError) and results[3].reason == "bad_length"
+    for (samples, channels, fs), got in zip(batch, results, strict=True):
+        if isinstance(got, PreprocessError):
+            continue
+        alone = preprocess_window(samples, channels, fs)
+        np.testing.assert_array_equal(got.samples, alone.samples)
+        assert (got.sqi, got.quality_ok, got.inputs, got.missing, got.heart_rate_bpm, got.problems) == (
+            alone.sqi, alone.quality_ok, alone.inputs, alone.missing, alone.heart_rate_bpm, alone.problems)
+    assert results[0].quality_ok and not results[1].quality_ok and not results[2].quality_ok  # type: ignore[union-attr]
+    np.testing.assert_array_equal(results[7].samples, results[0].samples)  # type: ignore[union-attr]

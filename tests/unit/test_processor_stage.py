@@ -102,13 +102,13 @@ def test_clean_stream_emits_a_window_every_hop_on_the_device_time_grid(clean: li
 def test_window_holds_exactly_the_samples_of_its_device_time_span(clean: list[bytes]) -> None:
     captured: list[tuple[np.ndarray, tuple[str, ...], float]] = []
 
-    def capture(samples: np.ndarray, channels: object, fs: float) -> object:
-        from bpstream.shared.preprocessing import preprocess_window
+    def capture(windows: list[tuple[np.ndarray, tuple[str, ...], float]]) -> object:
+        from bpstream.shared.preprocessing import preprocess_windows
 
-        captured.append((np.array(samples), tuple(channels), fs))  # type: ignore[arg-type]
-        return preprocess_window(samples, channels, fs)  # type: ignore[arg-type]
+        captured.extend((np.array(samples), tuple(channels), fs) for samples, channels, fs in windows)
+        return preprocess_windows(windows)
 
-    _, outputs = run(clean, reassembler=Reassembler(StageConfig(prepare=capture)))  # type: ignore[arg-type]
+    _, outputs = run(clean, reassembler=Reassembler(StageConfig(prepare_many=capture)))  # type: ignore[arg-type]
     windows = windows_of(outputs)
     raw = np.concatenate([decode_chunk(p).samples for p in clean], axis=1)
     for w, (samples, channels, fs) in zip(windows, captured, strict=True):

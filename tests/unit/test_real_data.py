@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bpstream.training.real_data import DEFAULT_REAL_DATA, abp_beats, load_mimic3, load_ppg_bp
+from bpstream.simulators.errors import DataFormatError
+from bpstream.simulators.realdata import read_mimic_csv
+from bpstream.training.real_data import DEFAULT_REAL_DATA, RealDataError, abp_beats, load_mimic3, load_ppg_bp
 
 pytestmark = pytest.mark.unit
 MIMIC = DEFAULT_REAL_DATA / "mimic3-windows"
@@ -42,6 +44,37 @@ def test_abp_beats_recover_sbp_and_dbp_and_screen_artefacts() -> None:
     assert counts2["gap"] + counts2["range"] + counts2["pinned"] + counts2["jump"] >= 2
     assert np.all(s2 < 200)
     assert not np.any((t2 > 500 / fs - 0.5) & (t2 < 700 / fs))
+
+
+def test_one_mimic_csv_parser_serves_the_replay_and_training(tmp_path: Path) -> None:
+    # Columns in a different order than usual, an empty cell, an unparsable one and a short row.
+    n = 2500
+    abp = synthetic_abp(seconds=n / 125.0)
+    rows = [f"{i / 125.0},{abp[i]:.3f},{0.1 * i:.2f},{0.5 + i % 7}" for i in range(n)]
+    rows[10] = "0.08,,1.0,0.5"
+    rows[11] = "0.088,120.0,oops,0.5"
+    rows[12] = "0.096,121.0"
+    folder = tmp_path / "mimic3-windows"
+    (folder / "records").mkdir(parents=True)
+    path = folder / "records" / "rec1.csv"
+    path.write_text("Time,ABP,II,PLETH\n" + "\n".join(rows) + "\n")
+
+    rec = read_mimic_csv(path)
+    (loaded,) = load_mimic3(folder)
+    assert rec.name == "rec1" and loaded.subject_id == "mimic3-rec1"
+    assert np.array_equal(rec.ecg, loaded.channels["ecg"], equal_nan=True)
+    assert np.array_equal(rec.ppg, loaded.channels["ppg"], equal_nan=True)
+    assert np.isnan(rec.abp[10]) and np.isnan(rec.ecg[11]) and np.isnan(rec.ecg[12]) and np.isnan(rec.ppg[12])
+    assert rec.abp[11] == 120.0 and rec.ppg[13] == pytest.approx(0.5 + 13 % 7)
+    assert loaded.info["gap_fraction"] == pytest.approx({"II": 2 / n, "PLETH": 1 / n, "ABP": 1 / n})
+    assert len(loaded.beat_sbp) > 20
+
+    # The same format error, typed for each caller.
+    path.write_text("Time,II,ABP\n0,1,2\n")
+    with pytest.raises(DataFormatError, match="PLETH"):
+        read_mimic_csv(path)
+    with pytest.raises(RealDataError, match="PLETH"):
+        load_mimic3(folder)
 
 
 @needs_data
