@@ -62,13 +62,13 @@ def resolve_runtime(runtime: str, device: str) -> tuple[Runtime, str]:
 
 
 def make_loader(settings: InferenceSettings) -> functools.partial[BpModel]:
-    """``load_model`` with the runtime and device from settings (and a thread limit for torch)."""
+    """``load_model`` with the runtime and device from settings (and the thread limit for torch or ONNX)."""
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
     runtime, device = resolve_runtime(settings.runtime, settings.device)
-    return functools.partial(load_model, runtime=runtime, device=device)
+    return functools.partial(load_model, runtime=runtime, device=device, threads=settings.threads)
 
 
 class InferenceService:

@@ -26,9 +26,9 @@ class InferenceSettings(ServiceSettings):
     #: ``auto`` uses CUDA when torch sees a GPU; ``cpu``, ``cuda`` or ``cuda:N`` force one.
     device: str = "auto"
     #: Largest batch scored in one model call.
-    batch_max_size: int = Field(default=64, ge=1)
+    batch_max_size: int = Field(default=256, ge=1)
     #: Longest a window waits for its batch to fill before it is scored anyway.
-    batch_max_wait_ms: int = Field(default=100, ge=0)
+    batch_max_wait_ms: int = Field(default=20, ge=0)
     #: How often the models root is checked for a newer version (0 disables hot reload).
     reload_poll_s: float = Field(default=10.0, ge=0)
     #: Threads torch / ONNX Runtime may use for one batch (0 = the library's default).

@@ -20,7 +20,7 @@ class WriterSettings(ServiceSettings):
     #: Largest number of Kafka records written in one InfluxDB request.
     batch_max_size: int = Field(default=5000, ge=1)
     #: Longest a record waits for its batch to fill before it is written anyway.
-    batch_max_wait_ms: int = Field(default=200, ge=0)
+    batch_max_wait_ms: int = Field(default=50, ge=0)
     #: How often consumer lag of every pipeline group is stored as ``pipeline`` points (0 disables).
     pipeline_interval_s: float = Field(default=5.0, ge=0)
     #: ``instance`` tag of the pipeline points.

@@ -135,8 +135,15 @@ class _TorchScriptModel(BpModel):
 
 
 class _OnnxModel(BpModel):
-    def __init__(self, directory: Path, metadata: ModelMetadata, device: str) -> None:
+    def __init__(self, directory: Path, metadata: ModelMetadata, device: str, threads: int = 0) -> None:
         import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # ONNX Runtime's workers spin while waiting for work by default. On a machine shared with the other
+        # services that spinning takes CPU from them for no gain (measured: see docs/BENCHMARKS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
@@ -145,7 +152,8 @@ class _OnnxModel(BpModel):
             providers.insert(0, "CUDAExecutionProvider")
         super().__init__(directory, metadata, "onnx", device)
         try:
-            self._session = ort.InferenceSession(str(directory / ONNX_FILE), providers=providers)
+            self._session = ort.InferenceSession(str(directory / ONNX_FILE), sess_options=options,
+                                                 providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ModelError(f"cannot load {directory / ONNX_FILE}: {exc}", reason="bad_artefact") from exc
         self._input = self._session.get_inputs()[0].name
@@ -156,10 +164,12 @@ class _OnnxModel(BpModel):
         return result
 
 
-def load_model(path: Path | None = None, runtime: Runtime = "torchscript", device: str = "auto") -> BpModel:
+def load_model(path: Path | None = None, runtime: Runtime = "torchscript", device: str = "auto",
+               threads: int = 0) -> BpModel:
     """Load a model version folder, or the newest version under a models root (default: the committed one).
 
-    ``device="auto"`` uses CUDA when available. Raises ``ModelError`` on any problem.
+    ``device="auto"`` uses CUDA when available; ``threads`` limits ONNX Runtime's intra-op threads (0: its
+    default, one per core). Raises ``ModelError`` on any problem.
     """
     directory = latest_model_dir(DEFAULT_MODELS_ROOT if path is None else Path(path))
     metadata = ModelMetadata.read(directory)
@@ -167,5 +177,5 @@ def load_model(path: Path | None = None, runtime: Runtime = "torchscript", devic
     if runtime == "torchscript":
         return _TorchScriptModel(directory, metadata, resolved)
     if runtime == "onnx":
-        return _OnnxModel(directory, metadata, resolved)
+        return _OnnxModel(directory, metadata, resolved, threads)
     raise ModelError(f"unknown runtime {runtime!r}; use 'torchscript' or 'onnx'", reason="bad_runtime")
