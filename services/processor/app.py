@@ -3,16 +3,17 @@
 One agent consumes ``signals.raw`` (raw bytes, keyed by device) in batches. Per device, the state of the pure
 stage (:mod:`bpstream.services.processor.stage`) lives in a Faust Table whose compacted changelog is
 co-partitioned with ``signals.raw``. The processor writes that changelog itself, through the idempotent
-producer, only after the batch's windows and quality records were acknowledged, and before the batch's offsets
-can be committed; at start it also reads the newest state per device itself (Faust's restore was seen to
-return an older record). Delivery is at-least-once: a replay can re-emit an identical window, never lose one,
-and sinks treat ``(device, end_ns)`` as identity.
+producer: the table is updated only after a batch's windows and quality records were acknowledged, and what
+changed reaches the changelog at checkpoints (every ``checkpoint_interval_s``, and on SIGTERM). At start it
+reads the newest state per device itself (Faust's restore was seen to return an older record).
 
 The processor does not rely on Faust for *which* records it saw. Next to the device states, the changelog holds
-one offset mark per partition: the ``signals.raw`` offset after the last record whose results are stored. A
-record below the mark is a replay and is passed over; a record above it means the consumer skipped records
-(Faust drops and acks records it fetched before a rebalance or while flow control was paused; a restart then
-resumes after them), so the processor reads the skipped range back from Kafka itself and processes it first.
+one offset mark per partition: the ``signals.raw`` offset after the last record the stored states include. A
+record below the mark is a replay and is passed over; a record above it means records in between were not
+processed into the stored state (a crash after the last checkpoint, or a consumer that skipped records: Faust
+drops and acks records it fetched before a rebalance or while flow control was paused), so the processor reads
+that range back from Kafka itself and processes it first. Delivery is at-least-once: a replay can re-emit an
+identical window, never lose one, and sinks treat ``(device, end_ns)`` as identity.
 
 Topics are created here explicitly (``ensure_topics``) with the partitions from ``bpstream.shared.topics``,
 and Faust is not allowed to declare any; its web server is disabled (the service's own HealthServer serves
@@ -111,6 +112,11 @@ class ProcessorMetrics:
             "Records the consumer skipped that the processor read back from Kafka and processed",
             registry=registry,
         )
+        self.checkpoints = Counter(
+            "bpstream_processor_checkpoints_total",
+            "Writes of the changed device states and offset marks to the changelog",
+            registry=registry,
+        )
         self.send_retries = Counter(
             "bpstream_processor_send_retries_total",
             "Batches whose outputs Kafka refused and that were sent again",
@@ -167,14 +173,14 @@ async def create_topics(settings: ProcessorSettings) -> None:
 class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
     """The per-device state table. Faust recovers it from its changelog at start and on rebalance.
 
-    The processor writes the changelog itself (``store``), through the idempotent producer, and waits for
-    Kafka's acknowledgement before the batch's offsets may be committed. Faust's own changelog path sends
-    through a buffer whose ``flush`` returns after a 0.1 s stall with records still queued, so offsets could
-    be committed ahead of the state, and a restart would then skip chunks: a silent gap.
+    The processor writes the changelog itself (``Processor.checkpoint``), through the idempotent producer,
+    with offset marks that say where a restart must resume. Faust's own changelog path sends through a buffer
+    whose ``flush`` returns after a 0.1 s stall with records still queued, and its committed offsets say
+    nothing about which records the stored states include.
     """
 
     def store_locally(self, key: bytes, value: bytes) -> None:
-        """Update the in-memory store only (the changelog record was already acknowledged)."""
+        """Update the in-memory store only (the changelog gets it at the next checkpoint)."""
         self.data[key] = value
 
 
@@ -251,6 +257,10 @@ class Processor:
         self.restored: dict[bytes, bytes] = {}
         #: Monotonic time of the last processed batch (or of the last moment the worker was not ready).
         self.last_progress = time.monotonic()
+        #: Table keys (device states, offset marks) changed since the last checkpoint, with their partition.
+        self._unsaved: dict[bytes, int] = {}
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_now = False
         self.app.agent(self.raw_topic, name="reassemble")(self._agent)
 
     def ready(self) -> bool:
@@ -277,11 +287,10 @@ class Processor:
     async def handle_batch(self, records: list[RawRecord]) -> None:
         """Process a batch of ``signals.raw`` records; return once everything they produced is in Kafka.
 
-        Device states and the partitions' offset marks are written to the table (and so its changelog) only
-        after the windows and quality records computed from them were acknowledged: after a crash the state is
-        never ahead of what was published, so a replay can duplicate a window (same identity) but never lose
-        one. In each changelog partition the mark is sent after the states, so a stored mark implies stored
-        states.
+        Device states and the partitions' offset marks are updated in the table only after the windows and
+        quality records computed from them were acknowledged, and reach the changelog at the next checkpoint:
+        after a crash the stored state is never ahead of what was published, and the records after it are
+        read back, so a replay can duplicate a window (same identity) but never lose one.
         """
         started = time.perf_counter()
         states: dict[bytes, tuple[DeviceState, int]] = {}
@@ -299,23 +308,45 @@ class Processor:
             sends.extend(self._finish(cuts))
         if sends:
             await self._send_until_accepted(sends)
-        if states or marks:
-            # Keyed by device, the default partitioner puts a state in the same partition number as the
-            # device's signals.raw records (equal partition counts), which is where Faust's recovery looks.
-            encoded = {key: encode_state(state) for key, (state, _partition) in states.items()}
-            encoded_marks = {partition: str(offset).encode() for partition, offset in marks.items()}
-            state_sends: list[Output] = [(self.changelog, value, key) for key, value in encoded.items()]
-            state_sends += [(self.changelog, value, offset_mark_key(partition), partition)
-                            for partition, value in encoded_marks.items()]
-            await self._send_until_accepted(state_sends)
-            for key, value in encoded.items():
-                self.table.store_locally(key, value)
-            for partition, value in encoded_marks.items():
-                self.table.store_locally(offset_mark_key(partition), value)
+        # The live state is the table; the changelog gets it at checkpoints (marks after states), which is
+        # what a restart resumes from: records after the checkpoint's marks are read back from Kafka.
+        for key, (state, partition) in states.items():
+            self.table.store_locally(key, encode_state(state))
+            self._unsaved[key] = partition
+        for partition, offset in marks.items():
+            self.table.store_locally(offset_mark_key(partition), str(offset).encode())
+            self._unsaved[offset_mark_key(partition)] = partition
+        if self._checkpoint_now or time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s:
+            await self.checkpoint()
         self.last_progress = time.monotonic()
         self.metrics.chunks.inc(len(records))
         self.metrics.devices.set(sum(1 for key in self.table if not is_offset_mark(key)))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def checkpoint(self) -> None:
+        """Write every device state and offset mark changed since the last checkpoint to the changelog.
+
+        Keyed by device, the default partitioner puts a state in the same partition number as the device's
+        signals.raw records (equal partition counts), which is where Faust's recovery looks; marks go to their
+        partition explicitly, after the states, so a stored mark implies the states it covers are stored.
+        """
+        unsaved, self._unsaved = self._unsaved, {}
+        self._checkpoint_now = False
+        self._last_checkpoint = time.monotonic()
+        if not unsaved:
+            return
+        sends: list[Output] = []
+        marks: list[Output] = []
+        for key, partition in unsaved.items():
+            value = self.table.get(key)
+            if value is None:
+                continue
+            if is_offset_mark(key):
+                marks.append((self.changelog, value, key, partition))
+            else:
+                sends.append((self.changelog, value, key))
+        await self._send_until_accepted(sends + marks)
+        self.metrics.checkpoints.inc()
 
     def _offset_mark(self, partition: int) -> int | None:
         """The next ``signals.raw`` offset to process in a partition, from the table (None: never recorded)."""
@@ -341,13 +372,17 @@ class Processor:
             partition = record.partition
             if partition not in expected:
                 mark = self._offset_mark(partition)
+                if mark is None:
+                    # A partition without a mark: record one at once, so a crash before the next regular
+                    # checkpoint cannot leave the committed offsets ahead of any stored state.
+                    self._checkpoint_now = True
                 expected[partition] = record.offset if mark is None else mark
             if record.offset < expected[partition]:
                 self.metrics.replayed.inc()
                 continue
             if record.offset > expected[partition]:
                 missing = await self._read_back(partition, expected[partition], record.offset)
-                log.warning("the consumer skipped records; read them back from Kafka",
+                log.warning("records after the stored state were not delivered; read them back from Kafka",
                             extra={"partition": partition, "from_offset": expected[partition],
                                    "to_offset": record.offset, "records": len(missing)})
                 self.metrics.read_back.inc(len(missing))

@@ -98,6 +98,9 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
                     await watchdog
             processor.started = False
             await processor.app.stop()
+            # The agent finished its last batch; store what changed since the last checkpoint, so a restart
+            # resumes exactly here (nothing re-read, nothing emitted twice).
+            await processor.checkpoint()
             log.info("processor stopped")
 
 
