@@ -12,7 +12,9 @@ The SQI (0 = unusable, 1 = clean) combines the checks that catch what wearables 
 * clipping: many samples pinned at the window's minimum or maximum;
 * heavy motion noise: the filtered signal is not periodic (weak autocorrelation at the beat period) or most of
   the raw power is outside the physiological band;
-* implausible heart rate: the dominant period is outside 30-220 bpm.
+* implausible heart rate: the dominant period is outside 30-220 bpm;
+* a PPG rhythm that is not the heart's: with a usable ECG, the PPG's heart rate differs from the ECG's by more
+  than 25% (a loose sensor moving at 0.6-3 Hz looks like a clean pulse train otherwise).
 
 A missing channel (or an ECG too poor to use) is all zeros and listed in ``missing``; the model was trained with
 ECG dropped out, so a PPG-only window is a valid input (``inputs == "ppg"``). A window without usable PPG is
@@ -48,6 +50,9 @@ NORM_CLIP: Final = 8.0
 LENGTH_TOLERANCE: Final = 0.1
 #: More than this fraction of missing (NaN) samples in a channel makes it unusable.
 MAX_GAP_FRACTION: Final = 0.1
+#: With a usable ECG, a PPG whose heart rate differs from the ECG's by more than this fraction is unusable:
+#: its rhythm is not the pulse (motion at 0.6-3 Hz passes the band-pass and looks periodic).
+MAX_HR_DISAGREEMENT: Final = 0.25
 PREPROCESSING_VERSION: Final = "1"
 
 
@@ -89,6 +94,7 @@ def preprocessing_parameters() -> dict[str, object]:
         "normalisation": f"per-window per-channel z-score, clipped to +/-{NORM_CLIP}",
         "sqi_threshold": SQI_THRESHOLD,
         "hr_range_bpm": [HR_MIN_BPM, HR_MAX_BPM],
+        "max_ppg_ecg_hr_disagreement": MAX_HR_DISAGREEMENT,
     }
 
 
@@ -337,13 +343,14 @@ def _prepare_channel(x: npt.NDArray[np.float64], name: str, fs: float) -> _Prepa
     return _PreparedChannel(filtered, scores, rates, problems)
 
 
-def preprocess_windows(windows: Sequence[RawWindow]) -> list[PreparedWindow | PreprocessError]:
+def preprocess_windows(windows: Sequence[RawWindow], *, max_hr_disagreement: float = MAX_HR_DISAGREEMENT,
+                       ) -> list[PreparedWindow | PreprocessError]:
     """Prepare many raw windows at once; the result for each is what :func:`preprocess_window` gives it.
 
     Windows with the same channels, rate and length are stacked and prepared with array operations over the
     stack (per-call overhead, not arithmetic, dominates a single 8 s window). A window that is not a window
     at all gets its ``PreprocessError`` in its place instead of raising, so one bad window cannot fail the
-    others.
+    others. ``max_hr_disagreement`` is there to measure the SQI without that check (``inf``); keep the default.
     """
     results: list[PreparedWindow | PreprocessError | None] = [None] * len(windows)
     arrays: dict[int, npt.NDArray[np.float64]] = {}
@@ -361,21 +368,26 @@ def preprocess_windows(windows: Sequence[RawWindow]) -> list[PreparedWindow | Pr
         prepared = {name: _prepare_channel(stack[:, row, :], name, fs) for row, name in enumerate(names)}
         normalised = {name: normalise(p.filtered).astype(np.float32) for name, p in prepared.items()}
         for k, i in enumerate(members):
-            results[i] = _assemble(names, prepared, normalised, k)
+            results[i] = _assemble(names, prepared, normalised, k, max_hr_disagreement)
     return [r if r is not None else PreprocessError("not prepared") for r in results]
 
 
 def _assemble(names: tuple[str, ...], prepared: dict[str, _PreparedChannel],
-              normalised: dict[str, npt.NDArray[np.float32]], k: int) -> PreparedWindow:
+              normalised: dict[str, npt.NDArray[np.float32]], k: int, max_hr_disagreement: float) -> PreparedWindow:
     """The :class:`PreparedWindow` of row ``k`` of a prepared stack."""
     out = np.zeros((len(MODEL_CHANNELS), WINDOW_SAMPLES), dtype=np.float32)
     sqi: dict[str, float] = {}
     hrs: dict[str, float | None] = {}
     problems: list[str] = []
     used: list[str] = []
+    ecg_rate = prepared["ecg"].rates[k] if "ecg" in prepared and prepared["ecg"].scores[k] >= SQI_THRESHOLD else None
     for name in names:
         channel = prepared[name]
         score = channel.scores[k]
+        rate = channel.rates[k]
+        if name == "ppg" and ecg_rate and rate and abs(rate / ecg_rate - 1.0) > max_hr_disagreement:
+            score = 0.0
+            channel.problems[k] = [*channel.problems[k], "ppg_ecg_hr_mismatch"]
         sqi[name] = round(float(score), 4)
         hrs[name] = channel.rates[k]
         if score >= SQI_THRESHOLD:

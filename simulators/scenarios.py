@@ -81,8 +81,11 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ScenarioSpec("sensor_off", "PPG sensor and ECG leads coming off, dropouts and saturation",
                      _NORMAL_SBP, _NORMAL_DBP, (80, 165), (45, 100), sensor_off_per_min=0.8,
                      dropout_per_min=0.8, saturation_per_min=0.3),
-        ScenarioSpec("noisy", "a poorly attached sensor: strong baseline wander, powerline and muscle noise",
-                     (110, 135), (68, 85), (85, 178), (50, 112), noise_scale=4.0, noisy=True),
+        # A loose sensor also moves against the skin: the wander, powerline and muscle noise alone are mostly
+        # outside the pulse band and filtered away, the motion artefacts are not (so the SQI sees this sensor).
+        ScenarioSpec("noisy", "a poorly attached sensor: strong baseline wander, powerline and muscle noise, and "
+                     "frequent motion artefacts", (110, 135), (68, 85), (85, 178), (50, 112), motion_per_min=4.0,
+                     noise_scale=4.0, noisy=True),
     )
 }
 #: Fleet and dataset mixes (names that expand into one scenario per device).

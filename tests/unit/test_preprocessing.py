@@ -185,3 +185,15 @@ def test_a_batch_prepares_each_window_as_if_it_were_alone() -> None:
             alone.sqi, alone.quality_ok, alone.inputs, alone.missing, alone.heart_rate_bpm, alone.problems)
     assert results[0].quality_ok and not results[1].quality_ok and not results[2].quality_ok  # type: ignore[union-attr]
     np.testing.assert_array_equal(results[7].samples, results[0].samples)  # type: ignore[union-attr]
+
+
+def test_a_ppg_rhythm_that_is_not_the_hearts_is_flagged() -> None:
+    # A loose sensor moving at 1.8 Hz looks like a clean pulse train at 108 bpm; the ECG says 72 bpm.
+    window = np.stack([ecg_train(125.0, hr=72.0), pulse_train(125.0, hr=108.0)])
+    w = preprocess_window(window, ["ecg", "ppg"], 125.0)
+    assert not w.quality_ok and w.sqi["ppg"] == 0.0 and "ppg_ecg_hr_mismatch" in w.problems
+    agreeing = preprocess_window(np.stack([ecg_train(125.0, hr=72.0), pulse_train(125.0, hr=74.0)]),
+                                 ["ecg", "ppg"], 125.0)
+    assert agreeing.quality_ok and agreeing.inputs == "ecg+ppg"
+    # Without an ECG there is nothing to compare with: the same PPG alone is scored.
+    assert preprocess_window(window[1:], ["ppg"], 125.0).quality_ok

@@ -231,3 +231,21 @@ def test_bad_names_and_impossible_parameters_raise_clear_typed_errors() -> None:
         simulate_cohort(2, 1, seed=-1)
     with pytest.raises(InvalidParameterError):
         FleetConfig("127.0.0.1", 1883, devices=3, duration_s=10, scenarios=("stage1",))
+
+
+def test_the_noisy_sensor_is_seen_by_the_signal_quality_index() -> None:
+    # The demo's noisy sensor must show up as poor windows, while a clean patient's windows all pass.
+    from bpstream.shared.preprocessing import preprocess_windows
+    from bpstream.simulators.cohort import build_cohort
+
+    engine = build_cohort(["noisy", "normotensive"], 2, 11, 185.0).engine
+    blocks = [engine.step(1.0) for _ in range(180)]
+    ecg = np.concatenate([b.ecg for b in blocks], axis=1)
+    ppg = np.concatenate([b.ppg for b in blocks], axis=1)
+    poor = []
+    for device in range(2):
+        windows = [(np.stack([ecg[device, s:s + 1000], ppg[device, s:s + 1000]]), ("ecg", "ppg"), 125.0)
+                   for s in range(0, ecg.shape[1] - 1000, 250)]
+        poor.append(np.mean([not r.quality_ok for r in preprocess_windows(windows)]))  # type: ignore[union-attr]
+    assert poor[0] >= 0.25, poor
+    assert poor[1] == 0.0, poor
