@@ -75,10 +75,11 @@ async def read_latest_by_key(settings: KafkaSettings, topic: KafkaTopic) -> dict
     return latest
 
 
-async def read_range(settings: KafkaSettings, topic: KafkaTopic, partition: int, start: int,
-                     end: int) -> list[ConsumerRecord[bytes, bytes]]:
+async def read_range(settings: KafkaSettings, topic: KafkaTopic, partition: int, start: int | None = None,
+                     end: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
     """The records of one partition with ``start <= offset < end`` (no consumer group, nothing committed).
 
+    ``start=None`` reads from the partition's first record, ``end=None`` to its end at the time of the call.
     Offsets that hold no record (compacted away, transaction markers) are simply absent from the result.
     """
     name = topic_name(topic, settings.topic_prefix)
@@ -88,14 +89,19 @@ async def read_range(settings: KafkaSettings, topic: KafkaTopic, partition: int,
         await reader.start()
         reader.assign([tp])
         last = (await reader.end_offsets([tp]))[tp]
-        stop = min(end, last)
-        reader.seek(tp, start)
+        stop = last if end is None else min(end, last)
+        first = (await reader.beginning_offsets([tp]))[tp]
+        low = first if start is None else max(start, first)
         out: list[ConsumerRecord[bytes, bytes]] = []
+        if low >= stop:
+            return out
+        reader.seek(tp, low)
         while await reader.position(tp) < stop:
             batches = await reader.getmany(tp, timeout_ms=1000)
-            out.extend(r for r in batches.get(tp, []) if start <= r.offset < end)
+            out.extend(r for r in batches.get(tp, []) if low <= r.offset < stop)
         return out
     except KafkaError as exc:
-        raise TransientError(f"reading {name}[{partition}] {start}..{end}: {exc!r}", reason="kafka_retriable") from exc
+        raise TransientError(f"reading {name}[{partition}] {start}..{end}: {exc!r}",
+                             reason="kafka_retriable") from exc
     finally:
         await reader.stop()

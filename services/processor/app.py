@@ -4,8 +4,9 @@ One agent consumes ``signals.raw`` (raw bytes, keyed by device) in batches. Per 
 stage (:mod:`bpstream.services.processor.stage`) lives in a Faust Table whose compacted changelog is
 co-partitioned with ``signals.raw``. The processor writes that changelog itself, through the idempotent
 producer: the table is updated only after a batch's windows and quality records were acknowledged, and what
-changed reaches the changelog at checkpoints (every ``checkpoint_interval_s``, and on SIGTERM). At start it
-reads the newest state per device itself (Faust's restore was seen to return an older record).
+changed reaches the changelog at checkpoints (every ``checkpoint_interval_s``, on SIGTERM, and when a
+rebalance revokes partitions). The first time it meets a partition after start or after a rebalance, it reads
+that partition's states from the changelog itself (Faust's restore was seen to return an older record).
 
 The processor does not rely on Faust for *which* records it saw. Next to the device states, the changelog holds
 one offset mark per partition: the ``signals.raw`` offset after the last record the stored states include. A
@@ -30,11 +31,12 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.kafka_tools import read_latest_by_key, read_range
+from bpstream.services.kafka_tools import read_range
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
@@ -253,8 +255,12 @@ class Processor:
         self.app.tables.add(self.table)
         self.changelog = changelog_topic(settings)
         self.started = False
-        #: Device states read from the changelog by the processor itself at start (``restore_states``).
-        self.restored: dict[bytes, bytes] = {}
+        #: Incremented when partitions are revoked (a rebalance starts); a partition whose state was read from the
+        #: changelog in an older generation is read again before its next record is processed.
+        self._generation = 0
+        self._partition_generation: dict[int, int] = {}
+        #: Serialises batches and checkpoints (a rebalance checkpoints while a batch may still be finishing).
+        self.lock = asyncio.Lock()
         #: Monotonic time of the last processed batch (or of the last moment the worker was not ready).
         self.last_progress = time.monotonic()
         #: Table keys (device states, offset marks) changed since the last checkpoint, with their partition.
@@ -262,6 +268,7 @@ class Processor:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_now = False
         self.app.agent(self.raw_topic, name="reassemble")(self._agent)
+        self.app.on_partitions_revoked.connect(self._on_partitions_revoked)
 
     def ready(self) -> bool:
         """Readiness: the worker started and holds its partitions (not in the middle of a rebalance)."""
@@ -276,13 +283,17 @@ class Processor:
             # Faust acks a taken batch when the stream closes, processed or not, and then commits its offsets.
             # So a stop in the middle of a batch first finishes the batch: no offset is ever committed for a
             # record whose windows and state were not written (that would be a silent gap after restart).
-            batch = asyncio.ensure_future(self.handle_batch(records))
+            batch = asyncio.ensure_future(self._locked_batch(records))
             try:
                 await asyncio.shield(batch)
             except asyncio.CancelledError:
                 await batch
                 raise
             yield None
+
+    async def _locked_batch(self, records: list[RawRecord]) -> None:
+        async with self.lock:
+            await self.handle_batch(records)
 
     async def handle_batch(self, records: list[RawRecord]) -> None:
         """Process a batch of ``signals.raw`` records; return once everything they produced is in Kafka.
@@ -350,10 +361,7 @@ class Processor:
 
     def _offset_mark(self, partition: int) -> int | None:
         """The next ``signals.raw`` offset to process in a partition, from the table (None: never recorded)."""
-        key = offset_mark_key(partition)
-        stored = self.restored.pop(key, None)
-        if stored is None:
-            stored = self.table.get(key)
+        stored = self.table.get(offset_mark_key(partition))
         try:
             return int(stored) if stored is not None else None
         except ValueError:
@@ -371,6 +379,8 @@ class Processor:
         for record in records:
             partition = record.partition
             if partition not in expected:
+                if self._partition_generation.get(partition) != self._generation:
+                    await self._restore_partition(partition)
                 mark = self._offset_mark(partition)
                 if mark is None:
                     # A partition without a mark: record one at once, so a crash before the next regular
@@ -470,21 +480,41 @@ class Processor:
                 sends.extend(self._outputs([], [error]))
         return sends
 
-    async def restore_states(self) -> int:
-        """Read the newest state of every device from the changelog, before the worker starts.
+    async def _on_partitions_revoked(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        """A rebalance starts: store everything held in memory, so whichever worker gets a partition next
+        (this one included) resumes from the changelog exactly where this one stopped."""
+        async with self.lock:
+            await self.checkpoint()
+            self._generation += 1
 
-        Faust restores the table from the same topic, but has been seen to come back with an older record of a
-        device (the windows after it then went missing); the first time this process meets a device, the
-        state read here wins. Later reads use the table, which this process keeps current.
+    async def _restore_partition(self, partition: int) -> None:
+        """Load a partition's device states and offset mark from the changelog into the table.
+
+        Done by the processor itself the first time it meets the partition after start or after a rebalance:
+        Faust's own recovery was seen to restore an older record of a device, and a state older than the
+        partition's mark would silently skip records.
         """
-        latest = await read_latest_by_key(self.settings.kafka, self.changelog)
-        self.restored = {key.encode(): value for key, value in latest.items()}
-        return len(self.restored)
+        async def read() -> dict[bytes, bytes]:
+            latest: dict[bytes, bytes] = {}
+            for record in await read_range(self.settings.kafka, self.changelog, partition):
+                if record.key is None:
+                    continue
+                if record.value is None:
+                    latest.pop(record.key, None)
+                else:
+                    latest[record.key] = record.value
+            return latest
+
+        latest = await retry_async(read, attempts=60, cap_s=5.0, what="read device states")
+        for key, value in latest.items():
+            self.table.store_locally(key, value)
+            self._unsaved.pop(key, None)
+        self._partition_generation[partition] = self._generation
+        log.info("device states read from the changelog",
+                 extra={"partition": partition, "devices": sum(1 for k in latest if not is_offset_mark(k))})
 
     def _load(self, key: bytes) -> DeviceState | None:
-        stored = self.restored.pop(key, None)
-        if stored is None:
-            stored = self.table.get(key)
+        stored = self.table.get(key)
         if stored is None:
             return None
         try:

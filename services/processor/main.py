@@ -82,8 +82,6 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     async with processor.producer, HealthServer(settings.metrics_host, port, processor.ready):
         # The app is started as a service inside this loop rather than through faust.Worker, which would
         # take over the process's signal handlers and block until it is stopped.
-        restored = await retry_async(processor.restore_states, attempts=10, cap_s=5.0, what="read device states")
-        log.info("device states read from the changelog", extra={"devices": restored})
         await processor.app.start()
         processor.started = True
         log.info("processor started", extra={"app_id": processor.app.conf.id})
@@ -100,7 +98,8 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
             await processor.app.stop()
             # The agent finished its last batch; store what changed since the last checkpoint, so a restart
             # resumes exactly here (nothing re-read, nothing emitted twice).
-            await processor.checkpoint()
+            async with processor.lock:
+                await processor.checkpoint()
             log.info("processor stopped")
 
 

@@ -7,6 +7,7 @@ The processor runs as a real process (``python -m bpstream.services.processor.ma
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -299,3 +300,56 @@ async def test_records_the_consumer_skipped_are_read_back_from_kafka(
     assert f"bpstream_processor_read_back_records_total {float(skip * len(skipped))}" in metrics
     assert 'bpstream_processor_stream_events_total{kind="gap"}' not in metrics
     assert processor.terminate() == 0
+
+
+async def test_a_worker_joining_and_a_worker_crashing_mid_stream_lose_no_window(
+        processor: ProcessorProcess, kafka_settings: KafkaSettings, service_env: dict[str, str],
+        tmp_path: Path) -> None:
+    # Two workers in one group: the second joins mid-stream (partitions move to it), then the first crashes
+    # (its partitions move back). Each move must resume from the changelog without losing a window.
+    seconds, devices = 45, [f"dev-{i}" for i in range(12)]
+    streams = {d: payloads(d, simulated_samples(seconds, seed=60 + i)) for i, d in enumerate(devices)}
+    second = ProcessorProcess({**processor.env, "BPSTREAM_PROCESSOR_DATA_DIR": str(tmp_path / "faust-2"),
+                               "BPSTREAM_PROCESSOR_METRICS_PORT": str(free_port())}, tmp_path / "processor-2.log")
+
+    def logs() -> str:
+        return processor.log_tail() + "\n--- second worker ---\n" + second.log_tail()
+
+    async def stream(first: int, last: int, pause_s: float) -> None:
+        for k in range(first, last):
+            await produce(kafka_settings, [(d, streams[d][k]) for d in devices])
+            await asyncio.sleep(pause_s)
+
+    def chunks_done(worker: ProcessorProcess) -> float:
+        try:
+            text = worker.get("/metrics").text
+        except httpx.HTTPError:
+            return 0.0
+        found = [line for line in text.splitlines() if line.startswith("bpstream_processor_chunks_total ")]
+        return float(found[0].split()[1]) if found else 0.0
+
+    try:
+        await produce(kafka_settings, [(d, streams[d][k]) for k in range(15) for d in devices])
+        processor.start()
+        async with Reader(kafka_settings, WINDOWS) as reader:
+            await reader.until(lambda vs: all(len(windows_by_device(vs).get(d, [])) >= len(expected_ends(0, 14))
+                                              for d in devices), 120, "first windows", logs)
+            second.start()
+            # In real time: the join's rebalance happens while the stream goes on.
+            await stream(15, 30, pause_s=1.0)
+            assert chunks_done(second) > 0, f"the second worker never got a partition\n{logs()}"
+            processor.kill()
+            await stream(30, seconds, pause_s=0.3)
+            full = expected_ends(0, seconds - 1)
+            values = await reader.until(lambda vs: all(len({w[0] for w in windows_by_device(vs).get(d, [])})
+                                                       >= len(full) for d in devices), 180, "all windows", logs)
+        got = windows_by_device(values)
+        for device in devices:
+            assert sorted({end for end, *_ in got[device]}) == full, device
+            versions: dict[int, set[tuple[int, int, bytes]]] = {}
+            for end, first_seq, last_seq, data in got[device]:
+                versions.setdefault(end, set()).add((first_seq, last_seq, data))
+            assert all(len(v) == 1 for v in versions.values()), device  # a replayed window is identical
+        assert second.terminate() == 0
+    finally:
+        second.ensure_stopped()
