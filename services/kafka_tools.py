@@ -30,14 +30,18 @@ async def topic_partitions(admin: AIOKafkaAdminClient, names: Sequence[str]) -> 
     return partitions
 
 
-async def read_topic(settings: KafkaSettings, topic: KafkaTopic) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of a topic from its beginning to its end at the time of the call (no consumer group)."""
+async def read_topic(settings: KafkaSettings, topic: KafkaTopic,
+                     only: Sequence[int] | None = None) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of a topic (or of its partitions ``only``) from its beginning to its end at the time of the
+    call (no consumer group)."""
     name = topic_name(topic, settings.topic_prefix)
     admin = AIOKafkaAdminClient(**settings.client_kwargs())
     reader = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
     try:
         await admin.start()
         partitions = await topic_partitions(admin, [name])
+        if only is not None:
+            partitions = [tp for tp in partitions if tp.partition in only]
         await reader.start()
         if not partitions:
             return []

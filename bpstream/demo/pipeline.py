@@ -27,6 +27,38 @@ ENV_PREFIX = {"bridge": "BPSTREAM_BRIDGE_", "processor": "BPSTREAM_PROCESSOR_",
               "inference": "BPSTREAM_INFERENCE_", "alerting": "BPSTREAM_ALERTING_", "writer": "BPSTREAM_WRITER_"}
 
 
+def end_mqtt_session(host: str, port: int, client_id: str, timeout_s: float = 10.0) -> bool:
+    """Discard a stopped client's persistent MQTT session (connect with clean start and no expiry, leave).
+
+    A bridge keeps its session for an hour so a restart loses nothing; after a run has ended for good, a
+    session left behind would make the broker queue every later message of every clinic for a client that
+    never returns (up to ``max_queued_messages`` each), slowing every later run on the same broker.
+    """
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    connected = threading.Event()
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    client.on_connect = lambda *_args: connected.set()
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    try:
+        client.connect(host, port, clean_start=True, properties=props)
+    except OSError:
+        return False
+    client.loop_start()
+    try:
+        return connected.wait(timeout_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,7 +245,11 @@ class Pipeline:
         raise TimeoutError(f"pipeline did not drain within {timeout_s:.0f} s: lags {lags}")
 
     def stop(self) -> dict[str, int | None]:
-        return self.supervisor.stop_all()
+        codes = self.supervisor.stop_all()
+        client_id = self.supervisor.per_service_env.get("bridge", {}).get("BPSTREAM_BRIDGE_CLIENT_ID")
+        if client_id:
+            end_mqtt_session(self.config.mqtt_host, self.config.mqtt_port, client_id)
+        return codes
 
     async def __aenter__(self) -> Pipeline:
         return self

@@ -29,14 +29,14 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.kafka_tools import read_range
+from bpstream.services.kafka_tools import read_range, read_topic
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
@@ -376,11 +376,13 @@ class Processor:
         expected: dict[int, int] = {}
         advanced: dict[int, int] = {}
         out: list[RawRecord] = []
+        stale = sorted({r.partition for r in records} - {p for p, g in self._partition_generation.items()
+                                                          if g == self._generation})
+        if stale:
+            await self.restore_partitions(stale)
         for record in records:
             partition = record.partition
             if partition not in expected:
-                if self._partition_generation.get(partition) != self._generation:
-                    await self._restore_partition(partition)
                 mark = self._offset_mark(partition)
                 if mark is None:
                     # A partition without a mark: record one at once, so a crash before the next regular
@@ -487,16 +489,16 @@ class Processor:
             await self.checkpoint()
             self._generation += 1
 
-    async def _restore_partition(self, partition: int) -> None:
-        """Load a partition's device states and offset mark from the changelog into the table.
+    async def restore_partitions(self, partitions: Sequence[int]) -> None:
+        """Load partitions' device states and offset marks from the changelog into the table (one read).
 
-        Done by the processor itself the first time it meets the partition after start or after a rebalance:
-        Faust's own recovery was seen to restore an older record of a device, and a state older than the
-        partition's mark would silently skip records.
+        Done by the processor itself for all partitions before it starts, and again for a partition the first
+        time it meets it after a rebalance: Faust's own recovery was seen to restore an older record of a
+        device, and a state older than the partition's mark would silently skip records.
         """
         async def read() -> dict[bytes, bytes]:
             latest: dict[bytes, bytes] = {}
-            for record in await read_range(self.settings.kafka, self.changelog, partition):
+            for record in await read_topic(self.settings.kafka, self.changelog, only=partitions):
                 if record.key is None:
                     continue
                 if record.value is None:
@@ -509,9 +511,10 @@ class Processor:
         for key, value in latest.items():
             self.table.store_locally(key, value)
             self._unsaved.pop(key, None)
-        self._partition_generation[partition] = self._generation
+        for partition in partitions:
+            self._partition_generation[partition] = self._generation
         log.info("device states read from the changelog",
-                 extra={"partition": partition, "devices": sum(1 for k in latest if not is_offset_mark(k))})
+                 extra={"partitions": list(partitions), "devices": sum(1 for k in latest if not is_offset_mark(k))})
 
     def _load(self, key: bytes) -> DeviceState | None:
         stored = self.table.get(key)

@@ -80,6 +80,8 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     processor = Processor(settings)
     port = settings.metrics_port if settings.metrics_port > 0 else -1
     async with processor.producer, HealthServer(settings.metrics_host, port, processor.ready):
+        # Every partition's states up front, in one read, so the first records are not held up by it.
+        await processor.restore_partitions(range(SIGNALS_RAW.partitions))
         # The app is started as a service inside this loop rather than through faust.Worker, which would
         # take over the process's signal handlers and block until it is stopped.
         await processor.app.start()
