@@ -145,6 +145,25 @@ def windows_by_device(values: list[bytes]) -> dict[str, list[tuple[int, int, int
         out.setdefault(w.device_id, []).append((w.end_ns, w.seq_first, w.seq_last, w.samples))
     return out
 
+async def process_first_seconds(processor: ProcessorProcess, kafka_settings: KafkaSettings, reader: Reader,
+                                streams: dict[str, list[bytes]], seconds: int,
+                                log: Callable[[], str] | None = None) -> None:
+    """Produce the first ``seconds`` chunks of every device, start the processor, wait for all their windows."""
+    await produce(kafka_settings, [(d, streams[d][k]) for k in range(seconds) for d in streams])
+    processor.start()
+    want = len(expected_ends(0, seconds - 1))
+    await reader.until(lambda vs: all(len(windows_by_device(vs).get(d, [])) >= want for d in streams), 120,
+                       "first windows", log or processor.log_tail)
+
+
+async def every_window(reader: Reader, devices: list[str], seconds: int, log: Callable[[], str],
+                       timeout_s: float = 120) -> list[bytes]:
+    """Read until every device has a window at every grid point of its first ``seconds`` chunks."""
+    full = len(expected_ends(0, seconds - 1))
+    return await reader.until(lambda vs: all(len({w[0] for w in windows_by_device(vs).get(d, [])}) >= full
+                                             for d in devices), timeout_s, "all windows", log)
+
+
 
 async def test_windows_in_device_time_with_duplicates_reordering_gaps_and_bad_records(
         processor: ProcessorProcess, kafka_settings: KafkaSettings) -> None:
@@ -216,12 +235,8 @@ async def test_restart_mid_stream_resumes_from_the_changelog_without_losing_wind
     seconds, cut = 40, 20
     devices = [f"dev-{i}" for i in range(3)]
     streams = {d: payloads(d, simulated_samples(seconds, seed=20 + i)) for i, d in enumerate(devices)}
-    await produce(kafka_settings, [(d, streams[d][k]) for k in range(cut) for d in devices])
-    processor.start()
-    first_half = expected_ends(0, cut - 1)
     async with Reader(kafka_settings, WINDOWS) as reader:
-        await reader.until(lambda vs: all(len(windows_by_device(vs).get(d, [])) >= len(first_half)
-                                          for d in devices), 120, "first windows", processor.log_tail)
+        await process_first_seconds(processor, kafka_settings, reader, streams, cut)
         if how == "sigterm":
             assert processor.terminate() == 0
         else:
@@ -231,9 +246,7 @@ async def test_restart_mid_stream_resumes_from_the_changelog_without_losing_wind
         await produce(kafka_settings, [(d, streams[d][k]) for k in range(cut, seconds) for d in devices])
         processor.start()
         full = expected_ends(0, seconds - 1)
-        values = await reader.until(lambda vs: all(len(set(w[0] for w in windows_by_device(vs).get(d, [])))
-                                                   >= len(full) for d in devices), 120, "all windows",
-                                    processor.log_tail)
+        values = await every_window(reader, devices, seconds, processor.log_tail)
     got = windows_by_device(values)
     for device in devices:
         ends = [end for end, *_ in got[device]]
@@ -277,12 +290,8 @@ async def test_records_the_consumer_skipped_are_read_back_from_kafka(
     seconds, cut, skip = 40, 20, 5
     devices = [f"dev-{i}" for i in range(3)]
     streams = {d: payloads(d, simulated_samples(seconds, seed=40 + i)) for i, d in enumerate(devices)}
-    await produce(kafka_settings, [(d, streams[d][k]) for k in range(cut) for d in devices])
-    processor.start()
-    first_half = expected_ends(0, cut - 1)
     async with Reader(kafka_settings, WINDOWS) as reader:
-        await reader.until(lambda vs: all(len(windows_by_device(vs).get(d, [])) >= len(first_half)
-                                          for d in devices), 120, "first windows", processor.log_tail)
+        await process_first_seconds(processor, kafka_settings, reader, streams, cut)
         assert processor.terminate() == 0
         await produce(kafka_settings, [(d, streams[d][k]) for k in range(cut, seconds) for d in devices])
         group = f"{kafka_settings.topic_prefix}bpstream-processor"
@@ -290,9 +299,7 @@ async def test_records_the_consumer_skipped_are_read_back_from_kafka(
         assert skipped, "no partition had records to skip"
         processor.start()
         full = expected_ends(0, seconds - 1)
-        values = await reader.until(lambda vs: all(len(set(w[0] for w in windows_by_device(vs).get(d, [])))
-                                                   >= len(full) for d in devices), 120, "all windows",
-                                    processor.log_tail)
+        values = await every_window(reader, devices, seconds, processor.log_tail)
     got = windows_by_device(values)
     for device in devices:
         assert sorted({end for end, *_ in got[device]}) == full, device
@@ -329,11 +336,8 @@ async def test_a_worker_joining_and_a_worker_crashing_mid_stream_lose_no_window(
         return float(found[0].split()[1]) if found else 0.0
 
     try:
-        await produce(kafka_settings, [(d, streams[d][k]) for k in range(15) for d in devices])
-        processor.start()
         async with Reader(kafka_settings, WINDOWS) as reader:
-            await reader.until(lambda vs: all(len(windows_by_device(vs).get(d, [])) >= len(expected_ends(0, 14))
-                                              for d in devices), 120, "first windows", logs)
+            await process_first_seconds(processor, kafka_settings, reader, streams, 15, logs)
             second.start()
             # In real time: the join's rebalance happens while the stream goes on.
             await stream(15, 30, pause_s=1.0)
@@ -341,8 +345,7 @@ async def test_a_worker_joining_and_a_worker_crashing_mid_stream_lose_no_window(
             processor.kill()
             await stream(30, seconds, pause_s=0.3)
             full = expected_ends(0, seconds - 1)
-            values = await reader.until(lambda vs: all(len({w[0] for w in windows_by_device(vs).get(d, [])})
-                                                       >= len(full) for d in devices), 180, "all windows", logs)
+            values = await every_window(reader, devices, seconds, logs, timeout_s=180)
         got = windows_by_device(values)
         for device in devices:
             assert sorted({end for end, *_ in got[device]}) == full, device
