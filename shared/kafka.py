@@ -11,8 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -22,6 +21,7 @@ from aiokafka.structs import RecordMetadata
 from bpstream.shared.errors import BpstreamError, TransientError
 from bpstream.shared.messages import DeadLetter, encode_json
 from bpstream.shared.retry import retry_async
+from bpstream.shared.service import Component
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import SIGNALS_DLQ, KafkaTopic, topic_name
 
@@ -73,7 +73,7 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[KafkaTopic]) -
         await admin.close()
 
 
-class KafkaProducer:
+class KafkaProducer(Component):
     """Idempotent producer (acks=all): a send returns only once Kafka has the record."""
 
     def __init__(self, settings: KafkaSettings, *, linger_ms: int = 5, max_request_size: int = 4 * 1024 * 1024,
@@ -97,13 +97,6 @@ class KafkaProducer:
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def send(self, topic: KafkaTopic, value: bytes, key: str | bytes | None = None,
                    timestamp_ms: int | None = None) -> RecordMetadata:
@@ -141,7 +134,7 @@ class KafkaProducer:
         await self.send(SIGNALS_DLQ, encode_json(record), key=stage)
 
 
-class KafkaConsumer:
+class KafkaConsumer(Component):
     """Consumer-group member with manual commits: commit only after the outputs were accepted downstream."""
 
     def __init__(self, settings: KafkaSettings, topics: Sequence[KafkaTopic], group_id: str, *,
@@ -170,13 +163,6 @@ class KafkaConsumer:
     async def stop(self) -> None:
         await self._consumer.stop()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def getmany(self, timeout_ms: int, max_records: int | None = None) -> list[ConsumerRecord[bytes, bytes]]:
         """Fetch up to ``max_records`` records across partitions, waiting at most ``timeout_ms``."""
@@ -211,7 +197,7 @@ class KafkaConsumer:
         return total
 
 
-class RecoveringProducer:
+class RecoveringProducer(Component):
     """``KafkaProducer`` that survives a broker restart: retriable errors are retried with backoff, and an
     error the idempotent producer cannot recover from by itself (OutOfOrderSequenceNumber, UnknownProducerId
     after the broker lost producer state) replaces the producer with a fresh one and sends again.
@@ -234,13 +220,6 @@ class RecoveringProducer:
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def _call(self, operation: Callable[[KafkaProducer], Awaitable[T]], what: str) -> T:
         for attempt in range(self.recreate_attempts + 1):

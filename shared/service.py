@@ -1,6 +1,9 @@
-"""Process entry helper: run a service's async main until SIGTERM/SIGINT, then let it drain and exit.
+"""Process entry helper and the shape of long-lived components.
 
-The service's main receives a ``stop`` event; it finishes the batch in hand, flushes, commits and returns.
+``run_until_signalled`` runs a service's async main until SIGTERM/SIGINT, then lets it drain and exit: the
+main receives a ``stop`` event; it finishes the batch in hand, flushes, commits and returns. ``Component`` is
+the base of every long-lived part (Kafka clients, the health server, the bridge): explicit ``start`` and
+``stop``, and usable as an async context manager that calls them.
 
 >>> import asyncio
 >>> async def main(stop: asyncio.Event) -> None:
@@ -12,7 +15,30 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self
+
+
+class Component(ABC):
+    """A long-lived component: ``start`` it, ``stop`` it, or use it as ``async with component:``."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Acquire connections and resources; raise if the component cannot work."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Drain, flush and release everything ``start`` acquired."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from bpstream.shared.service import Component
 
 log = logging.getLogger(__name__)
 
 
-class HealthServer:
+class HealthServer(Component):
     """A minimal HTTP/1.1 server for /metrics, /healthz and /readyz (port 0 disables it)."""
 
     def __init__(self, host: str, port: int, ready: Callable[[], bool],
@@ -44,13 +44,6 @@ class HealthServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

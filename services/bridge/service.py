@@ -19,8 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,6 +34,7 @@ from bpstream.shared.errors import BpstreamError
 from bpstream.shared.kafka import KafkaProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, DeadLetter, encode_json
 from bpstream.shared.retry import retry_async
+from bpstream.shared.service import Component
 from bpstream.shared.topics import (
     SIGNALS_DLQ,
     SIGNALS_RAW,
@@ -89,7 +89,7 @@ class Incoming:
     qos: int
 
 
-class Bridge:
+class Bridge(Component):
     """Async context manager: connects Kafka and MQTT on enter; :meth:`run` forwards until ``stop`` is set."""
 
     def __init__(self, settings: BridgeSettings, *, registry: CollectorRegistry = REGISTRY) -> None:
@@ -150,14 +150,6 @@ class Bridge:
             await self.producer.stop()
         log.info("bridge stopped", extra={"left_unacknowledged": self._queue.qsize()})
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     # -- MQTT (paho's thread) -------------------------------------------------------------------------------
 
