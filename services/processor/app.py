@@ -41,7 +41,6 @@ from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
     WINDOW,
-    WINDOW_ERROR,
     DeviceState,
     QualityRecord,
     Reassembler,
@@ -124,7 +123,8 @@ class ProcessorMetrics:
             "Batches whose outputs Kafka refused and that were sent again",
             registry=registry,
         )
-        self.devices = Gauge("bpstream_processor_devices", "Devices with state in this worker", registry=registry)
+        self.devices = Gauge("bpstream_processor_devices", "Devices with state in this worker (counted at checkpoints)",
+                             registry=registry)
         self.batch_seconds = Histogram(
             "bpstream_processor_batch_seconds",
             "Time to process one batch of chunks, including Kafka acknowledging its outputs",
@@ -331,7 +331,6 @@ class Processor:
             await self.checkpoint()
         self.last_progress = time.monotonic()
         self.metrics.chunks.inc(len(records))
-        self.metrics.devices.set(sum(1 for key in self.table if not is_offset_mark(key)))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     async def checkpoint(self) -> None:
@@ -358,6 +357,8 @@ class Processor:
                 sends.append((self.changelog, value, key))
         await self._send_until_accepted(sends + marks)
         self.metrics.checkpoints.inc()
+        # Counted here rather than per batch: walking the table is O(devices).
+        self.metrics.devices.set(sum(1 for key in self.table if not is_offset_mark(key)))
 
     def _offset_mark(self, partition: int) -> int | None:
         """The next ``signals.raw`` offset to process in a partition, from the table (None: never recorded)."""
@@ -475,11 +476,7 @@ class Processor:
             try:
                 sends.extend(self._outputs(*self.reassembler.finish([cut], now)))
             except Exception as exc:
-                error = QualityRecord(kind=WINDOW_ERROR, clinic_id=cut.clinic_id, device_id=cut.device_id,
-                                      start_ns=cut.start_ns, end_ns=cut.end_ns, seq_first=cut.seq_first,
-                                      seq_last=cut.seq_last, quality_ok=False,
-                                      detail=f"internal_error: {type(exc).__name__}: {exc}"[:1000], emitted_ns=now)
-                sends.extend(self._outputs([], [error]))
+                sends.extend(self._outputs([], [cut.error(f"internal_error: {type(exc).__name__}: {exc}", now)]))
         return sends
 
     async def _on_partitions_revoked(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:

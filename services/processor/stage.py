@@ -176,6 +176,12 @@ class WindowCut:
     channels: tuple[str, ...]
     sample_rate: float
 
+    def error(self, detail: str, now_ns: int) -> QualityRecord:
+        """The ``window_error`` record of a cut window that could not be prepared."""
+        return QualityRecord(kind=WINDOW_ERROR, clinic_id=self.clinic_id, device_id=self.device_id,
+                             start_ns=self.start_ns, end_ns=self.end_ns, seq_first=self.seq_first,
+                             seq_last=self.seq_last, quality_ok=False, detail=detail[:1000], emitted_ns=now_ns)
+
 
 @dataclass(slots=True)
 class StageOutput:
@@ -482,10 +488,7 @@ class Reassembler:
         quality: list[QualityRecord] = []
         for cut, result in zip(cuts, prepared, strict=True):
             if isinstance(result, PreprocessError):
-                quality.append(QualityRecord(
-                    kind=WINDOW_ERROR, clinic_id=cut.clinic_id, device_id=cut.device_id, start_ns=cut.start_ns,
-                    end_ns=cut.end_ns, seq_first=cut.seq_first, seq_last=cut.seq_last, quality_ok=False,
-                    detail=f"{result.reason}: {result}", emitted_ns=now_ns))
+                quality.append(cut.error(f"{result.reason}: {result}", now_ns))
                 continue
             windows.append(Window(
                 clinic_id=cut.clinic_id,
