@@ -2,10 +2,17 @@
 BIN := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test-unit test-integration test demo services-up services-down services-status
+UV := .venv/bin/uv
+
+.PHONY: setup lock lint test-unit test-integration test demo services-up services-down services-status
 
 setup:  ## Install Debian packages, the Python environment and the Kafka jars (idempotent)
 	bash scripts/bootstrap.sh
+
+lock:  ## Re-resolve uv.lock from pyproject and export the images' constraints from it (then run `make test`)
+	$(UV) lock $(UV_LOCK_ARGS)
+	$(UV) export --frozen --no-hashes --no-emit-project --no-header --no-annotate --format requirements.txt \
+		-o deploy/docker/requirements/constraints.txt
 
 lint:  ## ruff on everything, mypy --strict on shared/ and services/
 	$(BIN)/ruff check .

@@ -23,24 +23,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
+# uv itself is pinned: the lock file format and the resolver are uv's, so a new uv cannot change what installs.
+UV_VERSION=0.13.8
 PYTHON="${PYTHON:-python3}"
-if command -v uv >/dev/null 2>&1; then
+if [ "$(uv --version 2>/dev/null | cut -d' ' -f2)" = "$UV_VERSION" ]; then
     UV=(uv)
 else
-    "$PYTHON" -m uv --version >/dev/null 2>&1 || "$PYTHON" -m pip install --quiet uv
+    if [ "$("$PYTHON" -m uv --version 2>/dev/null | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+        "$PYTHON" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
+    fi
     UV=("$PYTHON" -m uv)
 fi
 
-if [ ! -x .venv/bin/python ]; then
-    "${UV[@]}" venv .venv -p 3.11 || "${UV[@]}" venv .venv -p "$(command -v python3.11 || command -v "$PYTHON")"
-fi
-
-# Reinstall only when the dependency list changed (or the project is not installed yet).
-stamp=.venv/.bpstream-deps
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# Exactly the versions in the committed uv.lock (--frozen: never re-resolve, fail if pyproject and lock disagree
+# instead of silently installing something else). Re-synced only when the lock changed.
+stamp=.venv/.bpstream-lock
+want="$(cat uv.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import bpstream" 2>/dev/null; then
-    echo "bootstrap: installing the project and its dependencies into .venv"
-    "${UV[@]}" pip install -p .venv/bin/python -e '.[dev]'
+    echo "bootstrap: installing the locked dependencies and the project into .venv (uv sync --frozen)"
+    "${UV[@]}" sync --frozen --extra dev --python "$(command -v python3.11 || command -v "$PYTHON")"
     echo "$want" > "$stamp"
 fi
 

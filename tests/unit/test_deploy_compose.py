@@ -215,29 +215,44 @@ def test_compose_builds_every_image_from_an_existing_dockerfile(model: dict[str,
             assert (ROOT / service["build"]["dockerfile"]).is_file(), name
 
 
-def _pins(path: Path) -> dict[str, str]:
-    pins: dict[str, str] = {}
+def _requirement_names(path: Path) -> set[str]:
+    names: set[str] = set()
     for raw in path.read_text().splitlines():
         text = raw.split("#", 1)[0].strip()
         if text.startswith("-r "):
-            pins.update(_pins(path.parent / text[3:].strip()))
-        elif text:
-            name, _, version = text.partition("==")
-            assert version, f"{path.name}: {text} is not pinned"
-            pins[name.lower()] = version
-    return pins
+            names |= _requirement_names(path.parent / text[3:].strip())
+        elif text and not text.startswith("-"):
+            assert not re.search(r"[<>=!~]", text), f"{path.name}: {text}: versions come from constraints.txt only"
+            names.add(text.lower())
+    return names
 
 
-def test_image_requirements_match_the_project_pins() -> None:
+def test_image_constraints_are_the_lock_file_exported() -> None:
+    # One source of versions: uv.lock. constraints.txt must be exactly its export (`make lock` writes both).
+    exported = subprocess.run(
+        [str(Path(sys.executable).parent / "uv"), "export", "--frozen", "--no-hashes", "--no-emit-project",
+         "--no-header", "--no-annotate", "--format", "requirements.txt"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    committed = (DOCKER_DIR / "requirements" / "constraints.txt").read_text()
+    assert committed == exported, "deploy/docker/requirements/constraints.txt drifted from uv.lock: run `make lock`"
+
+
+def test_every_image_installs_only_locked_project_dependencies() -> None:
     import tomllib
     from importlib.metadata import version
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    constraints = dict(line.split(" ;")[0].split("==") for line in
+                       (DOCKER_DIR / "requirements" / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert "-c constraints.txt" in (DOCKER_DIR / "requirements" / "common.txt").read_text()
     for path in sorted((DOCKER_DIR / "requirements").glob("*.txt")):
-        for name, pinned in _pins(path).items():
+        if path.name == "constraints.txt":
+            continue
+        for name in _requirement_names(path):
             assert name in declared, f"{path.name}: {name} is not a project dependency"
-            assert version(name) == pinned, f"{path.name}: {name}=={pinned}, tests run {version(name)}"
+            # The environment the tests run in is the lock's (bootstrap: uv sync --frozen).
+            assert version(name) == constraints[name], f"{path.name}: {name} locked {constraints[name]}"
 
 
 def test_build_context_keeps_what_the_dockerfiles_copy_and_nothing_else() -> None:
