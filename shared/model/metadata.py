@@ -41,6 +41,12 @@ class ModelMetadata(msgspec.Struct, kw_only=True):
     training_data: dict[str, Any] = msgspec.field(default_factory=dict)
     training: dict[str, Any] = msgspec.field(default_factory=dict)
     validation_metrics: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Interval half-widths per mode and calibration gains (``calibration.IntervalSpec.to_dict``).
+    intervals: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Ranges of input features seen in training (e.g. ``{"heart_rate_bpm": [lo, hi]}``), for OOD checks.
+    input_ranges: dict[str, list[float]] = msgspec.field(default_factory=dict)
+    #: sha256 of each artefact file, checked before a service loads the version.
+    sha256: dict[str, str] = msgspec.field(default_factory=dict)
     torch_version: str = ""
     files: dict[str, str] = msgspec.field(default_factory=dict)
 
