@@ -28,8 +28,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     @app.command("train")
     def train(
-        data: Annotated[Path | None, typer.Option(help="Simulated dataset folder (default: simulate a cohort).")]
-        = None,
+        data: Annotated[Path | None, typer.Option(
+            help="../shared/data/cinc2015 (real ICU records: the product model) or a simulated dataset folder "
+                 "(default: simulate a cohort).")] = None,
+        study: Annotated[Path | None, typer.Option(
+            help="Real data: the `bpstream evaluate` report of the cross-validation, whose out-of-fold residuals "
+                 "set the interval half-widths and calibration gains.")] = None,
         subjects: Annotated[int, typer.Option(help="Subjects to simulate when --data is not given.")] = 900,
         minutes: Annotated[float, typer.Option(help="Minutes per simulated subject.")] = 4.0,
         data_seed: Annotated[int, typer.Option(help="Seed of the simulated training cohort.")] = 0,
@@ -57,6 +61,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Train the ResNet-LSTM (and the CNN baseline) with early stopping on subject-disjoint validation."""
         _threads(threads)
+        from bpstream.training.real_data import is_cinc2015
+
+        if data is not None and is_cinc2015(data):
+            from bpstream.training.real_train import run_real_training
+
+            run = run_real_training(data, out, study_dir=study, seed=seed, log=typer.echo)
+            if export_to is not None:
+                from bpstream.training.export import export_run
+
+                export_run(run, export_to, log=typer.echo)
+            return
         from bpstream.training.train import RunSpec, TrainConfig, run_training
 
         spec = RunSpec(data=data, n_subjects=subjects, minutes=minutes, data_seed=data_seed, hop_s=hop,
@@ -95,13 +110,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
         data: Annotated[list[Path], typer.Option(
-            help="Data folder: a simulated dataset, ../shared/data/mimic3-windows or ../shared/data/ppg-bp. "
-                 "Repeat for several (each gets a subfolder of the report).")],
+            help="Data folder: ../shared/data/cinc2015 (record-grouped cross-validation of the training recipe), "
+                 "../shared/data/mimic3-windows (external test of the committed model), ../shared/data/ppg-bp or "
+                 "a simulated dataset. Repeat for several (each gets a subfolder of the report).")],
         report: Annotated[Path, typer.Option(help="Output folder for metrics.json, details.json and plots.")],
         model: Annotated[Path | None, typer.Option(help="Model version folder or models root (default: the "
                                                         "committed model).")] = None,
         folds: Annotated[int, typer.Option(help="Subject-grouped folds for the fitted baselines.")] = 5,
-        hop: Annotated[float, typer.Option(help="Hop between evaluation windows (s).")] = 2.0,
+        hop: Annotated[float, typer.Option(help="Hop between evaluation windows (s).")] = 4.0,
+        seeds: Annotated[str, typer.Option(help="cinc2015: comma-separated training seeds per fold.")] = "0,1,2",
         finetune: Annotated[bool, typer.Option(help="On mimic3: also fine-tune on half the records and "
                                                     "evaluate on the other half.")] = True,
         threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
@@ -110,7 +127,32 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         _threads(threads)
         from bpstream.training.evaluate import evaluate_folders
 
-        evaluate_folders(data, report, model, folds=folds, hop_s=hop, finetune=finetune, log=typer.echo)
+        evaluate_folders(data, report, model, folds=folds, hop_s=hop, finetune=finetune, log=typer.echo,
+                         seeds=tuple(int(s) for s in seeds.split(",") if s.strip()))
+
+    @app.command("model-card")
+    def model_card(
+        study: Annotated[Path, typer.Option(help="Report folder of `bpstream evaluate --data .../cinc2015`.")],
+        external: Annotated[Path | None, typer.Option(
+            help="Report folder of `bpstream evaluate --data .../mimic3-windows`.")] = None,
+        model: Annotated[Path | None, typer.Option(help="Model version folder (default: the committed one).")]
+        = None,
+        out: Annotated[Path, typer.Option(help="Where to write the card.")] = Path("docs/MODEL_CARD.md"),
+    ) -> None:
+        """Write docs/MODEL_CARD.md from the evaluation reports and the committed model's metadata."""
+        from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, latest_model_dir
+        from bpstream.training.model_card import write_model_card
+
+        commands = {
+            "cross-validation of the recipe (about 15 min on 2 cores)":
+                f"bpstream evaluate --data ../shared/data/cinc2015 --report {study} --threads 1",
+            "the committed model (trained on all cinc2015 records)":
+                f"bpstream train --data ../shared/data/cinc2015 --study {study} --threads 1 --export-to models",
+            "external test": f"bpstream evaluate --data ../shared/data/mimic3-windows --report {external}",
+            "this card": f"bpstream model-card --study {study} --external {external}",
+        }
+        write_model_card(study, external, latest_model_dir(model or DEFAULT_MODELS_ROOT), out, commands)
+        typer.echo(f"wrote {out}")
 
     @bench.command("inference")
     def bench_inference(

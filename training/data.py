@@ -134,7 +134,8 @@ def windows_from_arrays(subject_id: str, channels: dict[str, np.ndarray], fs: fl
             sel = (beat_times_s >= t0) & (beat_times_s < t0 + WINDOW_SECONDS)
             if sel.sum() < min_beats:
                 continue
-            sbp, dbp = float(np.mean(beat_sbp[sel])), float(np.mean(beat_dbp[sel]))
+            # The median of the screened beats: one artefactual beat the screen let through cannot move it.
+            sbp, dbp = float(np.median(beat_sbp[sel])), float(np.median(beat_dbp[sel]))
         prepared = preprocess_window(raw[:, a:a + n_win], names, fs)
         fault = False
         if labels is not None and fault_codes:
@@ -186,6 +187,24 @@ def windows_from_real(records: Iterable[Any], hop_s: float) -> WindowSet:
     return ws
 
 
+def screening_report(records: Sequence[Any], ws: WindowSet) -> dict[str, Any]:
+    """What the arterial-line and signal screens rejected: beats by rule, windows, whole records."""
+    beats: dict[str, int] = {}
+    for r in records:
+        for k, v in r.info.get("abp_screening", {}).items():
+            beats[k] = beats.get(k, 0) + int(v)
+    labelled = set(ws.subject.tolist())
+    usable = set(ws.subject[ws.quality_ok].tolist())
+    return {
+        "records": len(records),
+        "records_without_labelled_window": len(records) - len(labelled),
+        "records_without_usable_window": len(records) - len(usable),
+        "beats": beats,
+        "windows_labelled": len(ws),
+        "windows_failing_signal_quality": int((~ws.quality_ok).sum()),
+    }
+
+
 def _empty() -> WindowSet:
     z = np.zeros(0, dtype=np.float32)
     return WindowSet(np.zeros((0, len(MODEL_CHANNELS), WINDOW_SAMPLES), np.float32), z, z,
@@ -198,7 +217,7 @@ def detect_and_load(path: Path, hop_s: float = 2.0, progress: bool = False) -> t
 
     Returns the kind ("simulated", "mimic3", "ppg-bp") and the windows.
     """
-    from bpstream.training.real_data import RealDataError, load_mimic3, load_ppg_bp
+    from bpstream.training.real_data import RealDataError, is_cinc2015, load_cinc2015, load_mimic3, load_ppg_bp
 
     path = Path(path)
     if (path / "manifest.json").is_file() or path.name == "manifest.json":
@@ -208,6 +227,11 @@ def detect_and_load(path: Path, hop_s: float = 2.0, progress: bool = False) -> t
         ws = windows_from_sim(ds.records, hop_s, ds.label_names, progress=progress)
         ws.info.update(kind="simulated", meta=ds.meta)
         return "simulated", ws
+    if is_cinc2015(path):
+        records = load_cinc2015(path)
+        ws = windows_from_real(records, hop_s)
+        ws.info.update(kind="cinc2015", screening=screening_report(records, ws))
+        return "cinc2015", ws
     if (path / "records").is_dir() or (any(path.glob("*.csv")) and not (path / "subjects.csv").is_file()):
         ws = windows_from_real(load_mimic3(path), hop_s)
         ws.info["kind"] = "mimic3"

@@ -347,14 +347,23 @@ def _markdown(kind: str, metrics: dict[str, Any], details: dict[str, Any]) -> st
 
 
 def evaluate_folders(data: Sequence[Path], report: Path, model: Path | None, folds: int = 5, hop_s: float = 2.0,
-                     finetune: bool = True, log: Log = print) -> dict[str, Any]:
+                     finetune: bool = True, log: Log = print, seeds: tuple[int, ...] = (0, 1, 2),
+                     ) -> dict[str, Any]:
     """Evaluate each data folder; one folder writes into ``report``, several into ``report/<kind>``."""
     from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, latest_model_dir
+    from bpstream.training.study import StudyConfig, external_evaluation, run_study
 
     model_dir = latest_model_dir(model or DEFAULT_MODELS_ROOT)
     results = {}
     for path in data:
         kind, ws = detect_and_load(path, hop_s=hop_s, progress=True)
         out = report if len(data) == 1 else report / kind
-        results[kind] = evaluate_windows(ws, kind, model_dir, out, folds, finetune, log)
+        if kind == "cinc2015":
+            # The product model's own training data: what is measured is the recipe, by record-grouped CV.
+            results[kind] = run_study(ws, out, StudyConfig(folds=folds, seeds=seeds), log=log)
+        elif kind == "mimic3":
+            # Records the committed model never saw: an external test of it, with the study's metrics.
+            results[kind] = external_evaluation(ws, model_dir, out, StudyConfig(folds=folds), log=log)
+        else:
+            results[kind] = evaluate_windows(ws, kind, model_dir, out, folds, finetune, log)
     return results

@@ -13,6 +13,7 @@ TorchScript, so it is still produced, and its warnings are left visible.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -87,6 +88,7 @@ def export_run(run: Path, models_root: Path, report: Path | None = None, log: An
         training_data=info.get("training_data", {}),
         training={k: v for k, v in info.get("training", {}).items() if k != "history"},
         validation_metrics=validation, torch_version=str(torch.__version__),
+        intervals=info.get("intervals", {}), input_ranges=info.get("input_ranges", {}),
         files={"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE, "weights": WEIGHTS_FILE})
     meta_json = meta.to_json()
 
@@ -105,6 +107,9 @@ def export_run(run: Path, models_root: Path, report: Path | None = None, log: An
     diffs = check_artefacts(tmp, model)
     log(f"artefacts match eager: max |diff| TorchScript {diffs['torchscript']:.2e}, ONNX {diffs['onnx']:.2e}")
     meta.training["export_max_abs_diff"] = diffs
+    # Checked by services before they load or hot-swap this version (metadata.json itself is the manifest).
+    meta.sha256 = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+                   for name in (TORCHSCRIPT_FILE, ONNX_FILE, WEIGHTS_FILE)}
     (tmp / METADATA_FILE).write_bytes(meta.to_json())  # written last: marks the version complete
     if final.exists():
         shutil.rmtree(final)

@@ -3,6 +3,9 @@
 * ``mimic3-windows``: 60 s ICU records at 125 Hz, columns Time, II (ECG), PLETH (PPG), ABP in varying order,
   with empty cells (gaps), parsed by the simulator's reader (``bpstream.simulators.realdata``). Beat-to-beat
   SBP/DBP come from the ABP waveform after artefact screening (:func:`abp_beats`).
+* ``cinc2015``: 5-5.5 min ICU bedside-monitor records at 250 Hz in WFDB format (``records/*.hea`` + ``*.mat``,
+  ``RECORDS``), read with the ``wfdb`` package and resampled to 125 Hz; ECG lead II, PLETH and ABP. Seconds
+  from :data:`CINC_USABLE_S` on are cut (the arrhythmia alarm at 300 s, and the arrhythmia before it).
 * ``ppg-bp``: one 2.1 s fingertip PPG segment per subject at 1 kHz with a cuff reading. The model needs 8 s,
   so the segment is cut to whole beats (foot to foot) and those beats are repeated; this is stated in every
   report, because a repeated 2 s excerpt is not a real 8 s recording.
@@ -128,6 +131,63 @@ def load_mimic3(folder: Path) -> list[RealRecord]:
                               channels={"ecg": cols["II"], "ppg": cols["PLETH"]}, beat_times_s=t,
                               beat_sbp=s, beat_dbp=d, info={"abp_screening": counts, "gap_fraction": gaps}))
     return out
+
+
+#: cinc2015: only the part of a record before the alarm (at 300 s) and the arrhythmia leading up to it is used.
+CINC_USABLE_S = 295.0
+CINC_FS = 250.0
+
+
+def is_cinc2015(folder: Path) -> bool:
+    """A folder in the cinc2015 layout: ``RECORDS`` and WFDB headers in ``records/``."""
+    folder = Path(folder)
+    return (folder / "RECORDS").is_file() and any((folder / "records").glob("*.hea"))
+
+
+def load_cinc2015(folder: Path, names: list[str] | None = None) -> list[RealRecord]:
+    """The cinc2015 records (those with ECG II, PLETH and ABP), ECG and PPG at 125 Hz, beats from the ABP.
+
+    A record is returned even when its arterial line is unusable (no beats): windowing then labels nothing,
+    and the caller counts it as rejected. ``info`` holds the ABP screen's counts and the NaN fractions.
+    """
+    import wfdb
+
+    folder = Path(folder)
+    if not is_cinc2015(folder):
+        raise RealDataError(f"{folder} is not a cinc2015 folder (RECORDS and records/*.hea)")
+    names = names or [n.strip() for n in (folder / "RECORDS").read_text().split() if n.strip()]
+    out = []
+    for name in names:
+        try:
+            rec = wfdb.rdrecord(str(folder / "records" / name))
+        except (OSError, ValueError) as exc:
+            raise RealDataError(f"cannot read cinc2015 record {name}: {exc}") from exc
+        cols = {s: rec.p_signal[: int(CINC_USABLE_S * rec.fs), i] for i, s in enumerate(rec.sig_name)}
+        if not {"II", "PLETH", "ABP"} <= cols.keys() or float(rec.fs) != CINC_FS:
+            continue
+        t, s, d, counts = abp_beats(cols["ABP"], CINC_FS)
+        channels = {"ecg": _half_rate(cols["II"]), "ppg": _half_rate(cols["PLETH"])}
+        gaps = {k: float(np.mean(~np.isfinite(v))) for k, v in cols.items()}
+        out.append(RealRecord(subject_id=f"cinc-{name}", sample_rate=CINC_FS / 2, channels=channels,
+                              beat_times_s=t, beat_sbp=s, beat_dbp=d,
+                              info={"abp_screening": counts, "gap_fraction": gaps}))
+    if not out:
+        raise RealDataError(f"no cinc2015 record with ECG II, PLETH and ABP in {folder}")
+    return out
+
+
+def _half_rate(x: np.ndarray) -> np.ndarray:
+    """250 -> 125 Hz with an anti-alias FIR; NaN stretches (lost signal) stay NaN in the output."""
+    x = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.full(x.size // 2, np.nan)
+    filled = np.where(finite, x, np.interp(np.arange(x.size), np.flatnonzero(finite), x[finite]))
+    y = signal.resample_poly(filled, 1, 2)
+    n2 = min(y.size, x.size // 2)
+    lost = ~finite[: 2 * n2].reshape(-1, 2).all(axis=1)
+    y[:n2][lost] = np.nan
+    return y
 
 
 def _whole_beats(ppg: np.ndarray, fs: float) -> np.ndarray:

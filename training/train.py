@@ -51,6 +51,15 @@ class TrainConfig:
     #: Weight of the within-subject loss: half of each batch is paired with another window of the same subject
     #: and the error of the predicted pressure CHANGE between the two is penalised (what calibration needs).
     pair_weight: float = 1.0
+    #: Real-monitor augmentations on top of ``augment`` (each a no-op at 0): time-warp (fraction of the heart
+    #: rate, per batch), ECG-to-PPG delay jitter (s), baseline wander amplitude (SDs), PPG low-pass jitter
+    #: (the widest moving-average kernel, samples).
+    time_warp: float = 0.0
+    delay_jitter_s: float = 0.0
+    wander: float = 0.0
+    lowpass_max: int = 0
+    #: "mse" or "huber" (delta 1 SD: robust to the label outliers an arterial line leaves).
+    loss: str = "mse"
 
 
 @dataclass(slots=True)
@@ -154,6 +163,7 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
                 xb = xb.gather(2, ((ramp + shift) % width).expand(-1, xb.shape[1], -1))
                 gain = torch.exp(torch.empty(len(idx), xb.shape[1], 1, device=device).uniform_(-0.2, 0.2))
                 xb = xb * gain + 0.05 * torch.randn_like(xb)
+                xb = _monitor_augment(xb, cfg, ramp)
             if cfg.ecg_dropout > 0:
                 drop = torch.rand(len(idx), device=device) < cfg.ecg_dropout
                 xb[:, 0][drop] = 0.0
@@ -161,10 +171,11 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
             ab = a_all[idx].to(device)
             out = net(xb)
             mu, logvar = out[:, 0:2], out[:, 2:4].clamp(-10, 10)
-            mse = ((mu - yb) ** 2).mean()
+            point_loss = nn.functional.huber_loss if cfg.loss == "huber" else nn.functional.mse_loss
+            mse = point_loss(mu, yb)
             if n_pairs:
                 delta_err = (mu[:n_pairs] - mu[n_pairs:]) - (yb[:n_pairs] - yb[n_pairs:])
-                mse = mse + cfg.pair_weight * (delta_err ** 2).mean()
+                mse = mse + cfg.pair_weight * point_loss(delta_err, torch.zeros_like(delta_err))
             nll = 0.5 * (logvar + (mu.detach() - yb) ** 2 * torch.exp(-logvar)).mean()
             loss = mse + nll + cfg.anomaly_weight * bce(out[:, 4], ab)
             opt.zero_grad(set_to_none=True)
@@ -207,6 +218,41 @@ def train_model(train: WindowSet, val: WindowSet, net_config: Any = None, cfg: T
     result.best_val_mae = best
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _monitor_augment(xb: Any, cfg: TrainConfig, ramp: Any) -> Any:
+    """What differs between real monitors and patients but not with pressure: heart-rate time-warp, the
+    monitor's ECG-to-PPG delay, baseline wander and the PPG front end's low-pass cut-off."""
+    import torch
+    from torch.nn import functional
+
+    b, c, width = xb.shape
+    device = xb.device
+    if cfg.time_warp > 0:
+        scale = 1.0 + float(np.random.uniform(-cfg.time_warp, cfg.time_warp))
+        n = max(8, round(width * scale))
+        warped = functional.interpolate(xb, size=n, mode="linear", align_corners=False)
+        xb = warped[:, :, :width] if n >= width else functional.pad(warped, (0, width - n), mode="circular")
+    ppg = 1
+    if cfg.delay_jitter_s > 0:
+        k = round(cfg.delay_jitter_s * 125.0)
+        shift = torch.randint(-k, k + 1, (b, 1), device=device)
+        moved = xb[:, ppg].gather(1, (ramp + shift) % width)
+        xb = torch.cat([xb[:, :ppg], moved[:, None], xb[:, ppg + 1:]], dim=1)
+    if cfg.wander > 0:
+        t = ramp.float()[None, None, :] / 125.0
+        f = torch.empty(b, c, 1, device=device).uniform_(0.05, 0.5)
+        phase = torch.empty(b, c, 1, device=device).uniform_(0, 6.2832)
+        amp = torch.empty(b, c, 1, device=device).uniform_(0, cfg.wander)
+        xb = xb + amp * torch.sin(6.2832 * f * t + phase)
+    if cfg.lowpass_max > 1:
+        k = int(np.random.randint(1, cfg.lowpass_max + 1))
+        if k > 1:
+            kernel = torch.full((1, 1, k), 1.0 / k, device=device)
+            smooth = functional.conv1d(functional.pad(xb[:, ppg:ppg + 1], (k // 2, k - 1 - k // 2),
+                                                      mode="replicate"), kernel)
+            xb = torch.cat([xb[:, :ppg], smooth, xb[:, ppg + 1:]], dim=1)
+    return xb
 
 
 def _subject_partners(subject: np.ndarray) -> Any:

@@ -21,6 +21,7 @@ from torch import nn
 
 from bpstream.shared.modelspec import MODEL_CHANNELS, WINDOW_SAMPLES
 
+_PPG = MODEL_CHANNELS.index("ppg")
 OUTPUT_NAMES = ("sbp", "dbp", "sbp_sd", "dbp_sd", "anomaly_prob")
 
 
@@ -37,6 +38,9 @@ class NetworkConfig:
     lstm_hidden: int = 64
     use_lstm: bool = True
     dropout: float = 0.1
+    #: Add the PPG's first and second derivatives (each z-scored per window) as input channels, computed inside
+    #: the network so the window contract stays ``(B, 2, 1000)``: the morphology real pulses carry is in them.
+    ppg_derivatives: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -91,8 +95,10 @@ class BpNet(nn.Module):
         super().__init__()
         cfg = config or NetworkConfig()
         self.config = cfg
+        self.ppg_derivatives = cfg.ppg_derivatives
+        stem_in = cfg.in_channels + (2 if cfg.ppg_derivatives else 0)
         self.stem = nn.Sequential(
-            nn.Conv1d(cfg.in_channels, cfg.stem_channels, 7, stride=2, padding=3, bias=False),
+            nn.Conv1d(stem_in, cfg.stem_channels, 7, stride=2, padding=3, bias=False),
             nn.BatchNorm1d(cfg.stem_channels), nn.ReLU(inplace=True),
             *([nn.MaxPool1d(2)] if cfg.stem_pool else []))
         blocks: list[nn.Module] = []
@@ -117,6 +123,8 @@ class BpNet(nn.Module):
         return n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ppg_derivatives:
+            x = torch.cat([x, _derivatives(x[:, _PPG:_PPG + 1])], dim=1)
         feats = self.resnet(self.stem(x))  # (B, C, T)
         pooled = feats.mean(dim=2)
         if self.lstm is not None:
@@ -124,6 +132,17 @@ class BpNet(nn.Module):
             pooled = torch.cat([seq[:, -1, :], pooled], dim=1)
         out: torch.Tensor = self.head(pooled)
         return out
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(dim=2, keepdim=True)) / (x.std(dim=2, keepdim=True) + 1e-6)
+
+
+def _derivatives(ppg: torch.Tensor) -> torch.Tensor:
+    """First and second differences of ``(B, 1, T)``, padded back to ``T`` and z-scored per window."""
+    d1 = nn.functional.pad(ppg[:, :, 1:] - ppg[:, :, :-1], (1, 0), mode="replicate")
+    d2 = nn.functional.pad(d1[:, :, 1:] - d1[:, :, :-1], (1, 0), mode="replicate")
+    return torch.cat([_zscore(d1), _zscore(d2)], dim=1)
 
 
 class Deployable(nn.Module):
@@ -136,10 +155,15 @@ class Deployable(nn.Module):
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor([stats.sbp_mean, stats.dbp_mean], dtype=torch.float32))
         self.register_buffer("std", torch.tensor([stats.sbp_std, stats.dbp_std], dtype=torch.float32))
+        # Shrinkage towards the training mean, fitted on held-out records (1 = none): a network whose deviations
+        # from the mean carry only part of the truth should move only part of the way.
+        self.shrink: torch.Tensor
+        self.register_buffer("shrink", torch.tensor([stats.extra.get("shrink_sbp", 1.0),
+                                                     stats.extra.get("shrink_dbp", 1.0)], dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raw = self.net(x)
-        bp = raw[:, 0:2] * self.std + self.mean
+        bp = raw[:, 0:2] * self.std * self.shrink + self.mean
         sd = torch.exp(0.5 * raw[:, 2:4].clamp(-10.0, 10.0)) * self.std
         prob = torch.sigmoid(raw[:, 4:5])
         return torch.cat([bp, sd, prob], dim=1)

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
 T = TypeVar("T")
+
+#: A model version trained on simulated signals, whose accuracy there is known (its metadata holds it). The
+#: pipeline tests check delivery, estimates and alerts against the simulator's ground truth with it. The product
+#: model in models/ is trained on real ICU recordings and does not track the simulator's pressures (its pulse
+#: shapes are not real ones): see docs/MODEL_CARD.md.
+SIMULATOR_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "bp-resnet-lstm" / \
+    "20261125-205508-85543a"
 
 
 async def influx_query(url: str, database: str, query: str) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_sync
+from pipeline_support import SIMULATOR_MODEL
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
@@ -28,7 +29,6 @@ from bpstream.services.kafka_tools import read_topic
 from bpstream.shared.anomaly import AlertConfig
 from bpstream.shared.messages import decode_dead_letter
 from bpstream.shared.model.metadata import ModelMetadata
-from bpstream.shared.model.runtime import latest_model_dir
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_signals_topic
 
@@ -82,7 +82,7 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
                             kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
                             topic_prefix=prefix, database=f"e2e_{uuid.uuid4().hex[:8]}",
                             # Pinned: a version rolled out during the run must not change the results compared.
-                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(latest_model_dir())}},
+                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL)}},
                             log_dir=log_dir / prefix.rstrip("."))
     tag = prefix.rstrip(".")
     clinics = {"clean": f"{tag}-clean", "rough": f"{tag}-rough"}
@@ -160,7 +160,7 @@ def test_estimates_track_ground_truth_within_the_validated_error(run: RunResult)
     versions = {str(r["model_version"]) for rows in run.estimates["clean"].values() for r in rows}
     assert len(versions) == 1, versions
     # The validated error of the version that produced these estimates (a newer one may have been committed).
-    metadata = ModelMetadata.read(latest_model_dir().parent / versions.pop())
+    metadata = ModelMetadata.read(SIMULATOR_MODEL.parent / versions.pop())
     validated = metadata.validation_metrics["calibration_free"]
     errors: dict[str, list[float]] = {"sbp": [], "dbp": []}
     for device, rows in run.estimates["clean"].items():

@@ -19,12 +19,12 @@ import httpx
 import numpy as np
 import pytest
 from conftest import run_sync
+from pipeline_support import SIMULATOR_MODEL
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
 from bpstream.services.kafka_tools import read_topic
 from bpstream.shared.messages import decode_estimate
-from bpstream.shared.model.runtime import latest_model_dir
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
 from bpstream.shared.topics import ESTIMATES
 
@@ -72,7 +72,7 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> FaultRun:
                             kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
                             topic_prefix=prefix, database=f"faults_{uuid.uuid4().hex[:8]}",
                             # Pinned: a version rolled out during the run must not change the results compared.
-                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(latest_model_dir())}},
+                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL)}},
                             log_dir=log_dir / tag)
     fleet_cfg = FleetConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=len(SCENARIOS),
                             duration_s=DURATION_S, speed=SPEED, scenarios=SCENARIOS, seed=5, clinic_id=tag,

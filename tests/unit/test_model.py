@@ -89,6 +89,35 @@ def test_exported_artefacts_match_the_eager_model(tmp_path: Path) -> None:
     assert json.loads(props["bpstream_metadata"])["version"] == meta.version
 
 
+def test_ppg_derivative_channels_and_shrinkage_survive_export(tmp_path: Path) -> None:
+    config = NetworkConfig(stem_channels=4, stage_channels=(4, 8), lstm_hidden=8, ppg_derivatives=True)
+    torch.manual_seed(1)
+    net = BpNet(config).eval()
+    stats = TargetStats(extra={"shrink_sbp": 0.5, "shrink_dbp": 0.0})
+    run = tmp_path / "runs" / "20990101-000000-deriv"
+    run.mkdir(parents=True)
+    torch.save({"version": run.name, "net_config": config.to_dict(), "state_dict": net.state_dict(),
+                "stats": asdict(stats), "cnn": None}, run / "checkpoint.pt")
+    (run / "train_report.json").write_text(json.dumps({"intervals": {"nominal": 0.9, "calibrated": {"sbp": 9.0}},
+                                                       "input_ranges": {"heart_rate_bpm": [40.0, 150.0]}}))
+    version_dir = export_run(run, tmp_path / "models", log=lambda _: None)
+    meta = ModelMetadata.read(version_dir)
+    assert meta.intervals["calibrated"]["sbp"] == 9.0 and meta.input_ranges["heart_rate_bpm"] == [40.0, 150.0]
+    import hashlib
+
+    assert meta.sha256["model.ts"] == hashlib.sha256((version_dir / "model.ts").read_bytes()).hexdigest()
+    x = np.random.default_rng(2).normal(size=(5, 2, 1000)).astype(np.float32)
+    with torch.no_grad():
+        ref = Deployable(net, stats)(torch.from_numpy(x)).numpy()
+        unshrunk = Deployable(net, TargetStats())(torch.from_numpy(x)).numpy()
+    # Shrinkage halves the SBP deviation from the mean and pins DBP to it.
+    np.testing.assert_allclose(ref[:, 0] - 125.0, 0.5 * (unshrunk[:, 0] - 125.0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(ref[:, 1], 75.0, atol=1e-4)
+    for runtime in ("torchscript", "onnx"):
+        p = load_model(version_dir, runtime, device="cpu").predict(x)
+        np.testing.assert_allclose(np.stack([p.sbp, p.dbp], axis=1), ref[:, :2], rtol=1e-4, atol=1e-3)
+
+
 def test_bad_inputs_raise_model_error(tmp_path: Path) -> None:
     export_run(tiny_run(tmp_path), tmp_path / "models", log=lambda _: None)
     model = load_model(tmp_path / "models", "onnx", device="cpu")
