@@ -77,14 +77,17 @@ class KafkaProducer(Component):
     """Idempotent producer (acks=all): a send returns only once Kafka has the record."""
 
     def __init__(self, settings: KafkaSettings, *, linger_ms: int = 5, max_request_size: int = 4 * 1024 * 1024,
-                 **extra: Any) -> None:
+                 max_batch_size: int = 1024 * 1024, **extra: Any) -> None:
         self.settings = settings
+        # aiokafka's default batch (16 KB) holds two windows (~8 KB each), so a batch of windows went out as many
+        # small requests, each waiting for acks=all; 1 MB lets one request carry a whole batch.
         self._producer = AIOKafkaProducer(
             **settings.client_kwargs(),
             enable_idempotence=True,
             acks="all",
             linger_ms=linger_ms,
             max_request_size=max_request_size,
+            max_batch_size=max_batch_size,
             **extra,
         )
 

@@ -42,9 +42,15 @@ class Component(ABC):
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` in a fresh event loop; SIGTERM and SIGINT set ``stop``."""
+    """Run ``main(stop)`` in a fresh event loop; SIGTERM and SIGINT set ``stop``. The process is tuned first
+    (:mod:`bpstream.shared.process`: one BLAS thread, the garbage collector frozen after start-up)."""
+
+    from bpstream.shared.process import freeze_after_startup, limit_blas_threads
+
+    limit_blas_threads()
 
     async def runner() -> None:
+        freeze_after_startup()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

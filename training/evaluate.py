@@ -353,17 +353,20 @@ def evaluate_folders(data: Sequence[Path], report: Path, model: Path | None, fol
     from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, latest_model_dir
     from bpstream.training.study import StudyConfig, external_evaluation, run_study
 
-    model_dir = latest_model_dir(model or DEFAULT_MODELS_ROOT)
     results = {}
     for path in data:
         kind, ws = detect_and_load(path, hop_s=hop_s, progress=True)
         out = report if len(data) == 1 else report / kind
+        # The cross-validation trains its own networks; every other evaluation scores an exported model.
+        model_dir = None if kind == "cinc2015" else latest_model_dir(model or DEFAULT_MODELS_ROOT)
         if kind == "cinc2015":
             # The product model's own training data: what is measured is the recipe, by record-grouped CV.
             results[kind] = run_study(ws, out, StudyConfig(folds=folds, seeds=seeds), log=log)
         elif kind == "mimic3":
             # Records the committed model never saw: an external test of it, with the study's metrics.
+            assert model_dir is not None
             results[kind] = external_evaluation(ws, model_dir, out, StudyConfig(folds=folds), log=log)
         else:
+            assert model_dir is not None
             results[kind] = evaluate_windows(ws, kind, model_dir, out, folds, finetune, log)
     return results
