@@ -117,3 +117,31 @@ def run_bench(model_path: Path | None, batch_sizes: list[int], seconds: float, d
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def compare_models(baseline: Path, candidate: Path, runtime: str = "onnx", batch_sizes: tuple[int, ...] = (1, 64, 256),
+                   repeats: int = 7, seconds: float = 0.4) -> list[dict[str, Any]]:
+    """CPU cost per window of two model versions in one process, interleaved, median of ``repeats`` runs:
+    the ratio is what to read (timings on a shared machine are noisy)."""
+    import statistics
+
+    from bpstream.shared.model.runtime import load_model
+
+    models = {name: load_model(Path(path), runtime, device="cpu", threads=1)  # type: ignore[arg-type]
+              for name, path in (("baseline", baseline), ("candidate", candidate))}
+    x = np.random.default_rng(0).normal(size=(max(batch_sizes), len(MODEL_CHANNELS), WINDOW_SAMPLES))
+    x = x.astype(np.float32)
+    rows = []
+    for b in batch_sizes:
+        times: dict[str, list[float]] = {"baseline": [], "candidate": []}
+        for _ in range(repeats):
+            for name, model in models.items():
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    model.predict(x[:b])
+                    n += b
+                times[name].append((time.perf_counter() - t0) / n * 1e3)
+        base, cand = statistics.median(times["baseline"]), statistics.median(times["candidate"])
+        rows.append({"runtime": runtime, "batch": b, "baseline_ms_per_window": base,
+                     "candidate_ms_per_window": cand, "ratio": cand / base})
+    return rows

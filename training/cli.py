@@ -151,8 +151,26 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "external test": f"bpstream evaluate --data ../shared/data/mimic3-windows --report {external}",
             "this card": f"bpstream model-card --study {study} --external {external}",
         }
-        write_model_card(study, external, latest_model_dir(model or DEFAULT_MODELS_ROOT), out, commands)
+        notes = study.parent / "NOTES.md"  # the hand-written part: how the numbers came about, what is missing
+        write_model_card(study, external, latest_model_dir(model or DEFAULT_MODELS_ROOT), out, commands,
+                         extra=notes.read_text() if notes.is_file() else "")
         typer.echo(f"wrote {out}")
+
+    @bench.command("model-ab")
+    def bench_model_ab(
+        baseline: Annotated[Path, typer.Option(help="Model version folder to compare against.")],
+        candidate: Annotated[Path | None, typer.Option(help="Model version folder (default: the committed one).")]
+        = None,
+        runtime: str = "onnx",
+    ) -> None:
+        """CPU cost per window of two model versions, interleaved in one process (medians, ratio)."""
+        _threads(1)
+        from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, latest_model_dir
+        from bpstream.training.bench import compare_models
+
+        for row in compare_models(baseline, candidate or latest_model_dir(DEFAULT_MODELS_ROOT), runtime):
+            typer.echo(f"{row['runtime']} batch {row['batch']}: baseline {row['baseline_ms_per_window']:.3f} "
+                       f"ms/window, candidate {row['candidate_ms_per_window']:.3f}, ratio {row['ratio']:.2f}")
 
     @bench.command("inference")
     def bench_inference(

@@ -118,8 +118,12 @@ def _window_starts(duration_s: float, hop_s: float) -> np.ndarray:
 def windows_from_arrays(subject_id: str, channels: dict[str, np.ndarray], fs: float, beat_times_s: np.ndarray,
                         beat_sbp: np.ndarray, beat_dbp: np.ndarray, hop_s: float,
                         labels: np.ndarray | None = None, label_names: dict[int, str] | None = None,
-                        single_reading: bool = False, min_beats: int = 3) -> WindowSet:
-    """Window one record. ``labels`` (per sample, simulator) marks windows whose signal is corrupted."""
+                        single_reading: bool = False, min_beats: int = 3, robust_label: bool = False) -> WindowSet:
+    """Window one record. ``labels`` (per sample, simulator) marks windows whose signal is corrupted.
+
+    A window's pressure is the mean of its beats (the simulator's exact truth), or with ``robust_label`` the
+    median (real arterial lines: one artefactual beat the screen let through cannot move it)."""
+    stat = np.median if robust_label else np.mean
     names = tuple(n for n in MODEL_CHANNELS if n in channels)
     raw = np.stack([np.asarray(channels[n], dtype=np.float64) for n in names])
     n_win = round(WINDOW_SECONDS * fs)
@@ -134,8 +138,7 @@ def windows_from_arrays(subject_id: str, channels: dict[str, np.ndarray], fs: fl
             sel = (beat_times_s >= t0) & (beat_times_s < t0 + WINDOW_SECONDS)
             if sel.sum() < min_beats:
                 continue
-            # The median of the screened beats: one artefactual beat the screen let through cannot move it.
-            sbp, dbp = float(np.median(beat_sbp[sel])), float(np.median(beat_dbp[sel]))
+            sbp, dbp = float(stat(beat_sbp[sel])), float(stat(beat_dbp[sel]))
         prepared = preprocess_window(raw[:, a:a + n_win], names, fs)
         fault = False
         if labels is not None and fault_codes:
@@ -181,7 +184,8 @@ def windows_from_sim(records: Iterable[Any], hop_s: float, label_names: dict[int
 def windows_from_real(records: Iterable[Any], hop_s: float) -> WindowSet:
     """Window real records (``bpstream.training.real_data.RealRecord``)."""
     sets = [windows_from_arrays(r.subject_id, r.channels, r.sample_rate, r.beat_times_s, r.beat_sbp,
-                                r.beat_dbp, hop_s, single_reading=r.single_reading) for r in records]
+                                r.beat_dbp, hop_s, single_reading=r.single_reading, robust_label=True)
+            for r in records]
     ws = WindowSet.concat(sets) if sets else _empty()
     ws.info["source"] = "real"
     return ws

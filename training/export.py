@@ -83,7 +83,8 @@ def export_run(run: Path, models_root: Path, report: Path | None = None, log: An
     meta = ModelMetadata(
         version=version, created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
         preprocessing=preprocessing_parameters(), architecture=net.config.to_dict(),
-        target_stats={k: float(v) for k, v in asdict(stats).items() if isinstance(v, (int, float))},
+        target_stats={**{k: float(v) for k, v in asdict(stats).items() if isinstance(v, (int, float))},
+                      **{k: float(v) for k, v in stats.extra.items()}},
         parameters=count_parameters(net), flops_per_window=count_flops(net),
         training_data=info.get("training_data", {}),
         training={k: v for k, v in info.get("training", {}).items() if k != "history"},

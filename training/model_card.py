@@ -140,7 +140,7 @@ def render(study: dict[str, Any], external: dict[str, Any] | None, metadata: dic
         "",
         *_by_range(cal),
         "",
-        "Bland-Altman plots: `bland_altman_{free,calibrated}_{sbp,dbp}.png` in the report folder.",
+        "Bland-Altman plots: `bland_altman_{free,calibrated}_{sbp,dbp}.png` next to each report's metrics.json.",
         "",
     ]
     if external:

@@ -96,6 +96,7 @@ class BpNet(nn.Module):
         cfg = config or NetworkConfig()
         self.config = cfg
         self.ppg_derivatives = cfg.ppg_derivatives
+        self.ppg_index = _PPG
         stem_in = cfg.in_channels + (2 if cfg.ppg_derivatives else 0)
         self.stem = nn.Sequential(
             nn.Conv1d(stem_in, cfg.stem_channels, 7, stride=2, padding=3, bias=False),
@@ -124,7 +125,7 @@ class BpNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ppg_derivatives:
-            x = torch.cat([x, _derivatives(x[:, _PPG:_PPG + 1])], dim=1)
+            x = torch.cat([x, _derivatives(x[:, self.ppg_index:self.ppg_index + 1])], dim=1)
         feats = self.resnet(self.stem(x))  # (B, C, T)
         pooled = feats.mean(dim=2)
         if self.lstm is not None:
