@@ -69,10 +69,6 @@ class WriteResult:
     #: (line, reason) of every refused line, for the caller to dead-letter; reasons never quote InfluxDB.
     refused: list[tuple[str, str]] = field(default_factory=list)
 
-    @property
-    def errors(self) -> list[str]:
-        return [reason for _, reason in self.refused]
-
 
 def _body_text(exc: ApiException) -> str:
     body = exc.body
