@@ -4,8 +4,8 @@ Lines are encoded by our one encoder (``bpstream.shared.influx.line``; ``bpstrea
 faster than the client's ``Point``) and sent by the client's ``WriteApiAsync`` to ``/api/v2/write`` with bucket
 ``database/retention-policy``, token ``username:password`` and precision ns.
 
-Retriable failures (5xx, 429, 408, timeouts, connection errors, auth not yet provisioned) are retried with
-capped, jittered backoff until they succeed or the service is stopped. A 400 (or another 4xx) means bad points:
+Retriable failures (5xx, 429, 408, 404, timeouts, connection errors, auth not yet provisioned) are retried
+with capped, jittered backoff until they succeed or the service is stopped. A 400, 413 or 422 means bad points:
 the batch is split in halves until each bad line stands alone, which is then counted and skipped (the caller
 dead-letters it), so one bad point never blocks the rest. Because every point is identified by measurement +
 tags + time, writing a line twice is harmless. InfluxDB's error bodies repeat the rejected line, i.e. patient
@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 _NS = cast(WritePrecision, WritePrecision.NS)  # the client declares the enum's values as plain str
 
-#: 4xx answers that say "not now" rather than "never": retried like a 5xx.
-_RETRIABLE_4XX = frozenset({401, 403, 408, 429})
+#: Answers about the points themselves: the batch is split until the bad line stands alone and is refused.
+#: Every other answer (5xx, 401/403 auth not yet provisioned, 404 no such API or database, 408, 429, ...) is
+#: about the server or its set-up, not the points: retried, never acknowledged, so nothing is lost.
+_BAD_POINT_STATUSES = frozenset({400, 413, 422})
 
 #: Phrases of InfluxDB 1.x error bodies -> the reason reported instead of the body.
 _BAD_POINT_REASONS = (
@@ -130,9 +132,9 @@ class InfluxWriter:
 
     def _classify(self, exc: ApiException, *, what: str) -> BpstreamError:
         status = int(exc.status or 0)
-        if status == 0 or status >= 500 or status in _RETRIABLE_4XX:
-            return TransientError(f"{what} answered {status}", reason=f"influx_{status or 'unreachable'}")
-        return BadPointsError(f"{what} answered {status}", reason=bad_point_reason(status, _body_text(exc)))
+        if status in _BAD_POINT_STATUSES:
+            return BadPointsError(f"{what} answered {status}", reason=bad_point_reason(status, _body_text(exc)))
+        return TransientError(f"{what} answered {status}", reason=f"influx_{status or 'unreachable'}")
 
     async def _post_write(self, lines: list[str]) -> None:
         try:

@@ -38,8 +38,8 @@ def test_bad_point_reasons_never_quote_the_body(status: int, body: str, reason: 
 
 
 @pytest.mark.parametrize(("status", "retriable"), [
-    (0, True), (500, True), (503, True), (401, True), (403, True), (408, True), (429, True),
-    (400, False), (404, False), (413, False), (422, False),
+    (0, True), (500, True), (503, True), (401, True), (403, True), (404, True), (405, True), (408, True),
+    (429, True), (400, False), (413, False), (422, False),
 ])
 async def test_which_answers_are_retried(status: int, retriable: bool) -> None:
     async with InfluxWriter(InfluxSettings()) as writer:
