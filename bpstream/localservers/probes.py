@@ -11,8 +11,6 @@ import asyncio
 import threading
 import uuid
 
-import aiohttp
-
 
 class ProbeFailed(Exception):
     """The server did not answer a round trip (yet)."""
@@ -71,6 +69,7 @@ async def kafka_round_trip(bootstrap: str, timeout_s: float = 10.0) -> None:
 
 async def influx_round_trip(url: str, timeout_s: float = 5.0) -> str:
     """``/ping`` and ``SHOW DATABASES`` through influxdb-client; returns the version the server reports."""
+    import aiohttp  # here, not at the top: only the writer's image has influxdb-client and aiohttp
     from influxdb_client.rest import ApiException
 
     from bpstream.shared import influx_api
