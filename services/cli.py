@@ -74,3 +74,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         run_bench(BenchConfig(devices=devices, duration_s=duration, inference_workers=inference_workers,
                               output=output, profile=profile))
+
+    @bench.command("writer")
+    def bench_writer(
+        points: int = typer.Option(50_000, "--points", min=1000, help="Estimate points written per round."),
+        batch: int = typer.Option(5000, "--batch", min=1, help="Points per InfluxDB request."),
+        rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds of each variant; the best is reported."),
+        url: str | None = typer.Option(None, "--url", help="InfluxDB URL (default: the local server, started)."),
+    ) -> None:
+        """The writer's InfluxDB path alone: encoding and writing, each against a same-process baseline."""
+        from bpstream.services.writer.bench import main
+
+        if url is None:
+            from bpstream.localservers import ensure_up
+
+            url = ensure_up().influx_url
+        main(url, points, batch, rounds)

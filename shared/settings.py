@@ -65,7 +65,8 @@ class MqttSettings(_Frozen):
 
 
 class InfluxSettings(_Frozen):
-    """How to reach InfluxDB (v1 HTTP API: /write and /query)."""
+    """How to reach InfluxDB 1.x: writes to /api/v2/write (bucket "database/rp", token "username:password"),
+    InfluxQL on /query, both through influxdb-client (``bpstream.shared.influx_api``)."""
 
     model_config = SettingsConfigDict(env_prefix="BPSTREAM_INFLUX_", frozen=True, extra="ignore")
 

@@ -11,12 +11,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bpstream.localservers import InstallError, ServerEndpoints, ServerError, ensure_up
 from bpstream.localservers.core import run_blocking as run_sync
-from bpstream.shared.settings import KafkaSettings
+from bpstream.shared import influx_api
+from bpstream.shared.settings import InfluxSettings, KafkaSettings
 from bpstream.shared.topics import ALL_TOPICS, topic_name
 
 _TESTS = Path(__file__).parent
@@ -90,11 +90,11 @@ def kafka_topics(kafka_settings: KafkaSettings) -> Iterator[str]:
 def influx_db(servers: ServerEndpoints) -> Iterator[str]:
     """A fresh, uniquely named InfluxDB database, dropped after the test."""
     name = f"test_{uuid.uuid4().hex[:12]}"
-    with httpx.Client(base_url=servers.influx_url, timeout=10) as http:
-        created = http.post("/query", params={"q": f'CREATE DATABASE "{name}"'})
-        created.raise_for_status()
+    settings = InfluxSettings(url=servers.influx_url, database=name)
+    with influx_api.sync_client(settings) as client:
+        influx_api.influxql_sync(client, f"CREATE DATABASE {influx_api.quote_identifier(name)}", epoch=None)
         yield name
-        http.post("/query", params={"q": f'DROP DATABASE "{name}"'})
+        influx_api.influxql_sync(client, f"DROP DATABASE {influx_api.quote_identifier(name)}", epoch=None)
 
 
 @pytest.fixture

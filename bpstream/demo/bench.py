@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, influx_rows
+from bpstream.shared import influx_api
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
 
 NS = 1_000_000_000
@@ -208,8 +209,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
                                  f"WHERE clinic = '{tag}' GROUP BY device")
     profile = {p.stem: summarise_profile(p) for p in sorted(profile_dir.glob("*.prof"))} if cfg.profile else {}
     if not cfg.keep_database:
-        async with httpx.AsyncClient(base_url=pconf.influx_url) as http:
-            await http.post("/query", params={"q": f'DROP DATABASE "{pconf.database}"'})
+        await influx_api.execute(pconf.influx(), f"DROP DATABASE {influx_api.quote_identifier(pconf.database)}")
     latencies = np.array([float(r["stored_latency_ms"]) for r in rows if r.get("stored_latency_ms") is not None])
     to_estimate = np.array([float(r["latency_ms"]) for r in rows if r.get("latency_ms") is not None])
     expected = sum(expected_windows([t0 for _s, t0, _l in fleet.truth.chunks(d)]) for d in fleet.device_ids)

@@ -19,6 +19,7 @@ import httpx
 
 from bpstream.demo.supervisor import SERVICE_MODULES, ServiceSupervisor
 from bpstream.services.writer.lag import LagProbe
+from bpstream.shared import influx_api
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.settings import InfluxSettings, KafkaSettings
 from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, SIGNALS_RAW, topic_name
@@ -123,9 +124,9 @@ class Pipeline:
     async def prepare(self) -> None:
         """Create every topic (and alerting's state topic) and the InfluxDB database."""
         await ensure_topics(self.config.kafka(), [*ALL_TOPICS, ALERTING_STATE])
-        async with httpx.AsyncClient(base_url=self.config.influx_url, timeout=30) as http:
-            response = await http.post("/query", params={"q": f'CREATE DATABASE "{self.config.database}"'})
-            response.raise_for_status()
+        await influx_api.execute(self.config.influx(),
+                                 f"CREATE DATABASE {influx_api.quote_identifier(self.config.database)}",
+                                 timeout_s=30)
 
     async def ready(self, name: str) -> bool:
         port = self.metrics_ports[name]
@@ -262,18 +263,8 @@ class Pipeline:
 
 
 async def influx_rows(url: str, database: str, query: str) -> list[dict[str, Any]]:
-    """Rows of an InfluxQL query (tags merged into each row), timestamps in ns."""
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-        response = await http.get("/query", params={"db": database, "q": query, "epoch": "ns"})
-    response.raise_for_status()
-    rows: list[dict[str, Any]] = []
-    for result in response.json().get("results", []):
-        if "error" in result:
-            raise RuntimeError(f"InfluxQL error: {result['error']}")
-        for series in result.get("series", []):
-            for values in series["values"]:
-                rows.append({**series.get("tags", {}), **dict(zip(series["columns"], values, strict=True))})
-    return rows
+    """Rows of an InfluxQL query (tags merged into each row), timestamps in ns, through influxdb-client."""
+    return await influx_api.query_rows(InfluxSettings(url=url, database=database), query, timeout_s=60)
 
 
 async def stored_estimates(config: PipelineConfig, clinic_id: str) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ console = Console()
 def _print_endpoints(endpoints: core.ServerEndpoints) -> None:
     console.print(f"MQTT      mqtt://{endpoints.mqtt_host}:{endpoints.mqtt_port}  (MQTT 5 and 3.1.1, anonymous)")
     console.print(f"Kafka     {endpoints.kafka_bootstrap}  (Apache Kafka {install.KAFKA_VERSION}, KRaft, PLAINTEXT)")
-    console.print(f"InfluxDB  {endpoints.influx_url}  (v1 HTTP API: /write, /query; no auth)")
+    console.print(f"InfluxDB  {endpoints.influx_url}  (InfluxDB {install.INFLUXDB_VERSION}, v1 + v2 API, no auth)")
     console.print("Environment for services and tools:")
     for key, value in endpoints.env().items():
         console.print(f"  export {key}={value}", highlight=False)

@@ -316,7 +316,12 @@ async def _bring_up(name: str, state: dict[str, dict[str, Any]], paths: dict[str
                     report: dict[str, ServerStatus], timeout_s: float) -> None:
     began = time.monotonic()
     entry = state.get(name)
-    if entry and _alive(entry):
+    expected = {"mosquitto": paths.get("mosquitto"), "influxdb": paths.get("influxd")}.get(name)
+    if entry and _alive(entry) and expected and entry.get("argv", [expected])[0] != expected:
+        # e.g. Debian's influxd left running by an older checkout: this one tests the version it builds
+        log.warning("restarting %s: it runs %s, this checkout uses %s", name, entry["argv"][0], expected)
+        await asyncio.to_thread(_stop_pid, entry)
+    elif entry and _alive(entry):
         try:
             await _wait_healthy(name, entry, min(timeout_s, 30.0))
         except ServerError as exc:

@@ -2,7 +2,7 @@
 
 * MQTT: subscribe, publish with QoS 1, receive the same payload (MQTT 5).
 * Kafka: an admin client bootstraps (ApiVersions + Metadata) and lists topics; the broker must be registered.
-* InfluxDB: ``/ping`` answers 204 and ``SHOW DATABASES`` runs.
+* InfluxDB: ``/ping`` answers (with its version) and ``SHOW DATABASES`` runs, through influxdb-client.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-
-import httpx
 
 
 class ProbeFailed(Exception):
@@ -69,14 +67,18 @@ async def kafka_round_trip(bootstrap: str, timeout_s: float = 10.0) -> None:
         await admin.close()
 
 
-async def influx_round_trip(url: str, timeout_s: float = 5.0) -> None:
+async def influx_round_trip(url: str, timeout_s: float = 5.0) -> str:
+    """``/ping`` and ``SHOW DATABASES`` through influxdb-client; returns the version the server reports."""
+    import aiohttp  # here, not at the top: only the writer's image has influxdb-client and aiohttp
+    from influxdb_client.rest import ApiException
+
+    from bpstream.shared import influx_api
+    from bpstream.shared.settings import InfluxSettings
+
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as http:
-            ping = await http.get("/ping")
-            if ping.status_code != 204:
-                raise ProbeFailed(f"InfluxDB /ping answered {ping.status_code}")
-            query = await http.get("/query", params={"q": "SHOW DATABASES"})
-            if query.status_code != 200 or "results" not in query.json():
-                raise ProbeFailed(f"InfluxDB query answered {query.status_code}: {query.text[:200]}")
-    except httpx.HTTPError as exc:
-        raise ProbeFailed(f"InfluxDB at {url}: {type(exc).__name__}: {exc}") from exc
+        async with influx_api.async_client(InfluxSettings(url=url), timeout_s=timeout_s) as client:
+            version = str(await client.version())
+            await influx_api.influxql(client, "SHOW DATABASES", epoch=None)
+            return version
+    except (ApiException, influx_api.InfluxQLError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ProbeFailed(f"InfluxDB at {url}: {type(exc).__name__}: {str(exc)[:200]}") from exc

@@ -417,7 +417,9 @@ def rendered() -> dict[Path, str]:
     """Every provisioning file, by path, as the generator writes it."""
     provisioning = HERE / "provisioning"
     files = {
-        provisioning / "datasources" / "influxdb.yaml": _yaml(datasource(), "InfluxDB 1.x (InfluxQL)."),
+        provisioning / "datasources" / "influxdb.yaml": _yaml(
+            datasource(), "InfluxDB 1.13.1 (the influxdb:1.13.1 image), InfluxQL over /query with the read user.\n"
+            "# Flux would need flux-enabled on the server, which the deployed InfluxDB 1.x leaves off."),
         provisioning / "dashboards" / "bpstream.yaml": _yaml(dashboard_provider(), "Dashboards from files."),
         provisioning / "alerting" / "rules.yaml": _yaml(alert_rules(), "Unified alerting rules."),
         provisioning / "alerting" / "contact-points.yaml": _yaml(contact_points(), "Contact points."),

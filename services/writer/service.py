@@ -57,6 +57,7 @@ class WriterStage:
     async def handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         stored_ns = time.time_ns()
         lines: list[str] = []
+        origin: dict[str, ConsumerRecord[bytes, bytes]] = {}  # line -> the record it came from
         received: list[int] = []
         for record in records:
             RECORDS.labels(record.topic.removeprefix(self.settings.kafka.topic_prefix)).inc()
@@ -68,6 +69,7 @@ class WriterStage:
                 await self._undecodable(record, exc)
                 continue
             lines.extend(record_point_lines)
+            origin.update((point_line, record) for point_line in record_point_lines)
             if received_ns:
                 received.append(received_ns)
         started = time.monotonic()
@@ -75,6 +77,7 @@ class WriterStage:
         WRITE_SECONDS.observe(time.monotonic() - started)
         POINTS.inc(result.written)
         REJECTED.inc(result.rejected)
+        await self._refused(result.refused, origin)
         now = time.time_ns()
         for received_ns in received:
             E2E_LATENCY.observe(max(0, now - received_ns) / 1e9)
@@ -96,6 +99,27 @@ class WriterStage:
         await self.producer.dead_letter(stage="writer", reason=reason, detail=str(exc), source=record.topic,
                                         payload=record.value or b"", key=key, partition=record.partition,
                                         offset=record.offset)
+
+    async def _refused(self, refused: list[tuple[str, str]],
+                       origin: dict[str, ConsumerRecord[bytes, bytes]]) -> None:
+        """Dead-letter the records whose points InfluxDB refused (once per record), so none is lost silently.
+
+        The reason is ours (``influx_<reason>``), never InfluxDB's error text, which repeats patient readings.
+        """
+        done: set[tuple[str, int, int]] = set()
+        for point_line, reason in refused:
+            record = origin.get(point_line)
+            if record is None or record.topic == self.dlq_topic:
+                continue  # pipeline samples have no record; the DLQ is never dead-lettered into itself
+            ident = (record.topic, record.partition, record.offset)
+            if ident in done:
+                continue
+            done.add(ident)
+            key = record.key.decode(errors="replace") if record.key else None
+            await self.producer.dead_letter(stage="writer", reason=f"influx_{reason}",
+                                            detail=f"InfluxDB refused a point of this record ({reason})",
+                                            source=record.topic, payload=record.value or b"", key=key,
+                                            partition=record.partition, offset=record.offset)
 
     async def _commit(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         try:

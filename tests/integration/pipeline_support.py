@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
+from bpstream.shared import influx_api
+from bpstream.shared.settings import InfluxSettings
 
 T = TypeVar("T")
 
@@ -21,18 +22,8 @@ SIMULATOR_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "models" / 
 
 
 async def influx_query(url: str, database: str, query: str) -> list[dict[str, Any]]:
-    """Rows of an InfluxQL query as dicts (all series concatenated, tags merged in)."""
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        response = await http.get("/query", params={"db": database, "q": query, "epoch": "ns"})
-    response.raise_for_status()
-    rows: list[dict[str, Any]] = []
-    for result in response.json().get("results", []):
-        if "error" in result:
-            raise AssertionError(f"InfluxQL error: {result['error']}")
-        for series in result.get("series", []):
-            for values in series["values"]:
-                rows.append({**series.get("tags", {}), **dict(zip(series["columns"], values, strict=True))})
-    return rows
+    """Rows of an InfluxQL query as dicts (all series concatenated, tags merged in), through influxdb-client."""
+    return await influx_api.query_rows(InfluxSettings(url=url, database=database), query, timeout_s=30)
 
 
 async def wait_until(check: Callable[[], Awaitable[T]], *, timeout_s: float, what: str,

@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
+from influxdb_client import WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
 
+from bpstream.shared import influx_api
 from bpstream.shared.influx import line
+from bpstream.shared.settings import InfluxSettings
 
 pytestmark = pytest.mark.integration
 
@@ -94,20 +97,23 @@ class Series:
 
 
 class Influx:
+    """The test clinic's database, written and queried through influxdb-client, as Grafana's datasource sees it."""
+
     def __init__(self, url: str, database: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=30)
+        self.settings = InfluxSettings(url=url, database=database)
+        self.client = influx_api.sync_client(self.settings, timeout_s=30)
         self.database = database
 
     def write(self, lines: list[str]) -> None:
-        response = self.http.post("/write", params={"db": self.database, "precision": "ns"},
-                                  content="\n".join(lines).encode())
-        assert response.status_code == 204, response.text
+        with self.client.write_api(write_options=SYNCHRONOUS) as api:
+            api.write(bucket=influx_api.bucket(self.settings), record="\n".join(lines),
+                      write_precision=WritePrecision.NS)
 
     def query(self, influxql: str) -> list[Series]:
-        response = self.http.post("/query", data={"db": self.database, "q": influxql, "epoch": "ms"})
-        assert response.status_code == 200, f"{influxql}: {response.text}"
-        (result,) = response.json()["results"]
-        assert "error" not in result, f"{influxql}: {result['error']}"
+        try:
+            (result,) = influx_api.influxql_sync(self.client, influxql, database=self.database, epoch="ms")
+        except influx_api.InfluxQLError as exc:
+            raise AssertionError(f"{influxql}: {exc}") from None
         frames = []
         for series in result.get("series", []):
             labels = tuple(sorted(series.get("tags", {}).items()))
@@ -283,7 +289,7 @@ def clinic(servers: Any) -> Iterator[tuple[Influx, int]]:
         influx.write(points[offset:offset + 5000])
     yield influx, now_ns // 1_000_000
     influx.query(f'DROP DATABASE "{database}"')
-    influx.http.close()
+    influx.client.close()
 
 
 # ------------------------------------------------------------------------------------------ dashboards

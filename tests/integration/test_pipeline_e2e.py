@@ -26,6 +26,7 @@ from pipeline_support import SIMULATOR_MODEL
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
 from bpstream.services.kafka_tools import read_topic
+from bpstream.shared import influx_api
 from bpstream.shared.anomaly import AlertConfig
 from bpstream.shared.messages import decode_dead_letter
 from bpstream.shared.model.metadata import ModelMetadata
@@ -111,9 +112,8 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
 def run(servers: ServerEndpoints) -> Iterator[RunResult]:
     result = run_sync(lambda: _run(servers, LOG_ROOT / "e2e"))
     yield result
-    import httpx
-
-    httpx.post(f"{servers.influx_url}/query", params={"q": f'DROP DATABASE "{result.config.database}"'})
+    run_sync(lambda: influx_api.execute(
+        result.config.influx(), f"DROP DATABASE {influx_api.quote_identifier(result.config.database)}"))
 
 
 def _window_ends(rows: list[dict[str, Any]]) -> list[int]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from conftest import run_sync
@@ -24,6 +23,7 @@ from pipeline_support import SIMULATOR_MODEL
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
 from bpstream.services.kafka_tools import read_topic
+from bpstream.shared import influx_api
 from bpstream.shared.messages import decode_estimate
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
 from bpstream.shared.topics import ESTIMATES
@@ -87,8 +87,7 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> FaultRun:
         estimates = dict(by_device(await stored_estimates(config, tag)))
         alerts = await stored_alerts(config, tag)
         records = [decode_estimate(r.value or b"") for r in await read_topic(config.kafka(), ESTIMATES)]
-    async with httpx.AsyncClient(base_url=servers.influx_url) as http:
-        await http.post("/query", params={"q": f'DROP DATABASE "{config.database}"'})
+    await influx_api.execute(config.influx(), f"DROP DATABASE {influx_api.quote_identifier(config.database)}")
     return FaultRun(fleet, estimates, alerts, len([r for r in records if r.clinic_id == tag]), done)
 
 

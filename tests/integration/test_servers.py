@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 
-import httpx
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from conftest import run_sync
+from influxdb_client import WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.rest import ApiException
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bpstream import localservers
 from bpstream.localservers import ServerEndpoints
+from bpstream.localservers.install import INFLUXDB_VERSION
+from bpstream.shared import influx_api
 from bpstream.shared.influx import line
+from bpstream.shared.settings import InfluxSettings
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_shared_subscription, mqtt_signals_topic, topic_name
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Subscriber:
@@ -153,16 +163,14 @@ def test_influx_write_query_and_overwrite(servers: ServerEndpoints, influx_db: s
         line("bp_estimate", {"clinic": "c 1", "device": "d,1"}, {"sbp": 121.0, "dbp": 80.0, "model_version": "v1",
                                                                  "quality_ok": 1}, t0),
     ]
-    with httpx.Client(base_url=servers.influx_url, timeout=10) as http:
-        written = http.post("/write", params={"db": influx_db, "precision": "ns"}, content="\n".join(points))
-        assert written.status_code == 204, written.text
-        answer = http.get("/query", params={
-            "db": influx_db, "epoch": "ns",
-            "q": "SELECT sbp, dbp, model_version, quality_ok, clinic, device FROM bp_estimate ORDER BY time",
-        })
-    assert answer.status_code == 200
-    series = answer.json()["results"][0]["series"][0]
-    rows = [dict(zip(series["columns"], values, strict=True)) for values in series["values"]]
+    settings = InfluxSettings(url=servers.influx_url, database=influx_db)
+    with influx_api.sync_client(settings) as client:
+        # the v2 compatibility API (/api/v2/write, bucket "database"), as the writer sends it
+        with client.write_api(write_options=SYNCHRONOUS) as api:
+            api.write(bucket=influx_api.bucket(settings), record=points, write_precision=WritePrecision.NS)
+        rows = influx_api.rows(influx_api.influxql_sync(
+            client, "SELECT sbp, dbp, model_version, quality_ok, clinic, device FROM bp_estimate ORDER BY time",
+            database=influx_db))
     assert [(r["time"], r["sbp"], r["dbp"]) for r in rows] == [(t0, 121.0, 80.0), (t0 + 2 * 10**9, 130.0, 85.0)]
     assert {(r["clinic"], r["device"], r["model_version"], r["quality_ok"]) for r in rows} == {("c 1", "d,1", "v1", 1)}
 
@@ -172,16 +180,41 @@ def test_influx_reads_back_escaped_names_tags_and_strings_exactly(servers: Serve
     text = 'said "stop", then C:\\path\\ and more'
     point = line("bp alert,x", tags, {"message": text, "n": 5, "ok": True, "x": 1.5, "gone": float("nan")},
                  1_700_000_000_000_000_000)
-    with httpx.Client(base_url=servers.influx_url, timeout=10) as http:
-        written = http.post("/write", params={"db": influx_db}, content=point)
-        assert written.status_code == 204, written.text
-        answer = http.get("/query", params={"db": influx_db, "q": 'SELECT * FROM "bp alert,x"'}).json()
-    series = answer["results"][0]["series"][0]
+    settings = InfluxSettings(url=servers.influx_url, database=influx_db)
+    with influx_api.sync_client(settings) as client:
+        with client.write_api(write_options=SYNCHRONOUS) as api:
+            api.write(bucket=influx_api.bucket(settings), record=point, write_precision=WritePrecision.NS)
+        answer = influx_api.influxql_sync(client, 'SELECT * FROM "bp alert,x"', database=influx_db)
+    series = answer[0]["series"][0]
     row = dict(zip(series["columns"], series["values"][0], strict=True))
     assert series["name"] == "bp alert,x"
     assert (row["clinic"], row["device"]) == ("ward 3,east=1", r"dev\7")
     assert (row["message"], row["n"], row["ok"], row["x"]) == (text, 5, True, 1.5)
     assert "gone" not in row
+
+
+def test_local_influxdb_is_the_version_deployed(servers: ServerEndpoints) -> None:
+    """The server the tests run against reports (``/ping``) the version of the image docker-compose deploys."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    image = compose["services"]["influxdb"]["image"]
+    assert image == f"influxdb:{INFLUXDB_VERSION}"
+    reported = run_sync(lambda: influx_api.server_version(InfluxSettings(url=servers.influx_url)))
+    assert reported == image.split(":", 1)[1]
+
+
+def test_influx_v2_write_to_a_missing_database_is_404_and_a_bad_point_400(servers: ServerEndpoints,
+                                                                        influx_db: str) -> None:
+    """The answers the writer relies on: 404 "database not found" (it creates it), 400 for a bad point."""
+    missing = InfluxSettings(url=servers.influx_url, database=f"absent_{influx_db}")
+    with influx_api.sync_client(missing) as client, client.write_api(write_options=SYNCHRONOUS) as api:
+        with pytest.raises(ApiException) as lost:
+            api.write(bucket=influx_api.bucket(missing), record="m v=1 1", write_precision=WritePrecision.NS)
+        assert lost.value.status == 404 and "database not found" in lost.value.body
+        present = InfluxSettings(url=servers.influx_url, database=influx_db)
+        api.write(bucket=influx_api.bucket(present), record="m v=1i 1", write_precision=WritePrecision.NS)
+        with pytest.raises(ApiException) as bad:
+            api.write(bucket=influx_api.bucket(present), record="m v=1.5 2", write_precision=WritePrecision.NS)
+        assert bad.value.status == 400 and "field type conflict" in bad.value.body
 
 
 def test_status_reports_every_server_answering(servers: ServerEndpoints) -> None:

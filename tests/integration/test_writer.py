@@ -4,6 +4,7 @@ dead-lettered while the stream goes on, and offsets are committed only once Infl
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,8 +15,9 @@ from bpstream.services.kafka_tools import read_topic
 from bpstream.services.writer.points import WRITTEN_TOPICS as WRITTEN
 from bpstream.services.writer.service import run_writer
 from bpstream.services.writer.settings import WriterSettings
+from bpstream.shared import influx_api
 from bpstream.shared.kafka import KafkaProducer
-from bpstream.shared.messages import Alert, Estimate, decode_dead_letter, encode_json
+from bpstream.shared.messages import Alert, DeadLetter, Estimate, decode_dead_letter, encode_json
 from bpstream.shared.settings import InfluxSettings, KafkaSettings
 from bpstream.shared.topics import ALERTS, ESTIMATES, SIGNALS_DLQ
 
@@ -101,22 +103,22 @@ async def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(writer: Wr
     assert counted[0]["count"] == 2
 
 
-async def test_points_influxdb_refuses_are_counted_and_skipped_without_blocking(writer: WriterSettings) -> None:
-    import httpx
-
+async def test_points_influxdb_refuses_are_dead_lettered_and_skipped_without_blocking(
+        writer: WriterSettings, caplog: pytest.LogCaptureFixture) -> None:
     from bpstream.services.writer.lag import LagProbe
 
     # A field-type conflict: model_version already exists as an integer in this database, so InfluxDB answers
     # 400 for every estimate line (a bad point). The alert in the same batch must still be stored.
-    async with httpx.AsyncClient(base_url=writer.influx.url) as http:
-        answer = await http.post("/write", params={"db": writer.influx.database, "precision": "ns"},
-                                 content=f"bp_estimate,clinic=c1,device=other model_version=7i {T0}".encode())
-        assert answer.status_code == 204
+    async with influx_api.async_client(writer.influx) as client:
+        await client.write_api().write(bucket=influx_api.bucket(writer.influx), write_precision="ns",
+                                       record=f"bp_estimate,clinic=c1,device=other model_version=7i {T0}")
     alert = Alert(alert_id="dev-e:stage2:1", clinic_id="c1", device_id="dev-e", kind="stage2", severity="warning",
                   state="raised", started_ns=T0, event_ns=T0 + HOP, sbp=150.0, dbp=95.0, n_windows=5,
                   confidence=0.8, message="stage 2")
+    estimates = [encode_json(_estimate("dev-e", i, sbp=171.25 + i)) for i in range(3)]
+    caplog.set_level(logging.DEBUG)
     async with KafkaProducer(writer.kafka) as producer:
-        await producer.send_many([(ESTIMATES, encode_json(_estimate("dev-e", i)), "dev-e") for i in range(3)]
+        await producer.send_many([(ESTIMATES, payload, "dev-e") for payload in estimates]
                                  + [(ALERTS, encode_json(alert), "dev-e")])
     query = "SELECT * FROM bp_alert WHERE device = 'dev-e'"
     await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database, query), timeout_s=120,
@@ -130,3 +132,21 @@ async def test_points_influxdb_refuses_are_counted_and_skipped_without_blocking(
             return (await probe.lags())["bpstream-writer"] == 0
 
     await wait_until(writer_caught_up, timeout_s=60, what="the writer to commit past the refused points")
+
+    # Each refused record is dead-lettered once, with our reason and its original bytes ...
+    async def refused_letters() -> list[DeadLetter]:
+        records = [decode_dead_letter(r.value or b"") for r in await read_topic(writer.kafka, SIGNALS_DLQ)]
+        letters = [r for r in records if r.stage == "writer"]
+        return letters if len(letters) >= 3 else []
+
+    letters = await wait_until(refused_letters, timeout_s=60, what="three dead letters for the refused estimates")
+    assert sorted(r.payload for r in letters) == sorted(estimates)
+    assert {r.reason for r in letters} == {"influx_field_type_conflict"}
+    assert {r.source for r in letters} == {f"{writer.kafka.topic_prefix}{ESTIMATES.name}"}
+    # ... and neither the dead letters nor the writer's log repeat InfluxDB's error body, which quotes the
+    # refused line (a patient's readings).
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records
+                       if r.name.startswith(("bpstream", "influxdb_client")))
+    assert "influx rejected a point" in logged
+    for text in (logged, *(r.detail for r in letters)):
+        assert "171.25" not in text and "already exists as type" not in text and "dropped=" not in text

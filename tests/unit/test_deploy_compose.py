@@ -223,7 +223,7 @@ def _requirement_names(path: Path) -> set[str]:
             names |= _requirement_names(path.parent / text[3:].strip())
         elif text and not text.startswith("-"):
             assert not re.search(r"[<>=!~]", text), f"{path.name}: {text}: versions come from constraints.txt only"
-            names.add(text.lower())
+            names.add(text.split("[", 1)[0].lower())  # an extra (influxdb-client[async]) is still a name
     return names
 
 
@@ -281,3 +281,13 @@ def test_every_container_command_is_a_bpstream_command_with_those_options(model:
         assert result.returncode == 0, f"{name}: bpstream {' '.join(path)}: {result.stderr[-500:]}"
         for option in (w for w in command if w.startswith("--")):
             assert option in result.stdout, f"{name}: {option} is not an option of bpstream {' '.join(path)}"
+
+
+def test_deployed_influxdb_is_the_version_the_tests_build(model: dict[str, Any]) -> None:
+    """docker-compose deploys the InfluxDB that the local servers build and the integration tests run."""
+    from bpstream.localservers.install import INFLUXDB_VERSION
+
+    assert model["services"]["influxdb"]["image"] == f"influxdb:{INFLUXDB_VERSION}"
+    root = Path(__file__).resolve().parents[2]
+    for doc in ("docs/INFLUX_SCHEMA.md", "docs/DEPLOY.md", "deploy/grafana/provisioning/datasources/influxdb.yaml"):
+        assert f"InfluxDB {INFLUXDB_VERSION}" in (root / doc).read_text(), doc

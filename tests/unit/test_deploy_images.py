@@ -45,26 +45,32 @@ def norm(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 def pins(path):
-    names = set()
+    names = set()  # (distribution, extras), e.g. ("influxdb-client", ("async",))
     for raw in path.read_text().splitlines():
         text = raw.split("#", 1)[0].strip()
         if text.startswith("-r "):
             names |= pins(path.parent / text[3:].strip())
         elif text:
-            names.add(norm(text.split("==")[0]))
+            name, _, extras = text.split("==")[0].partition("[")
+            names.add((norm(name), tuple(e.strip() for e in extras.rstrip("]").split(",") if e.strip())))
     return names
 
-allowed, todo = {"bpstream"}, sorted(pins(Path(sys.argv[1])))
+def wanted(requirement, extras):
+    marker = requirement.partition(";")[2]
+    return "extra ==" not in marker or any(re.search(rf"extra == ['\"]{e}['\"]", marker) for e in extras)
+
+allowed, done, todo = {"bpstream"}, set(), sorted(pins(Path(sys.argv[1])))
 while todo:
-    name = todo.pop()
-    if name in allowed:
+    name, extras = todo.pop()
+    if (name, extras) in done:
         continue
+    done.add((name, extras))
     allowed.add(name)
     try:
         requirements = md.requires(name) or []
     except md.PackageNotFoundError:
         continue
-    todo += [norm(re.split(r"[ <>=!~;\[(]", r, maxsplit=1)[0]) for r in requirements if "extra ==" not in r]
+    todo += [(norm(re.split(r"[ <>=!~;\[(]", r, maxsplit=1)[0]), ()) for r in requirements if wanted(r, extras)]
 
 blocked = {module for module, dists in md.packages_distributions().items()
            if not any(norm(d) in allowed for d in dists)}
