@@ -243,9 +243,10 @@ async def test_cuff_readings_from_mqtt_and_the_cli_reach_the_compacted_topic_and
     for body, _ in bad:
         publisher.publish(mqtt_cuff_topic(clinic, "dev-2"), json.dumps(body).encode())
     publisher.flush()
-    cli = subprocess.run([sys.executable, "-m", "bpstream", "calibrate", "--clinic", clinic, "--device", "dev-3",
-                          "--sbp", "150", "--dbp", "95", "--time", str(now - 10), "--cuff-id", "nurse-1",
-                          "--confirmation"], env=bridge_env, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-m", "bpstream", "calibrate", "--clinic", clinic, "--device", "dev-3", "--sbp", "150",
+               "--dbp", "95", "--time", str(now - 10), "--cuff-id", "nurse-1", "--confirmation"]
+    cli = await asyncio.to_thread(subprocess.run, command, env=bridge_env, capture_output=True, text=True,
+                                  timeout=60)
     assert cli.returncode == 0, cli.stderr
 
     records = await consume(kafka_settings, CUFF, lambda rs: len(rs) >= 2)
