@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -30,7 +30,7 @@ from bpstream.services.inference.calibration import CalibrationBook, Calibration
 from bpstream.services.inference.reload import ModelManager
 from bpstream.services.inference.settings import InferenceSettings
 from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
-from bpstream.services.kafka_tools import read_latest_by_key, topic_partitions
+from bpstream.services.kafka_tools import CuffFollower, read_latest_by_key
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError, TransientError
 from bpstream.shared.kafka import KafkaConsumer, OutgoingRecord, RecoveringProducer, ensure_topics
@@ -39,7 +39,6 @@ from bpstream.shared.messages import (
     CuffReading,
     Window,
     decode_calibration,
-    decode_cuff,
     decode_window,
     encode_json,
 )
@@ -48,7 +47,7 @@ from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, Runtime,
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import CALIBRATION_STATE, CUFF, ESTIMATES, WINDOWS, cuff_key, topic_name
+from bpstream.shared.topics import CALIBRATION_STATE, CUFF, ESTIMATES, WINDOWS, cuff_key
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ BATCH_SECONDS = Histogram("bpstream_inference_batch_seconds", "Batch handling, d
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 RELOADS = Counter("bpstream_inference_model_reloads_total", "Model versions swapped in while running")
 CALIBRATIONS = Counter("bpstream_inference_calibrations_total", "Calibrations finished from cuff readings")
-CUFF_READINGS = Counter("bpstream_inference_cuff_readings_total", "Cuff readings taken in", ["outcome"])
+CUFF_READINGS = Counter("bpstream_inference_cuff_readings_total", "Cuff readings taken in")
 ESTIMATE_MODES = Counter("bpstream_inference_estimates_total", "Estimates produced, by mode and withheld reason",
                          ["mode", "withheld"])
 MODEL_INFO = Gauge("bpstream_inference_model_info", "The model version in service", ["version", "runtime",
@@ -103,61 +102,6 @@ def calibration_policy(settings: InferenceSettings, model: BpModel) -> Calibrati
                              input_ranges=dict(model.metadata.input_ranges))
 
 
-class CuffFollower:
-    """Reads the compacted ``cuff`` topic from its beginning, then follows it (no consumer group)."""
-
-    def __init__(self, settings: InferenceSettings) -> None:
-        self.settings = settings
-        self._consumer: AIOKafkaConsumer | None = None
-        self._partitions: list[TopicPartition] = []
-
-    async def start(self) -> list[CuffReading]:
-        """Assign every partition and read everything up to the current end."""
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(**self.settings.kafka.client_kwargs())
-        await admin.start()
-        try:
-            self._partitions = await topic_partitions(admin, [topic_name(CUFF, self.settings.kafka.topic_prefix)])
-        finally:
-            await admin.close()
-        await self.stop()  # a retried start begins afresh
-        consumer = self._consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), enable_auto_commit=False)
-        await consumer.start()
-        if not self._partitions:
-            return []
-        consumer.assign(self._partitions)
-        await consumer.seek_to_beginning(*self._partitions)
-        end = await consumer.end_offsets(self._partitions)
-        readings: list[CuffReading] = []
-        remaining = {tp for tp in self._partitions if end[tp] > 0}
-        while remaining:
-            readings.extend(await self.poll(1000))
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return readings
-
-    async def poll(self, timeout_ms: int = 0) -> list[CuffReading]:
-        if not self._partitions or self._consumer is None:
-            return []
-        batches = await self._consumer.getmany(*self._partitions, timeout_ms=timeout_ms)
-        readings: list[CuffReading] = []
-        for records in batches.values():
-            for record in records:
-                try:
-                    readings.append(decode_cuff(record.value or b""))
-                except DecodeError as exc:  # the bridge wrote it, so this is a bug: count and go on
-                    CUFF_READINGS.labels("undecodable").inc()
-                    log.warning("undecodable cuff record", extra={"reason": exc.reason, "offset": record.offset})
-        return readings
-
-    async def stop(self) -> None:
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
-            await consumer.stop()
-
-
 class InferenceService:
     """Scores one batch at a time with the model in service."""
 
@@ -170,7 +114,7 @@ class InferenceService:
     def take_cuff(self, readings: list[CuffReading]) -> None:
         for reading in readings:
             self.book.add_cuff(reading)
-            CUFF_READINGS.labels("received").inc()
+            CUFF_READINGS.inc()
 
     @staticmethod
     def spec(model: BpModel) -> InputSpec:
@@ -269,7 +213,7 @@ async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> Non
         except DecodeError:
             log.warning("unreadable saved calibration ignored")
     book.restore(restored)
-    follower = CuffFollower(settings)
+    follower = CuffFollower(settings.kafka)
 
     async def start_follower() -> list[CuffReading]:
         try:
