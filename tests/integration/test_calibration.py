@@ -145,3 +145,38 @@ async def test_cuff_readings_via_mqtt_and_cli_calibrate_their_own_device_and_sur
     b_reference = np.mean([first[("dev-b", T0 + i * HOP)].raw_sbp for i in range(15, 26)])
     assert saved[f"{clinic}/dev-b"].reference_sbp == pytest.approx(b_reference, abs=0.01)
     assert bridge.terminate() == 0
+
+
+async def test_alerting_raises_crisis_on_a_cuff_reading_and_a_contradicting_one_resolves_it(
+        servers: ServerEndpoints, kafka_topics: str) -> None:
+    from bpstream.services.alerting.service import run_alerting
+    from bpstream.services.alerting.settings import AlertingSettings
+    from bpstream.shared.messages import CuffReading, decode_alert, encode_json
+    from bpstream.shared.topics import ALERTS, CUFF, cuff_key
+
+    kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=kafka_topics)
+    settings = AlertingSettings(kafka=kafka, state_flush_s=0)
+    now = time.time_ns()
+
+    async def send(sbp: float, dbp: float, at_ns: int, cuff_id: str) -> None:
+        reading = CuffReading(clinic_id="c1", device_id="dev-c", sbp=sbp, dbp=dbp, time_ns=at_ns, cuff_id=cuff_id,
+                              received_ns=time.time_ns())
+        async with KafkaProducer(kafka) as producer:
+            await producer.send(CUFF, encode_json(reading), key=cuff_key("c1", "dev-c"))
+
+    async def alerts(n: int) -> list[tuple[str, str, str, str | None]]:
+        async def check() -> list[tuple[str, str, str, str | None]]:
+            found = [decode_alert(r.value or b"") for r in await read_topic(kafka, ALERTS)]
+            return [(a.kind, a.state, a.basis, a.cuff_id) for a in found] if len(found) >= n else []
+
+        return await wait_until(check, timeout_s=120, what=f"{n} alerts")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_alerting(settings, stop))
+    await send(196.0, 104.0, now - 5 * 10**9, "cuff-1")
+    assert await alerts(1) == [("crisis", "raised", "cuff", "cuff-1")]
+    await send(150.0, 92.0, now, "cuff-2")
+    assert await alerts(3) == [("crisis", "raised", "cuff", "cuff-1"), ("crisis", "resolved", "cuff", "cuff-2"),
+                               ("stage2", "raised", "cuff", "cuff-2")]
+    stop.set()
+    await asyncio.wait_for(task, timeout=60)
