@@ -1,6 +1,7 @@
 """Kafka helpers the pipeline services share beyond ``bpstream.shared.kafka``: partition discovery, reading a
 whole topic (alerting restores its state this way; the demo, the benchmark and the tests read results) and
-reading a range of offsets of one partition (the processor reads back records its consumer skipped).
+reading a range of offsets of one partition (the processor reads back records its consumer skipped), and
+following the compacted ``cuff`` topic (inference and alerting).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from bpstream.shared.errors import TransientError
+from bpstream.shared.errors import DecodeError, TransientError
+from bpstream.shared.messages import CuffReading, decode_cuff
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import KafkaTopic, topic_name
+from bpstream.shared.topics import CUFF, KafkaTopic, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +111,55 @@ async def read_range(settings: KafkaSettings, topic: KafkaTopic, partition: int,
                              reason="kafka_retriable") from exc
     finally:
         await reader.stop()
+
+
+class CuffFollower:
+    """Reads the compacted ``cuff`` topic from its beginning, then follows it (no consumer group)."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+
+    async def start(self) -> list[CuffReading]:
+        """Assign every partition and read everything up to the current end."""
+        admin = AIOKafkaAdminClient(**self.settings.client_kwargs())
+        await admin.start()
+        try:
+            self._partitions = await topic_partitions(admin, [topic_name(CUFF, self.settings.topic_prefix)])
+        finally:
+            await admin.close()
+        await self.stop()  # a retried start begins afresh
+        consumer = self._consumer = AIOKafkaConsumer(**self.settings.client_kwargs(), enable_auto_commit=False)
+        await consumer.start()
+        if not self._partitions:
+            return []
+        consumer.assign(self._partitions)
+        await consumer.seek_to_beginning(*self._partitions)
+        end = await consumer.end_offsets(self._partitions)
+        readings: list[CuffReading] = []
+        remaining = {tp for tp in self._partitions if end[tp] > 0}
+        while remaining:
+            readings.extend(await self.poll(1000))
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return readings
+
+    async def poll(self, timeout_ms: int = 0) -> list[CuffReading]:
+        if not self._partitions or self._consumer is None:
+            return []
+        batches = await self._consumer.getmany(*self._partitions, timeout_ms=timeout_ms)
+        readings: list[CuffReading] = []
+        for records in batches.values():
+            for record in records:
+                try:
+                    readings.append(decode_cuff(record.value or b""))
+                except DecodeError as exc:  # the bridge wrote it, so this is a bug: log and go on
+                    log.warning("undecodable cuff record", extra={"reason": exc.reason, "offset": record.offset})
+        return readings
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()

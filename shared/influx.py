@@ -8,11 +8,17 @@ Measurements (documented for Grafana in docs/INFLUX_SCHEMA.md):
 ``bp_estimate``   tags clinic, device            time = window end (device time)
                   fields sbp, dbp, sbp_sd, dbp_sd (mmHg), anomaly_prob, sqi (0-1), quality_ok (0/1),
                   latency_ms (bridge receipt of the newest chunk -> estimate), stored_latency_ms (same
-                  receipt -> handed to InfluxDB by the writer), model_version (string). Windows too poor
-                  to score (quality_ok 0) carry no sbp/dbp/sd/anomaly_prob fields: a visible gap.
+                  receipt -> handed to InfluxDB by the writer), model_version (string), raw_sbp, raw_dbp
+                  (calibration-free model output), mode ("calibrated"/"uncalibrated"), calibrated (1/0),
+                  calibration_age_s, sbp_lo, sbp_hi, dbp_lo, dbp_hi (90% interval), withheld (reason
+                  string, absent when shown), withheld_flag (1/0). Windows too poor to score (quality_ok 0)
+                  carry no sbp/dbp/sd/anomaly_prob/interval fields: a visible gap.
 ``bp_alert``      tags clinic, device, kind, severity     time = the event (window end)
                   fields state ("raised"/"resolved"), active (1 raised, 0 resolved), sbp, dbp,
-                  n_windows, confidence, alert_id, message, started_ns
+                  n_windows, confidence, alert_id, message, started_ns, basis ("estimates"/"cuff"),
+                  mode, first_window_ns, calibration_ns, calibration_cuff_id, cuff_id
+``bp_cuff``       tags clinic, device            time = when the cuff measured
+                  fields sbp, dbp (mmHg), cuff_id, confirmation (1/0)
 ``signal_quality`` tags clinic, device           time = window end
                   fields sqi_ecg, sqi_ppg, quality_ok (0/1), inputs ("ecg+ppg"/"ppg"/"none"),
                   heart_rate_bpm, problems (comma-separated)
@@ -33,6 +39,7 @@ from collections.abc import Mapping
 
 MEASUREMENT_ESTIMATE = "bp_estimate"
 MEASUREMENT_ALERT = "bp_alert"
+MEASUREMENT_CUFF = "bp_cuff"
 MEASUREMENT_QUALITY = "signal_quality"
 MEASUREMENT_GAP = "signal_gap"
 MEASUREMENT_DEAD_LETTER = "dead_letter"

@@ -7,6 +7,7 @@ Both clients are async context managers around aiokafka. Kafka errors that aioka
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -67,10 +68,24 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[KafkaTopic]) -
         with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(new)
         created = [n.name for n in new]
+        await _wait_for_leaders(admin, created)
         log.info("created topics", extra={"topics": created})
         return created
     finally:
         await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30.0) -> None:
+    """Wait until every partition of freshly created topics has a leader: reading offsets of a partition
+    without one stalls a client for its whole request timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        described = await admin.describe_topics(names)
+        if all(t.get("error_code", 0) == 0 and t.get("partitions")
+               and all(p.get("leader", -1) >= 0 for p in t["partitions"]) for t in described):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("created topics have no leader yet", extra={"topics": names})
 
 
 class KafkaProducer(Component):

@@ -3,8 +3,13 @@
 * ``SignalChunk``: what a wearable publishes over MQTT and the bridge forwards to ``signals.raw``; a compact
   binary encoding (``encode_chunk`` / ``decode_chunk``): int16 samples with a per-channel scale and offset,
   and a CRC32, so one second of ECG+PPG at 125 Hz costs about 570 bytes.
-* ``Window``, ``Estimate``, ``Alert``, ``DeadLetter``: msgspec structs between services (MessagePack for
-  windows, which carry samples; JSON for the rest, which people read in Kafka tools).
+* ``Window``, ``Estimate``, ``Alert``, ``DeadLetter``, ``CuffReading``, ``CalibrationRecord``: msgspec structs
+  between services (MessagePack for windows, which carry samples; JSON for the rest, which people read in
+  Kafka tools).
+
+Versions: ``Estimate`` v2 adds the calibration mode and age, the 90% interval, the model's calibration-free
+output and the withheld reason; ``Alert`` v2 adds the evidence an alert rests on. Every new field has a
+default, so v1 records (already in Kafka) still decode: a v1 estimate reads as uncalibrated, never withheld.
 
 Every decoder raises ``DecodeError`` (with a stable ``reason``) and nothing else for bad bytes.
 
@@ -212,6 +217,8 @@ class Window(msgspec.Struct, frozen=True, kw_only=True):
     sqi: dict[str, float]
     quality_ok: bool
     gap_fraction: float = 0.0
+    #: Heart rate the processor measured on the window (for the model's out-of-distribution check).
+    heart_rate_bpm: float | None = None
     seq_first: int = 0
     seq_last: int = 0
     received_ns: int = 0
@@ -222,9 +229,17 @@ class Window(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Estimate(msgspec.Struct, frozen=True, kw_only=True):
-    """One blood-pressure estimate for one window. Identified by ``(device_id, window_end_ns)``."""
+    """One blood-pressure estimate for one window. Identified by ``(device_id, window_end_ns)``.
 
-    v: int = 1
+    ``sbp``/``dbp`` are the estimate in the estimate's ``mode``: in ``calibrated`` mode
+    ``cuff + gain * (raw - reference)`` (``bpstream.shared.model.calibration``), in ``uncalibrated`` mode the
+    model's output (``raw_sbp``/``raw_dbp`` always hold the model's calibration-free output). ``sbp_lo`` ..
+    ``dbp_hi`` bound the 90% interval. ``withheld`` names why the estimate must not be shown as a number nor
+    alerted on (``signal_quality``, ``out_of_distribution``, ``interval_too_wide``, ``calibration_stale``),
+    or is None.
+    """
+
+    v: int = 2
     clinic_id: str
     device_id: str
     window_start_ns: int
@@ -240,12 +255,29 @@ class Estimate(msgspec.Struct, frozen=True, kw_only=True):
     model_version: str
     received_ns: int = 0
     estimated_ns: int = 0
+    raw_sbp: float | None = None
+    raw_dbp: float | None = None
+    mode: str = "uncalibrated"
+    #: Device time of the cuff reading the calibration rests on, its cuff id and age at the window end.
+    calibration_ns: int | None = None
+    calibration_cuff_id: str | None = None
+    calibration_age_s: float | None = None
+    sbp_lo: float | None = None
+    sbp_hi: float | None = None
+    dbp_lo: float | None = None
+    dbp_hi: float | None = None
+    withheld: str | None = None
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):
-    """An alert being raised or resolved. One ``alert_id`` per episode; ``state`` is raised or resolved."""
+    """An alert being raised or resolved. One ``alert_id`` per episode; ``state`` is raised or resolved.
 
-    v: int = 1
+    The evidence (v2): ``basis`` is ``estimates`` (windows ``first_window_ns``..``event_ns``, in ``mode``) or
+    ``cuff`` (the cuff reading ``cuff_id`` at ``event_ns``); ``calibration_ns``/``calibration_cuff_id`` name the
+    calibration the estimates rest on (None when uncalibrated).
+    """
+
+    v: int = 2
     alert_id: str
     clinic_id: str
     device_id: str
@@ -261,6 +293,12 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     n_windows: int = 0
     confidence: float = 0.0
     message: str = ""
+    basis: str = "estimates"
+    mode: str = ""
+    first_window_ns: int | None = None
+    calibration_ns: int | None = None
+    calibration_cuff_id: str | None = None
+    cuff_id: str | None = None
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -276,6 +314,41 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     partition: int | None = None
     offset: int | None = None
     received_ns: int = 0
+
+
+class CuffReading(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated cuff reading for one patient's device (Kafka ``cuff``, key ``clinic/device``).
+
+    ``time_ns`` is when the cuff measured (its clock); ``confirmation`` marks a reading taken to confirm or
+    refute an alert (it calibrates like any other reading).
+    """
+
+    v: int = 1
+    clinic_id: str
+    device_id: str
+    sbp: float
+    dbp: float
+    time_ns: int
+    cuff_id: str
+    confirmation: bool = False
+    received_ns: int = 0
+
+
+class CalibrationRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished calibration: a cuff reading and the model's mean output on the windows around it
+    (Kafka ``calibration.state``, key ``clinic/device``). Valid only for ``model_version``."""
+
+    v: int = 1
+    clinic_id: str
+    device_id: str
+    cuff_sbp: float
+    cuff_dbp: float
+    time_ns: int
+    cuff_id: str
+    reference_sbp: float
+    reference_dbp: float
+    n_windows: int
+    model_version: str
 
 
 _json_encoder = msgspec.json.Encoder()
@@ -294,7 +367,7 @@ def encode_window(window: Window) -> bytes:
     return _msgpack_encoder.encode(window)
 
 
-def _decode(data: bytes, kind: type[_S], fmt: str, limit: int) -> _S:
+def _decode(data: bytes, kind: type[_S], fmt: str, limit: int, versions: tuple[int, ...] = (1,)) -> _S:
     if len(data) > limit:
         raise DecodeError(f"{kind.__name__} of {len(data)} bytes exceeds {limit}", reason="oversize")
     decoder = _decoders.get((kind, fmt))
@@ -305,7 +378,7 @@ def _decode(data: bytes, kind: type[_S], fmt: str, limit: int) -> _S:
         message: _S = decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise DecodeError(f"invalid {kind.__name__}: {exc}", reason="invalid_message") from exc
-    if getattr(message, "v", 1) != 1:
+    if getattr(message, "v", 1) not in versions:
         raise DecodeError(f"{kind.__name__} version {getattr(message, 'v', None)} is not supported",
                           reason="bad_version")
     return message
@@ -327,11 +400,26 @@ def decode_window(data: bytes) -> Window:
 
 
 def decode_estimate(data: bytes) -> Estimate:
-    return _decode(data, Estimate, "json", MAX_JSON_BYTES)
+    """Decode an Estimate of version 1 (no calibration fields) or 2."""
+    return _decode(data, Estimate, "json", MAX_JSON_BYTES, (1, 2))
 
 
 def decode_alert(data: bytes) -> Alert:
-    return _decode(data, Alert, "json", MAX_JSON_BYTES)
+    """Decode an Alert of version 1 (no evidence fields) or 2."""
+    return _decode(data, Alert, "json", MAX_JSON_BYTES, (1, 2))
+
+
+def decode_cuff(data: bytes) -> CuffReading:
+    reading = _decode(data, CuffReading, "json", MAX_JSON_BYTES)
+    _check_id(reading.clinic_id, "clinic_id", DecodeError)
+    _check_id(reading.device_id, "device_id", DecodeError)
+    if not (math.isfinite(reading.sbp) and math.isfinite(reading.dbp)):
+        raise DecodeError("cuff pressures must be finite", reason="non_finite")
+    return reading
+
+
+def decode_calibration(data: bytes) -> CalibrationRecord:
+    return _decode(data, CalibrationRecord, "json", MAX_JSON_BYTES)
 
 
 def decode_dead_letter(data: bytes) -> DeadLetter:

@@ -1,8 +1,9 @@
 """MQTT topic layout and Kafka topic names, in one place.
 
 Devices publish to ``bpstream/<clinic>/<device>/signals`` and announce presence (and their last will) on
-``bpstream/<clinic>/<device>/status``. Bridges read the signals through an MQTT 5 shared subscription so
-several bridges split the load.
+``bpstream/<clinic>/<device>/status``; a clinic's validated cuff (or a clinician, ``bpstream calibrate``)
+publishes a cuff reading for a patient's device on ``bpstream/<clinic>/<device>/cuff``. Bridges read signals
+and cuff readings through MQTT 5 shared subscriptions so several bridges split the load.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ def mqtt_status_topic(clinic_id: str, device_id: str) -> str:
     return f"{MQTT_ROOT}/{clinic_id}/{device_id}/status"
 
 
+def mqtt_cuff_topic(clinic_id: str, device_id: str) -> str:
+    """Topic a cuff reading (JSON) for one patient's device is published to."""
+    return f"{MQTT_ROOT}/{clinic_id}/{device_id}/cuff"
+
+
 MQTT_SIGNALS_WILDCARD = f"{MQTT_ROOT}/+/+/signals"
+MQTT_CUFF_WILDCARD = f"{MQTT_ROOT}/+/+/cuff"
 MQTT_STATUS_WILDCARD = f"{MQTT_ROOT}/+/+/status"
 
 
@@ -35,9 +42,14 @@ def mqtt_shared_subscription(group: str, topic_filter: str = MQTT_SIGNALS_WILDCA
 
 def parse_signals_topic(topic: str) -> tuple[str, str]:
     """Return ``(clinic_id, device_id)`` of a signals topic or raise ``ValueError``."""
+    return parse_device_topic(topic, "signals")
+
+
+def parse_device_topic(topic: str, leaf: str) -> tuple[str, str]:
+    """Return ``(clinic_id, device_id)`` of ``bpstream/<clinic>/<device>/<leaf>`` or raise ``ValueError``."""
     parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != MQTT_ROOT or parts[3] != "signals":
-        raise ValueError(f"not a signals topic: {topic!r}")
+    if len(parts) != 4 or parts[0] != MQTT_ROOT or parts[3] != leaf:
+        raise ValueError(f"not a {leaf} topic: {topic!r}")
     clinic_id, device_id = parts[1], parts[2]
     if not ID_PATTERN.match(clinic_id) or not ID_PATTERN.match(device_id):
         raise ValueError(f"bad clinic or device id in topic {topic!r}")
@@ -72,7 +84,19 @@ QUALITY = KafkaTopic("quality", partitions=3)
 #: Created by the alerting service at start (it is that service's private state, not part of ALL_TOPICS).
 ALERTING_STATE = KafkaTopic("alerting.state", partitions=3, retention_ms=-1, compacted=True)
 
-ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY)
+#: Validated cuff readings from the bridge, keyed by ``clinic/device`` (``cuff_key``); compacted, so the latest
+#: reading of every device is kept forever and inference rebuilds its calibrations from it at start.
+CUFF = KafkaTopic("cuff", partitions=3, retention_ms=-1, compacted=True)
+#: Inference's finished calibrations (cuff reading + the model's reference output around it), keyed by
+#: ``clinic/device``; compacted. Created by the inference service at start (its private state).
+CALIBRATION_STATE = KafkaTopic("calibration.state", partitions=3, retention_ms=-1, compacted=True)
+
+ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY, CUFF)
+
+
+def cuff_key(clinic_id: str, device_id: str) -> str:
+    """Kafka key of a device's cuff readings and calibration: ``clinic/device``."""
+    return f"{clinic_id}/{device_id}"
 
 
 def topic_name(topic: KafkaTopic, prefix: str = "") -> str:

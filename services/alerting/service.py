@@ -10,6 +10,12 @@ Delivery and state (at-least-once, no duplicate alerts):
   consumer resumes at the committed offsets. Replayed estimates are ignored by the detector (it skips windows
   at or before the last one it saw), and alert ids are derived from device, kind and the episode's first
   window, so a replayed alert is the same record again: the writer overwrites the same point.
+
+Cuff readings: every instance follows the compacted ``cuff`` topic (no consumer group) and hands a reading to
+the detector of its device when that device's ``estimates`` partition is assigned to this instance (so one
+detector state per device, as for estimates). Readings of the backlog read at start that the bridge received
+more than ``cuff_backlog_max_age_s`` ago only update the detector (no alert). A reading that arrives while its
+device's partition is not assigned here is handled by the instance that owns it.
 """
 
 from __future__ import annotations
@@ -19,20 +25,22 @@ import logging
 import time
 
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.alerting.settings import AlertingSettings
 from bpstream.services.alerting.stage import AlertingState
 from bpstream.services.batching import collect_batch
-from bpstream.services.kafka_tools import read_latest_by_key
+from bpstream.services.kafka_tools import CuffFollower, read_latest_by_key
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
-from bpstream.shared.messages import Estimate, decode_estimate, encode_json
+from bpstream.shared.messages import Alert, CuffReading, Estimate, decode_estimate, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import ALERTING_STATE, ALERTS, ESTIMATES
+from bpstream.shared.topics import ALERTING_STATE, ALERTS, CUFF, ESTIMATES, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,35 @@ class AlertingService:
         self.uncommitted: list[ConsumerRecord[bytes, bytes]] = []
         self.last_flush = time.monotonic()
         self.assignment: set[TopicPartition] = set()
+        self._partitioner = DefaultPartitioner()
+
+    def owns(self, device_id: str) -> bool:
+        """True when the device's ``estimates`` partition is assigned to this instance."""
+        name = topic_name(ESTIMATES, self.settings.kafka.topic_prefix)
+        partitions = self.consumer.client.partitions_for_topic(name)
+        owned = {tp.partition for tp in self.consumer.client.assignment() if tp.topic == name}
+        if not owned:
+            return False
+        every = sorted(partitions) if partitions else list(range(ESTIMATES.partitions))
+        return int(self._partitioner(device_id.encode(), every, every)) in owned
+
+    async def handle_cuff(self, readings: list[CuffReading], now_ns: int, *, backlog: bool = False) -> None:
+        mine = [r for r in readings if self.owns(r.device_id)]
+        alerts: list[Alert] = []
+        if backlog:
+            horizon = now_ns - round(self.settings.cuff_backlog_max_age_s * 1e9)
+            alerts.extend(self.state.apply_cuff([r for r in mine if r.received_ns < horizon], raise_alerts=False))
+            mine = [r for r in mine if r.received_ns >= horizon]
+        alerts.extend(self.state.apply_cuff(mine))
+        await self._send_alerts(alerts)
+
+    async def _send_alerts(self, alerts: list[Alert]) -> None:
+        if alerts:
+            await self.producer.send_many([(ALERTS, encode_json(a), a.device_id) for a in alerts])
+            for a in alerts:
+                ALERTS_OUT.labels(a.kind, a.state).inc()
+                log.info("alert", extra={"alert_id": a.alert_id, "kind": a.kind, "state": a.state,
+                                         "severity": a.severity, "basis": a.basis})
 
     async def restore_if_rebalanced(self) -> None:
         assignment = set(self.consumer.client.assignment())
@@ -75,13 +112,7 @@ class AlertingService:
             except DecodeError as exc:
                 UNDECODABLE.labels(exc.reason).inc()
                 await self._dead_letter(record, exc)
-        alerts = self.state.apply(estimates)
-        if alerts:
-            await self.producer.send_many([(ALERTS, encode_json(a), a.device_id) for a in alerts])
-            for a in alerts:
-                ALERTS_OUT.labels(a.kind, a.state).inc()
-                log.info("alert", extra={"alert_id": a.alert_id, "device": a.device_id, "kind": a.kind,
-                                         "state": a.state, "severity": a.severity})
+        await self._send_alerts(self.state.apply(estimates))
         self.uncommitted.extend(records)
         ACTIVE.set(sum(len(kinds) for kinds in self.state.active_alerts().values()))
         BATCH_SECONDS.observe(time.monotonic() - started)
@@ -113,8 +144,9 @@ async def run_alerting(settings: AlertingSettings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set, then flush state, commit and return."""
     log_settings(settings, "alerting")
     ready = False
-    await retry_async(lambda: ensure_topics(settings.kafka, [ALERTING_STATE]), attempts=10,
+    await retry_async(lambda: ensure_topics(settings.kafka, [ALERTING_STATE, CUFF]), attempts=10,
                       what="create alerting.state")
+    follower = CuffFollower(settings.kafka)
     async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
             RecoveringProducer(settings.kafka) as producer, \
             KafkaConsumer(settings.kafka, [ESTIMATES], group_name(settings.group_id, settings.kafka),
@@ -124,16 +156,28 @@ async def run_alerting(settings: AlertingSettings, stop: asyncio.Event) -> None:
         async def fetch(timeout_s: float, max_items: int) -> list[ConsumerRecord[bytes, bytes]]:
             return await consumer.getmany(int(timeout_s * 1000), max_items)
 
+        backlog: list[CuffReading] | None = None
         ready = True
         try:
             while not stop.is_set():
                 records = await collect_batch(fetch, max_size=settings.batch_max_size,
                                               max_wait_s=settings.batch_max_wait_ms / 1000, stop=stop)
                 await service.restore_if_rebalanced()
+                try:
+                    if backlog is None and service.assignment:
+                        backlog = await follower.start()  # once partitions are assigned: owners are known
+                        await service.handle_cuff(backlog, time.time_ns(), backlog=True)
+                    elif backlog is not None:
+                        new = await follower.poll()
+                        if new:
+                            await service.handle_cuff(new, time.time_ns())
+                except KafkaError as exc:  # Kafka restarting: the readings wait in the topic
+                    log.warning("cuff poll failed", extra={"error": repr(exc)[:200]})
                 if records:
                     await service.handle(records)
                 await service.flush_if_due()
             await service.flush_if_due(force=True)
         finally:
             ready = False
+            await follower.stop()
     log.info("alerting stopped")

@@ -21,6 +21,9 @@ class AlertingSettings(ServiceSettings):
     #: How often detector state is saved to ``alerting.state`` and offsets committed (together, so a
     #: restart resumes from a state that matches the committed position; 0 = after every batch).
     state_flush_s: float = Field(default=2.0, ge=0)
+    #: Cuff readings older than this (by the bridge's receipt time) when alerting starts are remembered but
+    #: raise nothing: a backlog in the compacted ``cuff`` topic, not news.
+    cuff_backlog_max_age_s: float = Field(default=3600.0, ge=0)
     #: Overrides of ``bpstream.shared.anomaly.AlertConfig`` fields, as JSON, e.g. ``{"persistence": 3}``.
     detector: dict[str, float | int] = Field(default_factory=dict)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from bpstream.shared.anomaly import AlertConfig, AlertDetector
 from bpstream.shared.errors import DecodeError
-from bpstream.shared.messages import Alert, Estimate
+from bpstream.shared.messages import Alert, CuffReading, Estimate
 
 
 class AlertingState:
@@ -32,6 +32,17 @@ class AlertingState:
                 detector = self.detectors[estimate.device_id] = AlertDetector(self.config)
             alerts.extend(detector.update(estimate))
             self.dirty.add(estimate.device_id)
+        return alerts
+
+    def apply_cuff(self, readings: Iterable[CuffReading], *, raise_alerts: bool = True) -> list[Alert]:
+        """Feed cuff readings (devices this instance owns); return the alerts they raise or resolve."""
+        alerts: list[Alert] = []
+        for reading in readings:
+            detector = self.detectors.get(reading.device_id)
+            if detector is None:
+                detector = self.detectors[reading.device_id] = AlertDetector(self.config)
+            alerts.extend(detector.cuff(reading, raise_alerts=raise_alerts))
+            self.dirty.add(reading.device_id)
         return alerts
 
     def take_dirty(self) -> dict[str, bytes]:

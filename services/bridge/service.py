@@ -7,6 +7,10 @@ byte for byte to ``signals.raw`` keyed by device and the invalid ones to ``signa
 acknowledged all of them, and only then acknowledges the MQTT messages. A message is therefore either in
 Kafka or still unacknowledged in the broker's session, which redelivers it after a reconnect or restart.
 
+Cuff readings (``bpstream/<clinic>/<device>/cuff``, JSON) take the same path: validated
+(``stage.validate_cuff``), forwarded as a normalised ``CuffReading`` to the compacted ``cuff`` topic keyed by
+``clinic/device``, or dead-lettered with the reason (``bpstream_bridge_rejected_total{reason="cuff_..."}``).
+
 Backpressure: the broker sends at most ``max_in_flight`` unacknowledged QoS 1 messages (MQTT 5 Receive
 Maximum), so the queue never holds more; should a broker ignore that, ``on_message`` blocks paho's thread
 until there is room, so the socket stops being read instead of memory growing.
@@ -29,16 +33,19 @@ from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from bpstream.services.bridge.settings import BridgeSettings
-from bpstream.services.bridge.stage import Rejection, validate_payload
+from bpstream.services.bridge.stage import Rejection, validate_cuff, validate_payload
 from bpstream.shared.errors import BpstreamError
 from bpstream.shared.kafka import KafkaProducer, ensure_topics
-from bpstream.shared.messages import MAX_CHUNK_BYTES, DeadLetter, encode_json
+from bpstream.shared.messages import MAX_CHUNK_BYTES, CuffReading, DeadLetter, SignalChunk, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.service import Component
 from bpstream.shared.topics import (
+    CUFF,
     SIGNALS_DLQ,
     SIGNALS_RAW,
     KafkaTopic,
+    cuff_key,
+    mqtt_cuff_topic,
     mqtt_shared_subscription,
     mqtt_signals_topic,
 )
@@ -55,6 +62,9 @@ class BridgeMetrics:
         self.received = Counter("bpstream_bridge_received_total", "MQTT messages received", registry=registry)
         self.forwarded = Counter(
             "bpstream_bridge_forwarded_total", "Chunks Kafka accepted into signals.raw", registry=registry
+        )
+        self.cuff_forwarded = Counter(
+            "bpstream_bridge_cuff_forwarded_total", "Cuff readings Kafka accepted into cuff", registry=registry
         )
         self.rejected = Counter(
             "bpstream_bridge_rejected_total",
@@ -115,7 +125,7 @@ class Bridge(Component):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await retry_async(
-            lambda: ensure_topics(self.settings.kafka, [SIGNALS_RAW, SIGNALS_DLQ]),
+            lambda: ensure_topics(self.settings.kafka, [SIGNALS_RAW, SIGNALS_DLQ, CUFF]),
             attempts=10,
             cap_s=5.0,
             what="ensure topics",
@@ -191,7 +201,9 @@ class Bridge(Component):
             return
         # Subscribing again when the session survived is harmless and covers an expired session.
         topic_filter = mqtt_signals_topic(self.settings.clinic, "+")
-        client.subscribe(mqtt_shared_subscription(self.settings.share_group, topic_filter), qos=1)
+        cuff_filter = mqtt_cuff_topic(self.settings.clinic, "+")
+        client.subscribe([(mqtt_shared_subscription(self.settings.share_group, topic_filter), 1),
+                          (mqtt_shared_subscription(self.settings.share_group, cuff_filter), 1)])
         self._mqtt_connected.set()
         log.info("mqtt connected", extra={"session_present": flags.session_present})
 
@@ -263,16 +275,25 @@ class Bridge(Component):
         """Send the batch to Kafka (retrying until it is accepted), then acknowledge it over MQTT."""
         records: list[tuple[KafkaTopic, bytes, str | bytes | None]] = []
         rejected: list[str] = []
+        cuffs = 0
         now = time.time_ns()
+        limits = self.settings.cuff_limits()
         for item in batch:
             try:
-                verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates)
+                if item.topic.endswith("/cuff"):
+                    verdict: CuffReading | Rejection | SignalChunk = validate_cuff(item.topic, item.payload, now,
+                                                                                   limits)
+                else:
+                    verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates)
             except Exception as exc:  # a bug, not bad input: dead-letter rather than crash-loop on redelivery
                 log.exception("validation failed")
                 verdict = Rejection("internal_error", f"{type(exc).__name__}: {exc}")
             if isinstance(verdict, Rejection):
                 records.append((SIGNALS_DLQ, self._dead_letter(item, verdict, now), STAGE))
                 rejected.append(verdict.reason)
+            elif isinstance(verdict, CuffReading):
+                records.append((CUFF, encode_json(verdict), cuff_key(verdict.clinic_id, verdict.device_id)))
+                cuffs += 1
             else:
                 records.append((SIGNALS_RAW, item.payload, verdict.device_id))
         started = time.perf_counter()
@@ -305,7 +326,8 @@ class Bridge(Component):
                 client.ack(item.mid, item.qos)
         self._in_flight -= len(batch)
         self.metrics.in_flight.set(self._in_flight)
-        self.metrics.forwarded.inc(len(batch) - len(rejected))
+        self.metrics.forwarded.inc(len(batch) - len(rejected) - cuffs)
+        self.metrics.cuff_forwarded.inc(cuffs)
         for reason in rejected:
             self.metrics.rejected.labels(reason=reason).inc()
         if rejected:

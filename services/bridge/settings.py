@@ -7,6 +7,7 @@ import socket
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from bpstream.services.bridge.stage import CuffLimits
 from bpstream.shared.settings import ServiceSettings
 
 
@@ -39,3 +40,12 @@ class BridgeSettings(ServiceSettings):
     #: Seconds between MQTT reconnect attempts (min, max).
     reconnect_min_s: int = Field(default=1, ge=1)
     reconnect_max_s: int = Field(default=30, ge=1)
+    #: Plausible cuff pressures (mmHg); readings outside are dead-lettered.
+    cuff_sbp_range: tuple[float, float] = (50.0, 300.0)
+    cuff_dbp_range: tuple[float, float] = (20.0, 200.0)
+    #: How far ahead of the bridge's clock a cuff time may be, and how old it may be (seconds).
+    cuff_max_future_s: float = Field(default=300.0, ge=0)
+    cuff_max_age_s: float = Field(default=7 * 86400.0, gt=0)
+
+    def cuff_limits(self) -> CuffLimits:
+        return CuffLimits(self.cuff_sbp_range, self.cuff_dbp_range, self.cuff_max_future_s, self.cuff_max_age_s)

@@ -5,6 +5,12 @@ the reason) -> score the batch in a worker thread with the model in service -> p
 wait until Kafka acknowledged all of them -> commit the batch's offsets. A crash anywhere replays the
 batch; estimates are identified by device and window end, so the replay overwrites downstream.
 Between batches a newer model version, loaded in the background, is swapped in.
+
+Calibration (``calibration.CalibrationBook``): at start the compacted ``calibration.state`` (finished
+calibrations) and ``cuff`` (latest reading per device) topics are read whole; the ``cuff`` topic is then
+followed between batches (no consumer group: every instance knows every device's reading), so a new reading
+takes effect without a restart. Calibrations a batch finishes are produced to ``calibration.state`` with the
+batch's estimates, before its offsets are committed.
 """
 
 from __future__ import annotations
@@ -16,21 +22,32 @@ import time
 from pathlib import Path
 
 from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.batching import collect_batch
+from bpstream.services.inference.calibration import CalibrationBook, CalibrationPolicy
 from bpstream.services.inference.reload import ModelManager
 from bpstream.services.inference.settings import InferenceSettings
 from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
+from bpstream.services.kafka_tools import CuffFollower, read_latest_by_key
 from bpstream.services.writer.lag import group_name
-from bpstream.shared.errors import DecodeError
-from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer
-from bpstream.shared.messages import Window, decode_window, encode_json
+from bpstream.shared.errors import DecodeError, TransientError
+from bpstream.shared.kafka import KafkaConsumer, OutgoingRecord, RecoveringProducer, ensure_topics
+from bpstream.shared.messages import (
+    CalibrationRecord,
+    CuffReading,
+    Window,
+    decode_calibration,
+    decode_window,
+    encode_json,
+)
+from bpstream.shared.model.calibration import IntervalSpec
 from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, Runtime, load_model
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import ESTIMATES, WINDOWS
+from bpstream.shared.topics import CALIBRATION_STATE, CUFF, ESTIMATES, WINDOWS, cuff_key
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +60,10 @@ INFER_SECONDS = Histogram("bpstream_inference_model_seconds", "Model time per ba
 BATCH_SECONDS = Histogram("bpstream_inference_batch_seconds", "Batch handling, decode to commit",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 RELOADS = Counter("bpstream_inference_model_reloads_total", "Model versions swapped in while running")
+CALIBRATIONS = Counter("bpstream_inference_calibrations_total", "Calibrations finished from cuff readings")
+CUFF_READINGS = Counter("bpstream_inference_cuff_readings_total", "Cuff readings taken in")
+ESTIMATE_MODES = Counter("bpstream_inference_estimates_total", "Estimates produced, by mode and withheld reason",
+                         ["mode", "withheld"])
 MODEL_INFO = Gauge("bpstream_inference_model_info", "The model version in service", ["version", "runtime",
                                                                                    "device"])
 
@@ -71,13 +92,29 @@ def make_loader(settings: InferenceSettings) -> functools.partial[BpModel]:
     return functools.partial(load_model, runtime=runtime, device=device, threads=settings.threads)
 
 
+def calibration_policy(settings: InferenceSettings, model: BpModel) -> CalibrationPolicy:
+    """The calibration stage's policy: settings plus the model's interval spec and input ranges."""
+    return CalibrationPolicy(reference_window_s=settings.calibration_window_s,
+                             max_age_s=settings.calibration_max_age_s,
+                             max_half_width_sbp=settings.max_half_width_sbp,
+                             buffer_s=settings.calibration_buffer_s,
+                             spec=IntervalSpec.from_dict(model.metadata.intervals),
+                             input_ranges=dict(model.metadata.input_ranges))
+
+
 class InferenceService:
     """Scores one batch at a time with the model in service."""
 
     def __init__(self, settings: InferenceSettings, consumer: KafkaConsumer, producer: RecoveringProducer,
-                 models: ModelManager) -> None:
+                 models: ModelManager, book: CalibrationBook | None = None) -> None:
         self.settings, self.consumer, self.producer, self.models = settings, consumer, producer, models
+        self.book = book or CalibrationBook(calibration_policy(settings, models.model))
         self.scored = 0
+
+    def take_cuff(self, readings: list[CuffReading]) -> None:
+        for reading in readings:
+            self.book.add_cuff(reading)
+            CUFF_READINGS.inc()
 
     @staticmethod
     def spec(model: BpModel) -> InputSpec:
@@ -89,6 +126,7 @@ class InferenceService:
         if self.models.swap_if_ready():  # between batches, never inside one
             RELOADS.inc()
             self._model_info()
+            self.book.policy = calibration_policy(self.settings, self.models.model)
         model = self.models.model
         windows: list[Window] = []
         origins: list[ConsumerRecord[bytes, bytes]] = []
@@ -108,9 +146,16 @@ class InferenceService:
             t0 = time.monotonic()
             predictions = await asyncio.to_thread(model.predict, batch.inputs)  # the loop keeps heartbeating
             INFER_SECONDS.observe(time.monotonic() - t0)
-        estimates = estimates_for(batch, predictions, model.version, time.time_ns)
-        if estimates:
-            await self.producer.send_many([(ESTIMATES, encode_json(e), e.device_id) for e in estimates])
+        raw = estimates_for(batch, predictions, model.version, time.time_ns)
+        features = {(w.device_id, w.end_ns): {"heart_rate_bpm": w.heart_rate_bpm} for w in batch.scored}
+        estimates, finished = self.book.process(raw, features)
+        outgoing: list[OutgoingRecord] = [self._calibration_record(r) for r in finished]
+        outgoing.extend((ESTIMATES, encode_json(e), e.device_id) for e in estimates)
+        if outgoing:
+            await self.producer.send_many(outgoing)
+        CALIBRATIONS.inc(len(finished))
+        for e in estimates:
+            ESTIMATE_MODES.labels(e.mode, e.withheld or "none").inc()
         WINDOWS_IN.labels("scored").inc(len(batch.scored))
         WINDOWS_IN.labels("unscored").inc(len(batch.unscored))
         self.scored += len(batch.scored)
@@ -120,6 +165,17 @@ class InferenceService:
         except Exception as exc:  # rebalanced away: the new owner rescored the batch, estimates overwrite
             log.warning("commit failed; windows will be rescored", extra={"error": repr(exc)[:300]})
         BATCH_SECONDS.observe(time.monotonic() - started)
+
+    @staticmethod
+    def _calibration_record(record: CalibrationRecord) -> OutgoingRecord:
+        return CALIBRATION_STATE, encode_json(record), cuff_key(record.clinic_id, record.device_id)
+
+    async def finish_late_calibrations(self) -> None:
+        """Cuff readings sent after the windows around them were scored: calibrate from the buffer now."""
+        finished = self.book.pending_finish()
+        if finished:
+            await self.producer.send_many([self._calibration_record(r) for r in finished])
+            CALIBRATIONS.inc(len(finished))
 
     async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str, detail: str) -> None:
         ERRORS.labels(reason).inc()
@@ -145,11 +201,35 @@ async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> Non
     models = await asyncio.to_thread(ModelManager, Path(source), loader, poll_s=settings.reload_poll_s)
     log.info("model loaded", extra={"version": models.version, "runtime": models.model.runtime,
                                     "device": models.model.device, "path": str(models.model.directory)})
+    await retry_async(lambda: ensure_topics(settings.kafka, [CUFF, CALIBRATION_STATE]), attempts=10,
+                      what="create cuff and calibration.state")
+    book = CalibrationBook(calibration_policy(settings, models.model))
+    saved = await retry_async(lambda: read_latest_by_key(settings.kafka, CALIBRATION_STATE), attempts=10,
+                              what="read calibration state")
+    restored = []
+    for data in saved.values():
+        try:
+            restored.append(decode_calibration(data))
+        except DecodeError:
+            log.warning("unreadable saved calibration ignored")
+    book.restore(restored)
+    follower = CuffFollower(settings.kafka)
+
+    async def start_follower() -> list[CuffReading]:
+        try:
+            return await follower.start()
+        except KafkaError as exc:
+            raise TransientError(f"reading cuff: {exc!r}", reason="kafka_retriable") from exc
+
+    readings = await retry_async(start_follower, attempts=10, what="read cuff readings")
+    for reading in readings:
+        book.add_cuff(reading)
+    log.info("calibrations restored", extra={"calibrations": len(restored), "cuff_readings": len(readings)})
     async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
             RecoveringProducer(settings.kafka) as producer, \
             KafkaConsumer(settings.kafka, [WINDOWS], group_name(settings.group_id, settings.kafka),
                           max_poll_records=settings.batch_max_size) as consumer:
-        service = InferenceService(settings, consumer, producer, models)
+        service = InferenceService(settings, consumer, producer, models, book)
         service._model_info()
 
         async def fetch(timeout_s: float, max_items: int) -> list[ConsumerRecord[bytes, bytes]]:
@@ -159,6 +239,14 @@ async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> Non
         try:
             while not stop.is_set():
                 models.poll()
+                try:
+                    new_cuffs = await follower.poll()
+                except KafkaError as exc:  # Kafka restarting: the readings wait in the topic
+                    log.warning("cuff poll failed", extra={"error": repr(exc)[:200]})
+                    new_cuffs = []
+                if new_cuffs:
+                    service.take_cuff(new_cuffs)
+                    await service.finish_late_calibrations()
                 records = await collect_batch(fetch, max_size=settings.batch_max_size,
                                               max_wait_s=settings.batch_max_wait_ms / 1000, stop=stop)
                 if records:
@@ -168,4 +256,5 @@ async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> Non
                     service._model_info()
         finally:
             ready = False
+            await follower.stop()
     log.info("inference stopped", extra={"scored": service.scored})

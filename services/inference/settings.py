@@ -33,3 +33,12 @@ class InferenceSettings(ServiceSettings):
     reload_poll_s: float = Field(default=10.0, ge=0)
     #: Threads torch / ONNX Runtime may use for one batch (0 = the library's default).
     threads: int = Field(default=0, ge=0)
+    #: Cuff calibration: the reference is the model's mean output on windows ending within this many seconds
+    #: of the cuff time.
+    calibration_window_s: float = Field(default=60.0, gt=0)
+    #: A calibration older than this (window time - cuff time) withholds estimates ("calibration due").
+    calibration_max_age_s: float = Field(default=24 * 3600.0, gt=0)
+    #: Calibrated estimates whose 90% SBP half-width exceeds this are withheld (mmHg).
+    max_half_width_sbp: float = Field(default=25.0, gt=0)
+    #: Window time of raw model outputs kept per device to form a reference (cuff readings that arrive late).
+    calibration_buffer_s: float = Field(default=600.0, gt=0)

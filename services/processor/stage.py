@@ -502,6 +502,7 @@ class Reassembler:
                 sqi=dict(result.sqi),
                 quality_ok=result.quality_ok,
                 gap_fraction=0.0,
+                heart_rate_bpm=result.heart_rate_bpm,
                 seq_first=cut.seq_first,
                 seq_last=cut.seq_last,
                 received_ns=cut.received_ns,

@@ -15,6 +15,7 @@ from bpstream.services.processor.stage import QualityRecord
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.influx import (
     MEASUREMENT_ALERT,
+    MEASUREMENT_CUFF,
     MEASUREMENT_DEAD_LETTER,
     MEASUREMENT_ESTIMATE,
     MEASUREMENT_GAP,
@@ -26,16 +27,18 @@ from bpstream.shared.influx import (
 from bpstream.shared.messages import (
     MAX_JSON_BYTES,
     Alert,
+    CuffReading,
     DeadLetter,
     Estimate,
     decode_alert,
+    decode_cuff,
     decode_dead_letter,
     decode_estimate,
 )
-from bpstream.shared.topics import ALERTS, ESTIMATES, QUALITY, SIGNALS_DLQ, KafkaTopic
+from bpstream.shared.topics import ALERTS, CUFF, ESTIMATES, QUALITY, SIGNALS_DLQ, KafkaTopic
 
 #: The topics the writer stores, by their un-prefixed name.
-WRITTEN_TOPICS: Final[tuple[KafkaTopic, ...]] = (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ)
+WRITTEN_TOPICS: Final[tuple[KafkaTopic, ...]] = (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ, CUFF)
 
 
 def estimate_line(estimate: Estimate, stored_ns: int) -> str:
@@ -57,6 +60,17 @@ def estimate_line(estimate: Estimate, stored_ns: int) -> str:
         "latency_ms": (estimate.estimated_ns - received) / 1e6 if received and estimate.estimated_ns else None,
         "stored_latency_ms": (stored_ns - received) / 1e6 if received else None,
         "model_version": estimate.model_version,
+        "raw_sbp": estimate.raw_sbp if scored else None,
+        "raw_dbp": estimate.raw_dbp if scored else None,
+        "mode": estimate.mode,
+        "calibrated": 1 if estimate.mode == "calibrated" else 0,
+        "calibration_age_s": estimate.calibration_age_s,
+        "sbp_lo": estimate.sbp_lo if scored else None,
+        "sbp_hi": estimate.sbp_hi if scored else None,
+        "dbp_lo": estimate.dbp_lo if scored else None,
+        "dbp_hi": estimate.dbp_hi if scored else None,
+        "withheld": estimate.withheld,
+        "withheld_flag": 0 if estimate.withheld is None else 1,
     }
     return line(MEASUREMENT_ESTIMATE, {"clinic": estimate.clinic_id, "device": estimate.device_id}, fields,
                 estimate.window_end_ns)
@@ -75,8 +89,21 @@ def alert_line(alert: Alert) -> str:
         "alert_id": alert.alert_id,
         "message": alert.message,
         "started_ns": alert.started_ns,
+        "basis": alert.basis,
+        "mode": alert.mode or None,
+        "first_window_ns": alert.first_window_ns,
+        "calibration_ns": alert.calibration_ns,
+        "calibration_cuff_id": alert.calibration_cuff_id,
+        "cuff_id": alert.cuff_id,
     }
     return line(MEASUREMENT_ALERT, tags, fields, alert.event_ns)
+
+
+def cuff_line(reading: CuffReading) -> str:
+    """``bp_cuff`` at the cuff's measurement time: one point per reading (a resent reading overwrites it)."""
+    return line(MEASUREMENT_CUFF, {"clinic": reading.clinic_id, "device": reading.device_id},
+                {"sbp": reading.sbp, "dbp": reading.dbp, "cuff_id": reading.cuff_id,
+                 "confirmation": 1 if reading.confirmation else 0}, reading.time_ns)
 
 
 def dead_letter_line(record: DeadLetter, fallback_ns: int) -> str:
@@ -142,6 +169,8 @@ def record_lines(topic: str, payload: bytes, *, prefix: str, stored_ns: int) -> 
         return [alert_line(decode_alert(payload))], None
     if name == SIGNALS_DLQ.name:
         return [dead_letter_line(decode_dead_letter(payload), stored_ns)], None
+    if name == CUFF.name:
+        return [cuff_line(decode_cuff(payload))], None
     if name == QUALITY.name:
         return quality_lines(decode_quality(payload)), None
     raise DecodeError(f"the writer does not store topic {topic!r}", reason="unknown_topic")

@@ -27,9 +27,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bpstream.shared.kafka import KafkaConsumer
-from bpstream.shared.messages import SignalChunk, decode_chunk, decode_dead_letter, encode_chunk
+from bpstream.shared.messages import SignalChunk, decode_chunk, decode_cuff, decode_dead_letter, encode_chunk
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import SIGNALS_DLQ, SIGNALS_RAW, mqtt_signals_topic
+from bpstream.shared.topics import CUFF, SIGNALS_DLQ, SIGNALS_RAW, mqtt_cuff_topic, mqtt_signals_topic
 
 T0 = 1_700_000_000_000_000_000
 
@@ -224,6 +224,48 @@ async def test_valid_chunks_arrive_byte_identical_and_bad_ones_are_dead_lettered
     assert f"bpstream_bridge_forwarded_total {float(len(sent))}" in metrics
     assert 'bpstream_bridge_rejected_total{reason="topic_mismatch"}' in metrics
     assert "bpstream_bridge_in_flight 0.0" in metrics
+    assert bridge.terminate() == 0
+
+
+async def test_cuff_readings_from_mqtt_and_the_cli_reach_the_compacted_topic_and_bad_ones_the_dlq(
+        bridge: BridgeProcess, publisher: Publisher, kafka_settings: KafkaSettings, clinic: str,
+        bridge_env: dict[str, str]) -> None:
+    import json
+
+    bridge.start()
+    now = time.time()
+    good = {"sbp": 131.0, "dbp": 84.0, "time": now - 20, "cuff_id": "omron-1"}
+    publisher.publish(mqtt_cuff_topic(clinic, "dev-1"), json.dumps(good).encode())
+    bad = [({**good, "sbp": 80.0, "dbp": 95.0}, "cuff_sbp_not_above_dbp"),
+           ({**good, "sbp": 420.0}, "cuff_out_of_range"),
+           ({**good, "time": now + 3600}, "cuff_in_future"),
+           ({"sbp": "high"}, "cuff_invalid")]
+    for body, _ in bad:
+        publisher.publish(mqtt_cuff_topic(clinic, "dev-2"), json.dumps(body).encode())
+    publisher.flush()
+    command = [sys.executable, "-m", "bpstream", "calibrate", "--clinic", clinic, "--device", "dev-3", "--sbp", "150",
+               "--dbp", "95", "--time", str(now - 10), "--cuff-id", "nurse-1", "--confirmation"]
+    cli = await asyncio.to_thread(subprocess.run, command, env=bridge_env, capture_output=True, text=True,
+                                  timeout=60)
+    assert cli.returncode == 0, cli.stderr
+
+    records = await consume(kafka_settings, CUFF, lambda rs: len(rs) >= 2)
+    readings = {key.decode(): decode_cuff(value) for key, value in records}
+    assert set(readings) == {f"{clinic}/dev-1", f"{clinic}/dev-3"}  # keyed by clinic/device; bad ones absent
+    one, three = readings[f"{clinic}/dev-1"], readings[f"{clinic}/dev-3"]
+    assert (one.sbp, one.dbp, one.cuff_id, one.confirmation) == (131.0, 84.0, "omron-1", False)
+    assert abs(one.time_ns - (now - 20) * 1e9) < 1e6
+    assert (three.sbp, three.dbp, three.cuff_id, three.confirmation) == (150.0, 95.0, "nurse-1", True)
+
+    reasons = {reason for _, reason in bad}
+    dlq = await consume(kafka_settings, SIGNALS_DLQ,
+                        lambda rs: {decode_dead_letter(v).reason for _, v in rs} >= reasons)
+    letters = [decode_dead_letter(v) for _, v in dlq]
+    assert {d.reason for d in letters} == reasons
+    assert all(d.source == mqtt_cuff_topic(clinic, "dev-2") and d.stage == "bridge" for d in letters)
+    metrics = bridge.metrics()
+    assert "bpstream_bridge_cuff_forwarded_total 2.0" in metrics
+    assert 'bpstream_bridge_rejected_total{reason="cuff_in_future"} 1.0' in metrics
     assert bridge.terminate() == 0
 
 

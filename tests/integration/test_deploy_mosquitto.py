@@ -24,12 +24,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bpstream.shared.topics import mqtt_shared_subscription, mqtt_signals_topic, mqtt_status_topic
+from bpstream.shared.topics import (
+    MQTT_CUFF_WILDCARD,
+    mqtt_cuff_topic,
+    mqtt_shared_subscription,
+    mqtt_signals_topic,
+    mqtt_status_topic,
+)
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNTS = {"bpstream-bridge": "bridge-secret", "bpstream-simulator": "simulator-secret",
+            "bpstream-cuff": "cuff-secret",
             "dev-a": "device-a-secret", "dev-b": "device-b-secret"}
 WAIT_S = 10.0
 
@@ -215,4 +222,30 @@ def test_a_device_cannot_read_other_devices(broker: int) -> None:
         assert [topic for topic, _ in snooper.messages] == [own_status]
     finally:
         snooper.close()
+        device.close()
+
+
+def test_cuff_readings_from_the_cuff_account_and_the_own_device_reach_the_bridges(broker: int) -> None:
+    bridge = _connect(broker, "bpstream-bridge", ACCOUNTS["bpstream-bridge"])
+    cuff = _connect(broker, "bpstream-cuff", ACCOUNTS["bpstream-cuff"])
+    device = _connect(broker, "dev-a", ACCOUNTS["dev-a"])
+    try:
+        (granted,) = bridge.subscribe(mqtt_shared_subscription("bpstream-bridge", MQTT_CUFF_WILDCARD))
+        assert not granted.is_failure, granted
+        own = mqtt_cuff_topic("clinic-1", "dev-a")
+        assert not device.publish(own).is_failure
+        forged = device.publish(mqtt_cuff_topic("clinic-1", "dev-b"))
+        assert forged.is_failure and forged.value == 0x87
+        # The cuff account writes cuff readings for any device, and nothing else.
+        assert cuff.publish(mqtt_signals_topic("clinic-1", "dev-b")).is_failure
+        marker = mqtt_cuff_topic("clinic-1", "dev-b")
+        assert not cuff.publish(marker).is_failure
+        deadline = time.monotonic() + WAIT_S
+        while marker not in {topic for topic, _ in bridge.messages}:
+            assert time.monotonic() < deadline, bridge.messages
+            time.sleep(0.01)
+        assert [topic for topic, _ in bridge.messages] == [own, marker]
+    finally:
+        bridge.close()
+        cuff.close()
         device.close()

@@ -115,12 +115,16 @@ def test_state_round_trips_through_bytes_and_continues_identically() -> None:
 def test_events_are_alert_messages_and_estimates_are_accepted() -> None:
     det = AlertDetector(AlertConfig(persistence=2))
     msg = None
+    kinds = []
     for i in range(3):
         est = Estimate(clinic_id="c1", device_id="d1", window_start_ns=i * HOP_NS, window_end_ns=(i + 4) * HOP_NS,
                        sbp=200.0, dbp=125.0, sbp_sd=4.0, dbp_sd=3.0, anomaly_prob=0.9, sqi=0.9, quality_ok=True,
                        inputs="ecg+ppg", model_version="v")
         for e in det.update(est):
-            msg = e
+            kinds.append(e.kind)
+            msg = e if e.kind == "crisis" else msg
+    # An Estimate without calibration is uncalibrated: the crisis also asks for a cuff reading.
+    assert kinds == ["crisis", "cuff_confirmation"]
     assert isinstance(msg, Alert)
     assert bp_category(msg.sbp, msg.dbp) == "crisis"  # the category is derived, not carried
     back = decode_alert(encode_json(msg))

@@ -366,17 +366,19 @@ ENCODED_ALERT_V1 = (
 )
 
 
-def test_alert_encoded_by_earlier_code_still_decodes_and_re_encodes_identically() -> None:
+def test_alert_encoded_by_earlier_code_still_decodes_and_re_encodes_its_fields() -> None:
     alert = m.decode_alert(ENCODED_ALERT_V1)
     assert (alert.alert_id, alert.kind, alert.state, alert.sbp, alert.dbp) == (
         "d1:crisis:8000000000", "crisis", "raised", 200.0, 125.0)
     assert alert.baseline_sbp is None and alert.n_windows == 2 and alert.confidence == 1.0
-    assert m.encode_json(alert) == ENCODED_ALERT_V1
+    # Re-encoded, the v1 fields come out unchanged, followed by the v2 evidence fields (defaults).
+    assert m.encode_json(alert).startswith(ENCODED_ALERT_V1[:-1] + b",")
+    assert m.decode_alert(m.encode_json(alert)) == alert
     # Only the identity fields are required: optional ones added over time all have defaults.
     minimal = m.decode_alert(b'{"alert_id":"a","clinic_id":"c","device_id":"d","kind":"crisis",'
                              b'"severity":"critical","state":"raised","started_ns":1,"event_ns":2,'
                              b'"sbp":181.0,"dbp":100.0}')
-    assert minimal.v == 1 and minimal.message == "" and minimal.baseline_dbp is None
+    assert minimal.v == 2 and minimal.message == "" and minimal.baseline_dbp is None
 
 
 def test_window_with_wrong_sample_bytes_or_channel_is_rejected() -> None:
@@ -401,8 +403,35 @@ def test_future_version_is_rejected(decode: Callable[[bytes], Any]) -> None:
     else:
         messages: dict[Any, msgspec.Struct] = {m.decode_estimate: _estimate(), m.decode_alert: _alert(),
                                                m.decode_dead_letter: _dead_letter()}
-        payload = m.encode_json(msgspec.structs.replace(messages[decode], v=2))
+        future = 3 if decode in (m.decode_estimate, m.decode_alert) else 2
+        payload = m.encode_json(msgspec.structs.replace(messages[decode], v=future))
     assert _reason(lambda: decode(payload)) == "bad_version"
+
+
+def test_version_1_estimates_and_alerts_still_decode_as_uncalibrated() -> None:
+    """Records written before the calibration fields existed (v1) decode with neutral defaults."""
+    v1 = {"v": 1, "clinic_id": "c", "device_id": "d", "window_start_ns": 1, "window_end_ns": 2, "sbp": 120.0,
+          "dbp": 80.0, "sbp_sd": 5.0, "dbp_sd": 3.0, "anomaly_prob": 0.1, "sqi": 0.9, "quality_ok": True,
+          "inputs": "ppg", "model_version": "m1"}
+    estimate = m.decode_estimate(msgspec.json.encode(v1))
+    assert (estimate.v, estimate.mode, estimate.withheld, estimate.sbp_lo) == (1, "uncalibrated", None, None)
+    alert = m.decode_alert(msgspec.json.encode({"v": 1, "alert_id": "a", "clinic_id": "c", "device_id": "d",
+                                                "kind": "crisis", "severity": "critical", "state": "raised",
+                                                "started_ns": 1, "event_ns": 2, "sbp": 190.0, "dbp": 100.0}))
+    assert (alert.v, alert.basis, alert.calibration_ns) == (1, "estimates", None)
+    assert m.Estimate(**{k: v for k, v in v1.items() if k != "v"}).v == 2
+
+
+def test_cuff_reading_and_calibration_round_trip_and_bad_ids_are_rejected() -> None:
+    reading = m.CuffReading(clinic_id="c1", device_id="d1", sbp=128.0, dbp=82.0, time_ns=T0, cuff_id="omron-1",
+                            confirmation=True)
+    assert m.decode_cuff(m.encode_json(reading)) == reading
+    record = m.CalibrationRecord(clinic_id="c1", device_id="d1", cuff_sbp=128.0, cuff_dbp=82.0, time_ns=T0,
+                                 cuff_id="omron-1", reference_sbp=120.0, reference_dbp=75.0, n_windows=40,
+                                 model_version="m1")
+    assert m.decode_calibration(m.encode_json(record)) == record
+    bad = msgspec.structs.replace(reading, device_id="../x")
+    assert _reason(lambda: m.decode_cuff(m.encode_json(bad))) == "bad_id"
 
 
 @pytest.mark.parametrize("decode", [m.decode_estimate, m.decode_alert, m.decode_dead_letter])
@@ -441,7 +470,7 @@ def _decode_any_or_error(decode: Callable[[bytes], Any], payload: bytes) -> None
         assert array.shape == (len(message.channels), message.n_samples)
         assert set(message.channels) <= set(m.CHANNEL_CODES)
     else:
-        assert message.v == 1
+        assert message.v in ((1, 2) if decode in (m.decode_estimate, m.decode_alert) else (1,))
         decode(m.encode_json(message))  # what was accepted re-encodes and decodes the same way
 
 
