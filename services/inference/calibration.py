@@ -202,8 +202,12 @@ class CalibrationBook:
         else:
             sbp, dbp = raw_sbp, raw_dbp
         hw_sbp, hw_dbp = spec.half_widths(mode)
-        hw_sbp = max(hw_sbp, Z90 * float(estimate.sbp_sd))
-        hw_dbp = max(hw_dbp, Z90 * float(estimate.dbp_sd))
+        if mode == UNCALIBRATED:
+            # The model's own SD is about its absolute error, so it may widen the calibration-free interval.
+            # A calibrated estimate's error is the error of a change from the cuff: its split-conformal
+            # half-width (validated on held-out records, docs/MODEL_CARD.md) is the whole interval.
+            hw_sbp = max(hw_sbp, Z90 * float(estimate.sbp_sd))
+            hw_dbp = max(hw_dbp, Z90 * float(estimate.dbp_sd))
         withheld: str | None = None
         if self._out_of_distribution(features):
             withheld = OUT_OF_DISTRIBUTION

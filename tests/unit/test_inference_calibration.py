@@ -107,15 +107,26 @@ def test_withheld_reasons_signal_quality_stale_ood_and_wide_interval() -> None:
     features = {("d1", T0 + 1 * HOP): {"heart_rate_bpm": 72.0}, ("d1", T0 + 2 * HOP): {"heart_rate_bpm": 190.0}}
     out, _ = book.process([_raw(1), _raw(2), _raw(3, sd=20.0), _raw(4, quality_ok=False), _raw(30), _raw(32)],
                           features)
-    assert [e.withheld for e in out] == [None, "out_of_distribution", "interval_too_wide", "signal_quality",
+    assert [e.withheld for e in out] == [None, "out_of_distribution", None, "signal_quality",
                                          None, "calibration_stale"]
     assert out[0].mode == "calibrated" and out[0].sbp == pytest.approx(130.0)
-    assert out[2].sbp_hi - out[2].sbp == pytest.approx(1.6448536 * 20.0, abs=0.01)  # the model's own SD widens it
+    # A calibrated interval is the conformal half-width of a change from the cuff; the model's own SD (about its
+    # absolute error) does not widen it.
+    assert out[2].sbp_hi - out[2].sbp == pytest.approx(policy.spec.calibrated_sbp, abs=0.01)
+    wide = CalibrationPolicy(reference_window_s=2.0, max_half_width_sbp=25.0,
+                             spec=IntervalSpec(calibrated_sbp=30.0))
+    wide_book = CalibrationBook(wide)
+    wide_book.restore([CalibrationRecord(clinic_id="c1", device_id="d1", cuff_sbp=130.0, cuff_dbp=80.0, time_ns=T0,
+                                         cuff_id="omron", reference_sbp=120.0, reference_dbp=75.0, n_windows=3,
+                                         model_version="m1")])
+    (too_wide,), _ = wide_book.process([_raw(1)])
+    assert too_wide.withheld == "interval_too_wide"
     assert out[3].sbp_lo is None and out[3].mode == "calibrated"  # unscored: no numbers, still says its mode
     assert out[5].calibration_age_s == pytest.approx(64.0)
     # Uncalibrated estimates are never withheld for their wide interval.
-    (unc,), _ = CalibrationBook(policy).process([_raw(1, sd=20.0)])
+    (unc,), _ = CalibrationBook(policy).process([_raw(1, sd=30.0)])
     assert unc.mode == "uncalibrated" and unc.withheld is None
+    assert unc.sbp_hi - unc.sbp == pytest.approx(1.6448536 * 30.0, abs=0.01)  # the model's own SD widens it
 
 
 def test_restored_calibration_holds_for_its_model_version_only() -> None:
