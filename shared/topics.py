@@ -72,7 +72,18 @@ QUALITY = KafkaTopic("quality", partitions=3)
 #: Created by the alerting service at start (it is that service's private state, not part of ALL_TOPICS).
 ALERTING_STATE = KafkaTopic("alerting.state", partitions=3, retention_ms=-1, compacted=True)
 
-ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY)
+#: The notifier's delivery state, one record per alert episode (key = alert_id, compacted): which transition
+#: reached which channel, when the raise was first handled, acknowledgement seen. Read back on start so that a
+#: restart never notifies twice.
+NOTIFY_STATE = KafkaTopic("notify.state", partitions=3, retention_ms=-1, compacted=True)
+#: Acknowledgements of alert episodes (``bpstream alerts ack ID``), key = alert_id, compacted.
+ALERT_ACKS = KafkaTopic("alerts.acks", partitions=3, retention_ms=-1, compacted=True)
+#: Every notification delivery attempt (webhook, email, escalation), keyed by device id; stored by the writer
+#: as the ``bp_notification`` measurement.
+NOTIFICATIONS = KafkaTopic("notifications", partitions=3, retention_ms=90 * 24 * 3600 * 1000)
+
+ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY,
+                                      NOTIFY_STATE, ALERT_ACKS, NOTIFICATIONS)
 
 
 def topic_name(topic: KafkaTopic, prefix: str = "") -> str:
