@@ -22,6 +22,8 @@ SERVICES: dict[str, tuple[str, str]] = {
     "alerting": ("bpstream.services.alerting.main", "Kafka estimates -> per-patient alert episodes -> alerts."),
     "writer": ("bpstream.services.writer.main",
                "Kafka estimates/alerts/quality/DLQ -> InfluxDB (batched, retried, idempotent)."),
+    "notifier": ("bpstream.services.notifier.main",
+                 "Kafka alerts -> signed webhook and e-mail, once per transition; escalates unacknowledged ones."),
 }
 
 
@@ -62,6 +64,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         topic = publish_cuff(MqttSettings(), clinic, device,
                              cuff_message(sbp, dbp, parse_time(time_), cuff_id=cuff_id, confirmation=confirmation))
         typer.echo(f"published to {topic}")
+    _register_alerts(app)
 
     @app.command("demo")
     def demo(
@@ -114,3 +117,53 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
             url = ensure_up().influx_url
         main(url, points, batch, rounds)
+
+def _register_alerts(app: typer.Typer) -> None:
+    """``bpstream alerts list|ack``: open alert episodes and their acknowledgement (Kafka from BPSTREAM_KAFKA_*)."""
+    alerts = typer.Typer(help="Alert episodes: list the open ones, acknowledge one (stops its escalation).",
+                         no_args_is_help=True)
+    app.add_typer(alerts, name="alerts")
+
+    @alerts.command("list")
+    def list_episodes(
+        all_: bool = typer.Option(False, "--all", help="Also resolved episodes."),
+    ) -> None:
+        """Open alert episodes: id, patient, kind, severity, since, acknowledgement, deliveries."""
+        import asyncio
+        from datetime import UTC, datetime
+
+        from bpstream.services.notifier.episodes import episodes
+        from bpstream.shared.settings import KafkaSettings
+
+        views = asyncio.run(episodes(KafkaSettings()))
+        shown = [v for v in views if all_ or v.open]
+        if not shown:
+            typer.echo("no open alert episodes" if not all_ else "no alert episodes")
+            return
+        for v in shown:
+            a = v.alert
+            since = datetime.fromtimestamp(a.started_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            ack = f"acked by {v.ack.by}" if v.ack else "UNACKNOWLEDGED"
+            typer.echo(f"{a.alert_id}  {a.clinic_id}/{a.device_id}  {a.kind} {a.severity}  {a.state} since "
+                       f"{since}Z  {ack}  delivered: {', '.join(v.delivered) or '-'}")
+
+    @alerts.command("ack")
+    def ack_episode(
+        alert_id: str = typer.Argument(..., help="The episode's alert id (from `bpstream alerts list`)."),
+        by: str = typer.Option("", "--by", help="Who acknowledges (default: $USER)."),
+        note: str = typer.Option("", "--note", help="A short note stored with the acknowledgement."),
+        force: bool = typer.Option(False, "--force", help="Acknowledge even an id the alerts topic lacks."),
+    ) -> None:
+        """Acknowledge an episode: the notifier stops escalating it."""
+        import asyncio
+        import getpass
+
+        from bpstream.services.notifier.episodes import acknowledge, episodes
+        from bpstream.shared.settings import KafkaSettings
+
+        settings = KafkaSettings()
+        if not force and alert_id not in {v.alert.alert_id for v in asyncio.run(episodes(settings))}:
+            typer.echo(f"unknown alert id {alert_id!r} (see `bpstream alerts list --all`)", err=True)
+            raise typer.Exit(1)
+        ack = asyncio.run(acknowledge(settings, alert_id, by or getpass.getuser(), note))
+        typer.echo(f"acknowledged {ack.alert_id} by {ack.by}")

@@ -28,6 +28,9 @@ Measurements (documented for Grafana in docs/INFLUX_SCHEMA.md):
                   time = device time of the event's end; fields count (1), seq_first, seq_last, detail
 ``dead_letter``   tags stage, reason             time = receipt time (ns, unique per record)
                   fields count (1), source
+``bp_notification`` tags clinic, device, channel, transition, outcome, severity
+                  time = the attempt (notifier wall clock); fields count (1), attempt, alert_id, kind,
+                  idempotency_key, target (host or mail domain), reason, status (HTTP status / SMTP code)
 ``pipeline``      tags service, instance         time = sample time
                   fields consumer_lag (messages), lag_ms, processed, rate_per_s
 """
@@ -45,6 +48,7 @@ MEASUREMENT_GAP = "signal_gap"
 MEASUREMENT_DEAD_LETTER = "dead_letter"
 MEASUREMENT_PIPELINE = "pipeline"
 MEASUREMENT_STREAM_EVENT = "stream_event"
+MEASUREMENT_NOTIFICATION = "bp_notification"
 
 FieldValue = float | int | bool | str
 

@@ -91,7 +91,18 @@ CUFF = KafkaTopic("cuff", partitions=3, retention_ms=-1, compacted=True)
 #: ``clinic/device``; compacted. Created by the inference service at start (its private state).
 CALIBRATION_STATE = KafkaTopic("calibration.state", partitions=3, retention_ms=-1, compacted=True)
 
-ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY, CUFF)
+#: The notifier's delivery state, one record per alert episode (key = alert_id, compacted): which transition
+#: reached which channel, when the raise was first handled, acknowledgement seen. Read back on start so that a
+#: restart never notifies twice.
+NOTIFY_STATE = KafkaTopic("notify.state", partitions=3, retention_ms=-1, compacted=True)
+#: Acknowledgements of alert episodes (``bpstream alerts ack ID``), key = alert_id, compacted.
+ALERT_ACKS = KafkaTopic("alerts.acks", partitions=3, retention_ms=-1, compacted=True)
+#: Every notification delivery attempt (webhook, email, escalation), keyed by device id; stored by the writer
+#: as the ``bp_notification`` measurement.
+NOTIFICATIONS = KafkaTopic("notifications", partitions=3, retention_ms=90 * 24 * 3600 * 1000)
+
+ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY, CUFF,
+                                      NOTIFY_STATE, ALERT_ACKS, NOTIFICATIONS)
 
 
 def cuff_key(clinic_id: str, device_id: str) -> str:

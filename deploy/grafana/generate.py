@@ -37,6 +37,10 @@ SILENT_MINUTES = 3
 LAG_MESSAGES = 10_000
 #: Dead letters in 10 minutes above which operators are told (about one per minute).
 DLQ_PER_10_MIN = 10
+#: Failed or retried notification attempts per channel in 10 minutes before operators are told.
+NOTIFY_FAILURES_PER_10_MIN = 3
+#: How far back an open alert episode is looked for (its raise may be days old).
+EPISODE_LOOKBACK_S = 7 * 24 * 3600
 
 CLINIC_FILTER = '"clinic" =~ /^$clinic$/'
 DEVICE_FILTER = '"device" =~ /^$device$/'
@@ -199,6 +203,14 @@ def pipeline_health() -> dict[str, Any]:
         _panel(6, "table", "Dead letters by stage and reason", (12, 16, 12, 8), [_target(
             'SELECT sum("count") AS "records" FROM "dead_letter" WHERE $timeFilter '
             'GROUP BY "stage", "reason"', fmt="table")]),
+        _panel(8, "timeseries", "Notification attempts", (0, 31, 12, 8), [_target(
+            'SELECT sum("count") FROM "bp_notification" WHERE $timeFilter '
+            'GROUP BY time($__interval), "channel", "outcome" fill(0)', alias="$tag_channel: $tag_outcome")],
+            unit="short", description="Every delivery attempt of the notifier (webhook, e-mail, escalation)."),
+        _panel(9, "table", "Notifications", (12, 31, 12, 8), [_target(
+            'SELECT "alert_id", "kind", "attempt", "target", "reason", "status" FROM "bp_notification" '
+            'WHERE $timeFilter GROUP BY "transition", "channel", "outcome"', fmt="table")],
+            description="Who was told what: one row per attempt, newest last."),
         _panel(7, "timeseries", "Writer lag", (0, 24, 24, 7), [_target(
             'SELECT mean("lag_ms") FROM "pipeline" WHERE "service" = \'bpstream-writer\' AND $timeFilter '
             "GROUP BY time($__interval) fill(none)")], unit="ms",
@@ -253,6 +265,21 @@ def _per_device(field: str, aggregate: str, bucket: str) -> str:
             f'GROUP BY time({bucket}), "clinic", "device" fill(none)')
 
 
+def _episode_rule(severity: str) -> dict[str, Any]:
+    """An alerting-service episode that is open (its last bp_alert point is a raise): a backstop to the
+    notifier, which delivers each transition once (docs/SERVING.md)."""
+    return _rule(f"bpstream-alert-episode-{severity}", f"Alert episode open ({severity})", "C", [
+        _query("A", 'SELECT last("active") FROM "bp_alert" WHERE "severity" = \'' + severity + '\' AND $timeFilter '
+                    'GROUP BY "clinic", "device", "kind"', EPISODE_LOOKBACK_S),
+        _reduce("B", "A", "last"), _threshold("C", "B", "gt", 0.5)],
+        pending="0s", labels={"severity": severity, "team": "clinical", "source": "bp_alert"},
+        summary="{{ $labels.kind }} alert open: device {{ $labels.device }} (clinic {{ $labels.clinic }})",
+        description=("The alerting service raised a " + severity + " {{ $labels.kind }} episode for this "
+                     "patient and has not resolved it. Acknowledge with `bpstream alerts ack ID` "
+                     "(`bpstream alerts list` shows the id)."),
+        dashboard="bpstream-patient")
+
+
 def alert_rules() -> dict[str, Any]:
     clinical = [
         _rule("bpstream-hypertensive-crisis", "Hypertensive crisis", "E", [
@@ -287,6 +314,7 @@ def alert_rules() -> dict[str, Any]:
             description=("The device sent no window for at least 3 minutes after sending within the last "
                          "hour: check the wearable, its battery and the clinic's gateway."),
             dashboard="bpstream-patient"),
+        *(_episode_rule(severity) for severity in ("critical", "warning")),
     ]
     pipeline = [
         _rule("bpstream-pipeline-lag", "Pipeline consumer lag too high", "C", [
@@ -305,6 +333,16 @@ def alert_rules() -> dict[str, Any]:
             summary="{{ humanize $values.B.Value }} dead letters at {{ $labels.stage }} in 10 minutes",
             description=("More than 10 records in 10 minutes went to signals.dlq: see the reasons on the "
                          "pipeline health dashboard."),
+            dashboard="bpstream-pipeline"),
+        _rule("bpstream-notification-failing", "Notification delivery failing", "C", [
+            _query("A", 'SELECT sum("count") FROM "bp_notification" WHERE "outcome" != \'delivered\' '
+                        'AND $timeFilter GROUP BY "channel"', 600),
+            _reduce("B", "A", "sum"), _threshold("C", "B", "gt", NOTIFY_FAILURES_PER_10_MIN)],
+            pending="0s", labels={"severity": "warning", "team": "operations"},
+            summary="{{ humanize $values.B.Value }} failed notification attempts on {{ $labels.channel }}",
+            description=("The notifier could not reach the {{ $labels.channel }} receiver in the last 10 "
+                         "minutes (it keeps retrying; refused deliveries are given up): see Notifications "
+                         "on the pipeline health dashboard."),
             dashboard="bpstream-pipeline"),
     ]
     return {"apiVersion": 1, "groups": [

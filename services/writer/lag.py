@@ -17,14 +17,24 @@ from aiokafka.errors import KafkaError
 from bpstream.services.kafka_tools import topic_partitions
 from bpstream.shared.errors import TransientError
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import ALERTS, ESTIMATES, QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
+from bpstream.shared.topics import (
+    ALERTS,
+    ESTIMATES,
+    NOTIFICATIONS,
+    QUALITY,
+    SIGNALS_DLQ,
+    SIGNALS_RAW,
+    WINDOWS,
+    KafkaTopic,
+    topic_name,
+)
 
 #: Each pipeline consumer group and the topics it reads (group names get the topic prefix too).
 PIPELINE_GROUPS: Mapping[str, Sequence[KafkaTopic]] = {
     "bpstream-processor": (SIGNALS_RAW,),
     "bpstream-inference": (WINDOWS,),
     "bpstream-alerting": (ESTIMATES,),
-    "bpstream-writer": (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ),
+    "bpstream-writer": (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ, NOTIFICATIONS),
 }
 
 

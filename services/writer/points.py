@@ -19,6 +19,7 @@ from bpstream.shared.influx import (
     MEASUREMENT_DEAD_LETTER,
     MEASUREMENT_ESTIMATE,
     MEASUREMENT_GAP,
+    MEASUREMENT_NOTIFICATION,
     MEASUREMENT_PIPELINE,
     MEASUREMENT_QUALITY,
     MEASUREMENT_STREAM_EVENT,
@@ -35,10 +36,11 @@ from bpstream.shared.messages import (
     decode_dead_letter,
     decode_estimate,
 )
-from bpstream.shared.topics import ALERTS, CUFF, ESTIMATES, QUALITY, SIGNALS_DLQ, KafkaTopic
+from bpstream.shared.notifications import NotificationAttempt, decode_attempt
+from bpstream.shared.topics import ALERTS, CUFF, ESTIMATES, NOTIFICATIONS, QUALITY, SIGNALS_DLQ, KafkaTopic
 
 #: The topics the writer stores, by their un-prefixed name.
-WRITTEN_TOPICS: Final[tuple[KafkaTopic, ...]] = (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ, CUFF)
+WRITTEN_TOPICS: Final[tuple[KafkaTopic, ...]] = (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ, CUFF, NOTIFICATIONS)
 
 
 def estimate_line(estimate: Estimate, stored_ns: int) -> str:
@@ -104,6 +106,18 @@ def cuff_line(reading: CuffReading) -> str:
     return line(MEASUREMENT_CUFF, {"clinic": reading.clinic_id, "device": reading.device_id},
                 {"sbp": reading.sbp, "dbp": reading.dbp, "cuff_id": reading.cuff_id,
                  "confirmation": 1 if reading.confirmation else 0}, reading.time_ns)
+
+
+def notification_line(attempt: NotificationAttempt) -> str:
+    """``bp_notification`` at the attempt time: one point per delivery attempt of the notifier."""
+    tags = {"clinic": attempt.clinic_id, "device": attempt.device_id, "channel": attempt.channel,
+            "transition": attempt.transition, "outcome": attempt.outcome, "severity": attempt.severity}
+    fields: dict[str, float | int | bool | str | None] = {
+        "count": 1, "attempt": attempt.attempt, "alert_id": attempt.alert_id, "kind": attempt.kind,
+        "idempotency_key": attempt.idempotency_key, "target": attempt.target or None,
+        "reason": attempt.reason or None, "status": attempt.status,
+    }
+    return line(MEASUREMENT_NOTIFICATION, tags, fields, attempt.at_ns)
 
 
 def dead_letter_line(record: DeadLetter, fallback_ns: int) -> str:
@@ -173,4 +187,6 @@ def record_lines(topic: str, payload: bytes, *, prefix: str, stored_ns: int) -> 
         return [cuff_line(decode_cuff(payload))], None
     if name == QUALITY.name:
         return quality_lines(decode_quality(payload)), None
+    if name == NOTIFICATIONS.name:
+        return [notification_line(decode_attempt(payload))], None
     raise DecodeError(f"the writer does not store topic {topic!r}", reason="unknown_topic")

@@ -269,6 +269,15 @@ def clinic(servers: Any) -> Iterator[tuple[Influx, int]]:
                             "sbp": 196.0, "dbp": 126.0,
                             "n_windows": 5, "confidence": 0.9, "alert_id": f"{device}-{kind}",
                             "message": f"{kind} {state}"}, now_ns - minutes * MINUTE_NS))
+    # The notifier told the crisis patient's webhook at once; the e-mail relay refused 4 times (retried).
+    notification = {"clinic": CLINIC, "device": CRISIS, "transition": "raised", "severity": "critical"}
+    points.append(line("bp_notification", {**notification, "channel": "webhook", "outcome": "delivered"},
+                       {"count": 1, "attempt": 1, "alert_id": f"{CRISIS}-crisis", "kind": "crisis",
+                        "status": 204}, now_ns - 30 * MINUTE_NS + 1))
+    for i in range(4):
+        points.append(line("bp_notification", {**notification, "channel": "email", "outcome": "retry"},
+                           {"count": 1, "attempt": i + 1, "alert_id": f"{CRISIS}-crisis", "kind": "crisis",
+                            "reason": "unreachable", "status": 0}, now_ns - (i + 1) * 60_000_000_000))
     # 15 malformed payloads at the bridge in the last 5 minutes, 2 at the processor.
     for i in range(15):
         points.append(line("dead_letter", {"stage": "bridge", "reason": "bad_payload"},
@@ -432,6 +441,22 @@ def test_crisis_rule_fires_for_the_crisis_patient_only(clinic: tuple[Influx, int
     for device in (*NORMAL, STAGE2, SPIKE):
         assert instances[device] is False, device
     assert POOR not in instances  # nothing scored, nothing to judge
+
+
+def test_open_episode_rules_fire_for_the_open_critical_episode_only(clinic: tuple[Influx, int]) -> None:
+    influx, now_ms = clinic
+    critical = evaluate_rule(rule("bpstream-alert-episode-critical"), influx, now_ms)
+    assert [name for name, firing in critical.items() if firing] == [CRISIS]
+    # The stage 2 episode was raised and then resolved: evaluated, not firing.
+    warning = evaluate_rule(rule("bpstream-alert-episode-warning"), influx, now_ms)
+    assert warning == {STAGE2: False}
+
+
+def test_notification_failure_rule_fires_for_the_failing_channel_only(clinic: tuple[Influx, int]) -> None:
+    influx, now_ms = clinic
+    instances = evaluate_rule(rule("bpstream-notification-failing"), influx, now_ms)
+    assert {name for name, firing in instances.items() if firing} == {"channel=email"}
+    assert "channel=webhook" not in instances  # delivered attempts are not failures
 
 
 def test_sustained_stage2_rule_fires_for_stage2_and_crisis_patients(clinic: tuple[Influx, int]) -> None:

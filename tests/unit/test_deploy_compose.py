@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKER_DIR = ROOT / "deploy" / "docker"
-BPSTREAM_SERVICES = ("bridge", "processor", "inference", "alerting", "writer")
+BPSTREAM_SERVICES = ("bridge", "processor", "inference", "alerting", "writer", "notifier")
 ALL_PROFILES = ("simulator", "gpu")
 
 

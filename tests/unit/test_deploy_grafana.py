@@ -127,7 +127,8 @@ def test_alert_rules_are_well_formed() -> None:
     all_rules = rules()
     assert {r["title"] for r in all_rules} == {
         "Hypertensive crisis", "Sustained stage 2 hypertension", "Device silent",
-        "Pipeline consumer lag too high", "Dead-letter rate"}
+        "Pipeline consumer lag too high", "Dead-letter rate", "Alert episode open (critical)",
+        "Alert episode open (warning)", "Notification delivery failing"}
     assert len({r["uid"] for r in all_rules}) == len(all_rules)
     for rule in all_rules:
         refs = [item["refId"] for item in rule["data"]]
@@ -162,7 +163,8 @@ def test_every_alert_reaches_the_right_contact_point() -> None:
     clinicians, operators = "bpstream-clinicians", "bpstream-operators"
     expected = {"Hypertensive crisis": clinicians, "Sustained stage 2 hypertension": clinicians,
                 "Device silent": clinicians, "Pipeline consumer lag too high": operators,
-                "Dead-letter rate": operators}
+                "Dead-letter rate": operators, "Alert episode open (critical)": clinicians,
+                "Alert episode open (warning)": clinicians, "Notification delivery failing": operators}
     for rule in rules():
         receiver = _route(rule["labels"], policy)
         assert receiver in points

@@ -32,6 +32,8 @@ IMAGES = {
     "alerting": ("alerting", ["bpstream.cli", "bpstream.services.alerting.main",
                               "bpstream.services.alerting.service"]),
     "writer": ("writer", ["bpstream.cli", "bpstream.services.writer.main", "bpstream.services.writer.service"]),
+    "notifier": ("notifier", ["bpstream.cli", "bpstream.services.notifier.main",
+                              "bpstream.services.notifier.service"]),
     "simulator": ("simulator", ["bpstream.cli", "bpstream.simulators.cli", "bpstream.simulators.fleet"]),
 }
 

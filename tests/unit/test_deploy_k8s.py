@@ -35,7 +35,9 @@ PARTITIONS = {topic.name: topic.partitions for topic in ALL_TOPICS}
 #: The Kafka consumer group of each autoscaled deployment and the topic it consumes.
 CONSUMES = {"processor": ("bpstream-processor", "signals.raw"),
             "inference": ("bpstream-inference", "windows")}
-SERVICES = ("bridge", "processor", "inference", "alerting", "writer")
+SERVICES = ("bridge", "processor", "inference", "alerting", "writer", "notifier")
+#: Settings prefix of a service whose prefix is not its name (BPSTREAM_NOTIFY_* for the notifier).
+ENV_PREFIX = {"notifier": "NOTIFY"}
 
 
 def kustomize_command() -> list[str]:
@@ -141,7 +143,7 @@ def test_deployments_have_probes_limits_and_hardening(overlay: str) -> None:
         # The read-only root needs a writable /tmp.
         assert any(m["mountPath"] == "/tmp" for m in main["volumeMounts"]), name
         # The metrics port the probes use is the one the service is told to serve on.
-        assert env_of(deployment)[f"BPSTREAM_{name.upper()}_METRICS_PORT"] == "9100", name
+        assert env_of(deployment)[f"BPSTREAM_{ENV_PREFIX.get(name, name.upper())}_METRICS_PORT"] == "9100", name
         assert main["ports"][0]["containerPort"] == 9100, name
 
 

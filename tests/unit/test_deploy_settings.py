@@ -23,7 +23,9 @@ from bpstream.shared.settings import InfluxSettings, KafkaSettings, MqttSettings
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("bridge", "processor", "inference", "alerting", "writer")
+SERVICES = ("bridge", "processor", "inference", "alerting", "writer", "notifier")
+#: Settings prefix of a service whose prefix is not its name (BPSTREAM_NOTIFY_* for the notifier).
+ENV_PREFIX = {"notifier": "NOTIFY"}
 SHARED: tuple[type[BaseSettings], ...] = (KafkaSettings, MqttSettings, InfluxSettings)
 
 
@@ -109,7 +111,7 @@ def test_kubernetes_sets_only_variables_the_services_read(overlay: str, monkeypa
         # The shared ConfigMap reaches every service; each key must be read by some service...
         assert set(env) - everything_known == set(), (overlay, service)
         # ...and the variables set on this container by name, by this service.
-        own = {k for k in env if k.startswith(f"BPSTREAM_{service.upper()}_")}
+        own = {k for k in env if k.startswith(f"BPSTREAM_{ENV_PREFIX.get(service, service.upper())}_")}
         assert own <= known(service), (overlay, service)
         settings = build(service, env, monkeypatch)
         assert settings.metrics_port == 9100

@@ -1,0 +1,1 @@
+"""The notifier service: alert episodes to people (webhook, e-mail), exactly once per transition."""
