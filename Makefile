@@ -4,7 +4,7 @@ PYTEST_ARGS ?=
 
 UV := .venv/bin/uv
 
-.PHONY: setup lock lint test-unit test-integration test demo services-up services-down services-status
+.PHONY: setup lock lint test-unit test-integration test demo servers-up servers-down servers-status
 
 setup:  ## Install Debian packages, the Python environment and the Kafka jars (idempotent)
 	bash scripts/bootstrap.sh
@@ -21,7 +21,7 @@ lint:  ## ruff on everything, mypy --strict on shared/ and services/
 test-unit:  ## Fast tests that need no server
 	$(BIN)/pytest -m unit -q $(PYTEST_ARGS)
 
-test-integration: services-up  ## Tests against the real local Mosquitto, Kafka and InfluxDB
+test-integration: servers-up  ## Tests against the real local Mosquitto, Kafka and InfluxDB
 	$(BIN)/pytest -m integration -q $(PYTEST_ARGS)
 
 test:  ## Everything: set-up, lint, servers, unit and integration tests, summary
@@ -30,11 +30,11 @@ test:  ## Everything: set-up, lint, servers, unit and integration tests, summary
 demo: setup  ## The end-to-end pipeline demo on the local servers
 	$(BIN)/bpstream demo
 
-services-up:
-	$(BIN)/bpstream services up
+servers-up:
+	$(BIN)/bpstream servers up
 
-services-down:
-	$(BIN)/bpstream services down
+servers-down:
+	$(BIN)/bpstream servers down
 
-services-status:
-	$(BIN)/bpstream services status
+servers-status:
+	$(BIN)/bpstream servers status

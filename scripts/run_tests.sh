@@ -26,12 +26,12 @@ if ! stage setup bash scripts/bootstrap.sh; then
 fi
 stage lint-ruff "$BIN/ruff" check .
 stage lint-mypy "$BIN/mypy" -p bpstream.shared -p bpstream.services
-stage services-up "$BIN/bpstream" services up
+stage servers-up "$BIN/bpstream" servers up
 stage unit timeout 900 "$BIN/pytest" -m "unit" -p no:cacheprovider --junitxml=reports/unit.xml -q
 stage integration timeout 1800 "$BIN/pytest" -m "integration" -p no:cacheprovider --junitxml=reports/integration.xml -q
 
 if [ "${CI:-}" = "true" ]; then
-    "$BIN/bpstream" services down || true
+    "$BIN/bpstream" servers down || true
 fi
 
 echo

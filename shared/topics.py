@@ -9,7 +9,9 @@ and cuff readings through MQTT 5 shared subscriptions so several bridges split t
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 MQTT_ROOT = "bpstream"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -113,3 +115,25 @@ def cuff_key(clinic_id: str, device_id: str) -> str:
 def topic_name(topic: KafkaTopic, prefix: str = "") -> str:
     """The topic's name with an optional prefix (tests use a unique prefix per test)."""
     return f"{prefix}{topic.name}"
+
+
+class HasTopicPrefix(Protocol):
+    """Anything with the deployment's topic prefix (``KafkaSettings``)."""
+
+    @property
+    def topic_prefix(self) -> str: ...
+
+
+#: Each pipeline consumer group and the topics it reads (group names get the topic prefix too).
+PIPELINE_GROUPS: Mapping[str, Sequence[KafkaTopic]] = {
+    "bpstream-processor": (SIGNALS_RAW,),
+    "bpstream-inference": (WINDOWS,),
+    "bpstream-alerting": (ESTIMATES,),
+    "bpstream-writer": (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ, CUFF, NOTIFICATIONS),
+    "bpstream-notifier": (ALERTS,),
+}
+
+
+def group_name(group: str, settings: HasTopicPrefix) -> str:
+    """A consumer group's name with the topic prefix, so tests and tenants sharing a cluster stay apart."""
+    return f"{settings.topic_prefix}{group}"

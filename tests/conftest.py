@@ -50,7 +50,7 @@ def servers(request: pytest.FixtureRequest) -> ServerEndpoints:
     try:
         return ensure_up()
     except (ServerError, InstallError) as exc:
-        pytest.fail(f"local servers could not be started (`bpstream services up`):\n{exc}", pytrace=False)
+        pytest.fail(f"local servers could not be started (`bpstream servers up`):\n{exc}", pytrace=False)
 
 
 @pytest.fixture

@@ -142,7 +142,7 @@ def expected_windows(chunk_t0: list[int]) -> int:
 
 async def _bench(cfg: BenchConfig) -> BenchResult:
     from bpstream import localservers
-    from bpstream.services.writer.lag import LagProbe
+    from bpstream.shared.lag import LagProbe
     from bpstream.simulators.fleet import FleetConfig, run_fleet
 
     endpoints = await asyncio.to_thread(localservers.ensure_up)
@@ -196,7 +196,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         for port in pipeline.metrics_ports.values():
             metrics.update(await scrape(port))
         forwarded = await pipeline.forwarded(ours)
-        from bpstream.services.kafka_tools import read_topic
+        from bpstream.shared.kafka_tools import read_topic
         from bpstream.shared.messages import decode_window
         from bpstream.shared.topics import WINDOWS
 

@@ -18,9 +18,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from bpstream.services.kafka_tools import topic_partitions
-from bpstream.services.writer.lag import LagProbe
 from bpstream.shared.errors import DecodeError
+from bpstream.shared.kafka_tools import topic_partitions
+from bpstream.shared.lag import LagProbe
 from bpstream.shared.messages import Alert, Estimate, decode_alert, decode_estimate
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALERTS, ESTIMATES, topic_name

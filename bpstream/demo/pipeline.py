@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from bpstream.demo.supervisor import SERVICE_MODULES, ServiceSupervisor
-from bpstream.services.writer.lag import LagProbe
 from bpstream.shared import influx_api
 from bpstream.shared.kafka import ensure_topics
+from bpstream.shared.lag import LagProbe
 from bpstream.shared.settings import InfluxSettings, KafkaSettings
 from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, SIGNALS_RAW, topic_name
 
@@ -175,7 +175,7 @@ class Pipeline:
         from aiokafka import AIOKafkaConsumer
         from aiokafka.admin import AIOKafkaAdminClient
 
-        from bpstream.services.kafka_tools import topic_partitions
+        from bpstream.shared.kafka_tools import topic_partitions
 
         settings = self.config.kafka()
         admin = AIOKafkaAdminClient(**settings.client_kwargs())

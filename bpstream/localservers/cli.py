@@ -1,4 +1,4 @@
-"""``bpstream services up|down|status|restart|env``: the local Mosquitto, Kafka and InfluxDB servers."""
+"""``bpstream servers up|down|status|restart|env``: the local Mosquitto, Kafka and InfluxDB servers."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add the ``services`` group to the ``bpstream`` app."""
     group = typer.Typer(help="Local real servers (Mosquitto, Apache Kafka KRaft, InfluxDB 1.x) on 127.0.0.1.",
                         no_args_is_help=True)
-    app.add_typer(group, name="services")
+    app.add_typer(group, name="servers")
+    # The old name, for one release: `services` now means the pipeline's deployables.
+    app.add_typer(group, name="services", hidden=True)
 
     @group.command("up")
     def up(timeout: float = typer.Option(core.STARTUP_TIMEOUT_S, help="Seconds to wait for each server.")) -> None:
@@ -87,9 +89,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     @group.command("env")
     def env() -> None:
-        """Print ``export BPSTREAM_...`` lines for the running servers (eval "$(bpstream services env)")."""
+        """Print ``export BPSTREAM_...`` lines for the running servers (eval "$(bpstream servers env)")."""
         endpoints = core.endpoints()
         if endpoints is None:
-            raise _fail(core.ServerError("servers were never started; run `bpstream services up`"))
+            raise _fail(core.ServerError("servers were never started; run `bpstream servers up`"))
         for key, value in endpoints.env().items():
             typer.echo(f"export {key}={value}")

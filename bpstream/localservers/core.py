@@ -419,7 +419,7 @@ def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 
         state = _load_state()
         entry = state.get(name)
         if entry is None:
-            raise ServerError(f"{name} was never started; run `bpstream services up` first")
+            raise ServerError(f"{name} was never started; run `bpstream servers up` first")
         _stop_pid(entry)
         if down_s > 0:
             time.sleep(down_s)
@@ -433,7 +433,7 @@ def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 
 
         run_blocking(wait)
         if not all(n in state for n in SERVER_NAMES):
-            raise ServerError("other servers are not started; run `bpstream services up`")
+            raise ServerError("other servers are not started; run `bpstream servers up`")
         return _endpoints(state)
 
 

@@ -31,16 +31,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.services.alerting.settings import AlertingSettings
 from bpstream.services.alerting.stage import AlertingState
-from bpstream.services.batching import collect_batch
-from bpstream.services.kafka_tools import CuffFollower, read_latest_by_key
-from bpstream.services.writer.lag import group_name
+from bpstream.shared.batching import collect_batch
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
+from bpstream.shared.kafka_tools import CuffFollower, read_latest_by_key
 from bpstream.shared.messages import Alert, CuffReading, Estimate, decode_estimate, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import ALERTING_STATE, ALERTS, CUFF, ESTIMATES, topic_name
+from bpstream.shared.topics import ALERTING_STATE, ALERTS, CUFF, ESTIMATES, group_name, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +143,9 @@ async def run_alerting(settings: AlertingSettings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set, then flush state, commit and return."""
     log_settings(settings, "alerting")
     ready = False
-    await retry_async(lambda: ensure_topics(settings.kafka, [ALERTING_STATE, CUFF]), attempts=10,
-                      what="create alerting.state")
+    # Every topic this service reads or writes (see inference): none is left to another service to create.
+    await retry_async(lambda: ensure_topics(settings.kafka, [ESTIMATES, ALERTS, ALERTING_STATE, CUFF]), attempts=10,
+                      what="ensure topics")
     follower = CuffFollower(settings.kafka)
     async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
             RecoveringProducer(settings.kafka) as producer, \

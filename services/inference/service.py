@@ -25,15 +25,14 @@ from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
-from bpstream.services.batching import collect_batch
 from bpstream.services.inference.calibration import CalibrationBook, CalibrationPolicy
 from bpstream.services.inference.reload import ModelManager
 from bpstream.services.inference.settings import InferenceSettings
 from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
-from bpstream.services.kafka_tools import CuffFollower, read_latest_by_key
-from bpstream.services.writer.lag import group_name
+from bpstream.shared.batching import collect_batch
 from bpstream.shared.errors import DecodeError, TransientError
 from bpstream.shared.kafka import KafkaConsumer, OutgoingRecord, RecoveringProducer, ensure_topics
+from bpstream.shared.kafka_tools import CuffFollower, read_latest_by_key
 from bpstream.shared.messages import (
     CalibrationRecord,
     CuffReading,
@@ -47,7 +46,7 @@ from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, Runtime,
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import CALIBRATION_STATE, CUFF, ESTIMATES, WINDOWS, cuff_key
+from bpstream.shared.topics import CALIBRATION_STATE, CUFF, ESTIMATES, SIGNALS_DLQ, WINDOWS, cuff_key, group_name
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +200,10 @@ async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> Non
     models = await asyncio.to_thread(ModelManager, Path(source), loader, poll_s=settings.reload_poll_s)
     log.info("model loaded", extra={"version": models.version, "runtime": models.model.runtime,
                                     "device": models.model.device, "path": str(models.model.directory)})
-    await retry_async(lambda: ensure_topics(settings.kafka, [CUFF, CALIBRATION_STATE]), attempts=10,
-                      what="create cuff and calibration.state")
+    # Every topic this service reads or writes: started by hand on fresh servers, it must not wait for
+    # another service (or the deployment's init job) to create them.
+    await retry_async(lambda: ensure_topics(settings.kafka, [WINDOWS, ESTIMATES, SIGNALS_DLQ, CUFF, CALIBRATION_STATE]),
+                      attempts=10, what="ensure topics")
     book = CalibrationBook(calibration_policy(settings, models.model))
     saved = await retry_async(lambda: read_latest_by_key(settings.kafka, CALIBRATION_STATE), attempts=10,
                               what="read calibration state")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from bpstream.services.kafka_tools import read_latest_by_key, read_topic
 from bpstream.services.notifier.stage import TRANSITIONS, decode_episode
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaProducer
+from bpstream.shared.kafka_tools import read_latest_by_key, read_topic
 from bpstream.shared.messages import Alert, decode_alert
 from bpstream.shared.notifications import AlertAck, decode_ack, encode
 from bpstream.shared.settings import KafkaSettings

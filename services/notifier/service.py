@@ -32,8 +32,6 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import Counter, Gauge
 
-from bpstream.services.batching import collect_batch
-from bpstream.services.kafka_tools import read_latest_by_key, topic_partitions
 from bpstream.services.notifier.senders import DeliveryFailed, SmtpSender, WebhookSender
 from bpstream.services.notifier.settings import NotifierSettings
 from bpstream.services.notifier.stage import (
@@ -46,15 +44,16 @@ from bpstream.services.notifier.stage import (
     target_name,
     webhook_body,
 )
-from bpstream.services.writer.lag import group_name
+from bpstream.shared.batching import collect_batch
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
+from bpstream.shared.kafka_tools import read_latest_by_key, topic_partitions
 from bpstream.shared.messages import decode_alert
 from bpstream.shared.notifications import NotificationAttempt, decode_ack, encode
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import ALERT_ACKS, ALERTS, NOTIFICATIONS, NOTIFY_STATE, topic_name
+from bpstream.shared.topics import ALERT_ACKS, ALERTS, NOTIFICATIONS, NOTIFY_STATE, group_name, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +277,7 @@ async def run_notifier(settings: NotifierSettings, stop: asyncio.Event, clock: C
         log.warning("no channel configured (BPSTREAM_NOTIFY_WEBHOOK_URL, BPSTREAM_NOTIFY_SMTP_HOST/_TO): "
                     "alerts are consumed but reach no one")
     ready = False
-    await retry_async(lambda: ensure_topics(settings.kafka, [NOTIFY_STATE, ALERT_ACKS, NOTIFICATIONS]),
+    await retry_async(lambda: ensure_topics(settings.kafka, [ALERTS, NOTIFY_STATE, ALERT_ACKS, NOTIFICATIONS]),
                       attempts=10, what="create notifier topics")
     smtp = (SmtpSender(settings.smtp_host, settings.smtp_port, settings.smtp_user,
                        settings.smtp_password.get_secret_value(), settings.smtp_starttls, settings.smtp_timeout_s)

@@ -36,13 +36,11 @@ from typing import Any
 import faust
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.kafka_tools import read_range, read_topic
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.services.processor.stage import (
     NS,
     WINDOW,
     DeviceState,
-    QualityRecord,
     Reassembler,
     StageConfig,
     WindowCut,
@@ -51,7 +49,8 @@ from bpstream.services.processor.stage import (
 )
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
-from bpstream.shared.messages import DeadLetter, Window, decode_chunk, encode_json, encode_window
+from bpstream.shared.kafka_tools import read_range, read_topic
+from bpstream.shared.messages import DeadLetter, QualityRecord, Window, decode_chunk, encode_json, encode_window
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name

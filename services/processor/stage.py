@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bpstream.shared.errors import DecodeError
-from bpstream.shared.messages import SignalChunk, Window, decode_chunk
+from bpstream.shared.messages import QualityRecord, SignalChunk, Window, decode_chunk
 from bpstream.shared.modelspec import HOP_SECONDS, MODEL_CHANNELS, MODEL_SAMPLE_RATE, WINDOW_SECONDS
 from bpstream.shared.preprocessing import PreparedWindow, PreprocessError, RawWindow, preprocess_windows
 
@@ -54,34 +54,6 @@ CLOCK_JUMP: Final = "clock_jump"
 FORMAT_CHANGE: Final = "format_change"
 STREAM_RESET: Final = "stream_reset"
 WINDOW_ERROR: Final = "window_error"
-
-
-class QualityRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A signal-quality or stream-integrity event for the ``quality`` topic (JSON, keyed by device).
-
-    ``kind`` is one of ``window`` (quality of an emitted window), ``gap`` (chunks declared missing),
-    ``clock_jump`` (device time inconsistent with ``seq``), ``format_change`` (sample rate or channels
-    changed), ``stream_reset`` (the device restarted its sequence numbers) or ``window_error`` (a window that
-    preprocessing refused). ``start_ns``/``end_ns`` are device time: the window, or the time the missing
-    chunks would have covered. Identified by ``(device_id, kind, end_ns)`` for idempotent sinks.
-    """
-
-    v: int = 1
-    kind: str
-    clinic_id: str
-    device_id: str
-    start_ns: int
-    end_ns: int
-    seq_first: int = 0
-    seq_last: int = 0
-    missing_chunks: int = 0
-    sqi: dict[str, float] = {}
-    quality_ok: bool = True
-    inputs: str = ""
-    heart_rate_bpm: float | None = None
-    problems: tuple[str, ...] = ()
-    detail: str = ""
-    emitted_ns: int = 0
 
 
 class BufferedChunk(msgspec.Struct, array_like=True):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from bpstream.services.profiling import profiled
 from bpstream.shared.logging import configure_logging
+from bpstream.shared.profiling import profiled
 from bpstream.shared.service import run_until_signalled
 
 

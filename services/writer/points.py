@@ -11,7 +11,6 @@ from typing import Final
 
 import msgspec
 
-from bpstream.services.processor.stage import QualityRecord
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.influx import (
     MEASUREMENT_ALERT,
@@ -31,6 +30,7 @@ from bpstream.shared.messages import (
     CuffReading,
     DeadLetter,
     Estimate,
+    QualityRecord,
     decode_alert,
     decode_cuff,
     decode_dead_letter,

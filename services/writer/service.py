@@ -17,17 +17,17 @@ import time
 from aiokafka import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 
-from bpstream.services.batching import collect_batch
 from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
-from bpstream.services.writer.lag import LagProbe, group_name
 from bpstream.services.writer.points import WRITTEN_TOPICS, pipeline_line, record_lines
 from bpstream.services.writer.settings import WriterSettings
+from bpstream.shared.batching import collect_batch
 from bpstream.shared.errors import DecodeError, TransientError
-from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer
+from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
+from bpstream.shared.lag import LagProbe
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import SIGNALS_DLQ, topic_name
+from bpstream.shared.topics import SIGNALS_DLQ, group_name, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,9 @@ async def run_writer(settings: WriterSettings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set, then finish the batch in hand, commit and return."""
     log_settings(settings, "writer")
     ready = False
+    # Every topic it reads or writes, so the writer started by hand on fresh servers does not fail on a topic
+    # that no other service has created yet.
+    await retry_async(lambda: ensure_topics(settings.kafka, WRITTEN_TOPICS), attempts=10, what="ensure topics")
     async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
             InfluxWriter(settings.influx, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
                          stop=stop) as influx, \

@@ -22,8 +22,8 @@ from test_bridge import BridgeProcess, Publisher, free_port
 from bpstream.localservers import ServerEndpoints
 from bpstream.services.inference.service import run_inference
 from bpstream.services.inference.settings import InferenceSettings
-from bpstream.services.kafka_tools import read_latest_by_key, read_topic
 from bpstream.shared.kafka import KafkaProducer
+from bpstream.shared.kafka_tools import read_latest_by_key, read_topic
 from bpstream.shared.messages import Estimate, Window, decode_calibration, decode_estimate, encode_window
 from bpstream.shared.model.calibration import IntervalSpec
 from bpstream.shared.model.metadata import ModelMetadata

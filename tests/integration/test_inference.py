@@ -16,8 +16,8 @@ from pipeline_support import wait_until
 from bpstream.localservers import ServerEndpoints
 from bpstream.services.inference.service import run_inference
 from bpstream.services.inference.settings import InferenceSettings
-from bpstream.services.kafka_tools import read_topic
 from bpstream.shared.kafka import KafkaProducer
+from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import Estimate, Window, decode_dead_letter, decode_estimate, encode_window
 from bpstream.shared.model.metadata import METADATA_FILE, MODEL_NAME, ModelMetadata
 from bpstream.shared.model.runtime import latest_model_dir

@@ -24,17 +24,16 @@ from notify_support import SmtpReceiver, WebhookReceiver
 from pipeline_support import wait_until
 
 from bpstream.localservers import ServerEndpoints
-from bpstream.services.kafka_tools import read_latest_by_key, read_topic, topic_partitions
 from bpstream.services.notifier.episodes import episodes
 from bpstream.services.notifier.service import run_notifier
 from bpstream.services.notifier.settings import NotifierSettings
 from bpstream.services.notifier.stage import Episode, decode_episode, verify_signature
-from bpstream.services.writer.lag import group_name
 from bpstream.shared.kafka import KafkaProducer
+from bpstream.shared.kafka_tools import read_latest_by_key, read_topic, topic_partitions
 from bpstream.shared.messages import Alert, encode_json
 from bpstream.shared.notifications import NotificationAttempt, decode_attempt
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import ALERTS, NOTIFICATIONS, NOTIFY_STATE, topic_name
+from bpstream.shared.topics import ALERTS, NOTIFICATIONS, NOTIFY_STATE, group_name, topic_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 SECRET = "test-signing-secret"

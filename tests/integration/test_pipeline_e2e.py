@@ -25,9 +25,9 @@ from pipeline_support import SIMULATOR_MODEL
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
-from bpstream.services.kafka_tools import read_topic
 from bpstream.shared import influx_api
 from bpstream.shared.anomaly import AlertConfig
+from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import decode_dead_letter
 from bpstream.shared.model.metadata import ModelMetadata
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS

@@ -22,8 +22,8 @@ from pipeline_support import SIMULATOR_MODEL
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
-from bpstream.services.kafka_tools import read_topic
 from bpstream.shared import influx_api
+from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import decode_estimate
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
 from bpstream.shared.topics import ESTIMATES

@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bpstream.services.processor.stage import QualityRecord
 from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
-from bpstream.shared.messages import SignalChunk, decode_dead_letter, decode_window, encode_chunk
+from bpstream.shared.messages import QualityRecord, SignalChunk, decode_dead_letter, decode_window, encode_chunk
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
 from bpstream.simulators.cohort import build_cohort

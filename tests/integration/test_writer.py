@@ -11,12 +11,12 @@ import pytest
 from pipeline_support import influx_query, wait_until
 
 from bpstream.localservers import ServerEndpoints
-from bpstream.services.kafka_tools import read_topic
 from bpstream.services.writer.points import WRITTEN_TOPICS as WRITTEN
 from bpstream.services.writer.service import run_writer
 from bpstream.services.writer.settings import WriterSettings
 from bpstream.shared import influx_api
 from bpstream.shared.kafka import KafkaProducer
+from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import Alert, DeadLetter, Estimate, decode_dead_letter, encode_json
 from bpstream.shared.settings import InfluxSettings, KafkaSettings
 from bpstream.shared.topics import ALERTS, ESTIMATES, SIGNALS_DLQ
@@ -105,7 +105,7 @@ async def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(writer: Wr
 
 async def test_points_influxdb_refuses_are_dead_lettered_and_skipped_without_blocking(
         writer: WriterSettings, caplog: pytest.LogCaptureFixture) -> None:
-    from bpstream.services.writer.lag import LagProbe
+    from bpstream.shared.lag import LagProbe
 
     # A field-type conflict: model_version already exists as an integer in this database, so InfluxDB answers
     # 400 for every estimate line (a bad point). The alert in the same batch must still be stored.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from bpstream.services.batching import collect_batch
+from bpstream.shared.batching import collect_batch
 
 pytestmark = pytest.mark.unit
 

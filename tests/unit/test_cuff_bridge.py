@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from bpstream.calibrate import cuff_message, parse_time
 from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.services.bridge.stage import CuffLimits, Rejection, validate_cuff
-from bpstream.services.calibrate import cuff_message, parse_time
 from bpstream.services.writer.points import record_lines
 from bpstream.shared.messages import CuffReading, encode_json
 from bpstream.shared.topics import mqtt_cuff_topic

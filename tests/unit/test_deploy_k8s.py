@@ -231,7 +231,7 @@ def test_hpa_alternative_scales_on_the_same_lag_with_the_same_bounds() -> None:
 
 def test_groups_and_topics_are_the_ones_the_pipeline_uses() -> None:
     # The writer measures lag per group from this table; the scalers must name the same group and topic.
-    from bpstream.services.writer.lag import PIPELINE_GROUPS
+    from bpstream.shared.lag import PIPELINE_GROUPS
 
     for group, topic in CONSUMES.values():
         assert topic in {t.name for t in PIPELINE_GROUPS[group]}

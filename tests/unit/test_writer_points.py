@@ -76,7 +76,7 @@ def test_record_lines_routes_by_topic_with_prefix_and_rejects_garbage() -> None:
 
 
 def test_quality_window_gap_and_stream_events_become_their_measurements() -> None:
-    from bpstream.services.processor.stage import QualityRecord
+    from bpstream.shared.messages import QualityRecord
 
     window = QualityRecord(kind="window", clinic_id="c", device_id="d", start_ns=T_END - 8 * 10**9, end_ns=T_END,
                            sqi={"ecg": 0.8, "ppg": 0.3}, quality_ok=False, inputs="none",

@@ -5,7 +5,7 @@ ECG+PPG), then a processor process starts; its ``bpstream_processor_chunks_total
 /metrics, gives chunks per second from the first processed chunk to the last. The same chunks pushed through
 the pure stage in this process (no Kafka) give the baseline: how much of the time is the stage itself.
 
-Run: ``.venv/bin/python -m bpstream.services.processor.bench --devices 200 --seconds 30``
+Run: ``.venv/bin/python -m bpstream.bench.processor --devices 200 --seconds 30``
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ created, the bridge stops, ``messages`` QoS 1 chunks are published (the broker q
 then a bridge process starts and the time from its readiness until every chunk is in ``signals.raw`` gives the
 forwarding rate (validate, produce with acks=all, acknowledge over MQTT).
 
-Run: ``.venv/bin/python -m bpstream.services.bridge.bench --messages 20000 --devices 200``
+Run: ``.venv/bin/python -m bpstream.bench.bridge --messages 20000 --devices 200``
 """
 
 from __future__ import annotations

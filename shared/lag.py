@@ -14,33 +14,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from bpstream.services.kafka_tools import topic_partitions
 from bpstream.shared.errors import TransientError
+from bpstream.shared.kafka_tools import topic_partitions
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import (
-    ALERTS,
-    ESTIMATES,
-    NOTIFICATIONS,
-    QUALITY,
-    SIGNALS_DLQ,
-    SIGNALS_RAW,
-    WINDOWS,
-    KafkaTopic,
-    topic_name,
-)
-
-#: Each pipeline consumer group and the topics it reads (group names get the topic prefix too).
-PIPELINE_GROUPS: Mapping[str, Sequence[KafkaTopic]] = {
-    "bpstream-processor": (SIGNALS_RAW,),
-    "bpstream-inference": (WINDOWS,),
-    "bpstream-alerting": (ESTIMATES,),
-    "bpstream-writer": (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ, NOTIFICATIONS),
-}
-
-
-def group_name(group: str, settings: KafkaSettings) -> str:
-    """A consumer group's name with the topic prefix, so tests and tenants sharing a cluster stay apart."""
-    return f"{settings.topic_prefix}{group}"
+from bpstream.shared.topics import PIPELINE_GROUPS, KafkaTopic, group_name, topic_name
 
 
 def lag_by_partition(end: Mapping[TopicPartition, int], begin: Mapping[TopicPartition, int],
