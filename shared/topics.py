@@ -124,13 +124,13 @@ class HasTopicPrefix(Protocol):
     def topic_prefix(self) -> str: ...
 
 
-#: Each pipeline consumer group and the topics it reads (group names get the topic prefix too).
+#: Each pipeline consumer group and the topics it reads (group names get the topic prefix too). The notifier
+#: is downstream of the pipeline (its lag is its receivers' availability), so the drain checks leave it out.
 PIPELINE_GROUPS: Mapping[str, Sequence[KafkaTopic]] = {
     "bpstream-processor": (SIGNALS_RAW,),
     "bpstream-inference": (WINDOWS,),
     "bpstream-alerting": (ESTIMATES,),
     "bpstream-writer": (ESTIMATES, ALERTS, QUALITY, SIGNALS_DLQ, CUFF, NOTIFICATIONS),
-    "bpstream-notifier": (ALERTS,),
 }
 
 
