@@ -175,6 +175,10 @@ class AlertConfig(msgspec.Struct, frozen=True, kw_only=True):
     stage_persistence: int = 150
     #: After a cuff reading contradicted a crisis, estimates not calibrated on it cannot raise one for this long.
     cuff_hold_s: float = 300.0
+    #: An estimate whose window ends more than this after its receipt time (``received_ns``, when the newest
+    #: chunk of its window reached Kafka) is ignored and counted (``future_windows``): windows only move
+    #: forward, so one future-dated estimate would otherwise make every later one "old" and freeze the patient.
+    max_ahead_s: float = 300.0
 
 
 class _Episode(msgspec.Struct):
@@ -214,6 +218,8 @@ class PatientState(msgspec.Struct):
     last_cuff_ns: int = -1
     hold_until_ns: int = -1
     hold_cuff_ns: int = -1
+    #: Estimates ignored because their window lay too far ahead of their receipt time.
+    future_windows: int = 0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -265,10 +271,16 @@ class AlertDetector:
         """Take the next estimate of this patient; return the alerts it raises or resolves (usually none).
 
         Estimates at or before the last one seen (replays, reordering) are ignored, so replaying a partition
-        after a restart raises nothing twice.
+        after a restart raises nothing twice. An estimate dated more than ``max_ahead_s`` after its receipt
+        time is ignored (counted in ``future_windows``) and never moves the patient's clock.
         """
         cfg, s = self.config, self.state
         end_ns = int(est.window_end_ns)
+        received_ns = int(getattr(est, "received_ns", 0) or 0)
+        ahead_ns = cfg.max_ahead_s * 1e9
+        if received_ns > 0 and end_ns - received_ns > ahead_ns:
+            s.future_windows += 1
+            return []
         if end_ns <= s.last_ns:
             return []
         withheld: str | None = getattr(est, "withheld", None)

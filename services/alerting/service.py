@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 ESTIMATES_IN = Counter("bpstream_alerting_estimates_total", "Estimates consumed by alerting")
 ALERTS_OUT = Counter("bpstream_alerting_alerts_total", "Alerts produced", ["kind", "state"])
+FUTURE = Counter("bpstream_alerting_future_estimates_total",
+                 "Estimates ignored because their window lay too far ahead of their receipt time")
 UNDECODABLE = Counter("bpstream_alerting_undecodable_total", "Estimates that did not decode", ["reason"])
 ACTIVE = Gauge("bpstream_alerting_active_alerts", "Alert episodes currently active")
 BATCH_SECONDS = Histogram("bpstream_alerting_batch_seconds", "Time to handle one batch of estimates")
@@ -112,7 +114,9 @@ class AlertingService:
             except DecodeError as exc:
                 UNDECODABLE.labels(exc.reason).inc()
                 await self._dead_letter(record, exc)
+        future_before = self.state.future_ignored
         await self._send_alerts(self.state.apply(estimates))
+        FUTURE.inc(self.state.future_ignored - future_before)
         self.uncommitted.extend(records)
         ACTIVE.set(sum(len(kinds) for kinds in self.state.active_alerts().values()))
         BATCH_SECONDS.observe(time.monotonic() - started)

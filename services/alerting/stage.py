@@ -22,6 +22,8 @@ class AlertingState:
         self.config = config or AlertConfig()
         self.detectors: dict[str, AlertDetector] = {}
         self.dirty: set[str] = set()
+        #: Estimates ignored because they were dated too far ahead of their receipt (all detectors, ever).
+        self.future_ignored = 0
 
     def apply(self, estimates: Iterable[Estimate]) -> list[Alert]:
         """Feed estimates (in Kafka order per device); return the alerts they raise or resolve."""
@@ -30,7 +32,9 @@ class AlertingState:
             detector = self.detectors.get(estimate.device_id)
             if detector is None:
                 detector = self.detectors[estimate.device_id] = AlertDetector(self.config)
+            before = detector.state.future_windows
             alerts.extend(detector.update(estimate))
+            self.future_ignored += detector.state.future_windows - before
             self.dirty.add(estimate.device_id)
         return alerts
 

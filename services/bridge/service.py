@@ -278,13 +278,15 @@ class Bridge(Component):
         cuffs = 0
         now = time.time_ns()
         limits = self.settings.cuff_limits()
+        time_limits = self.settings.device_time_limits()
         for item in batch:
             try:
                 if item.topic.endswith("/cuff"):
                     verdict: CuffReading | Rejection | SignalChunk = validate_cuff(item.topic, item.payload, now,
                                                                                    limits)
                 else:
-                    verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates)
+                    verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates,
+                                               now_ns=now, time_limits=time_limits)
             except Exception as exc:  # a bug, not bad input: dead-letter rather than crash-loop on redelivery
                 log.exception("validation failed")
                 verdict = Rejection("internal_error", f"{type(exc).__name__}: {exc}")

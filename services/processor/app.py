@@ -151,6 +151,9 @@ def stage_config(settings: ProcessorSettings) -> StageConfig:
         max_lateness_ns=round(settings.max_lateness_s * NS),
         clock_tolerance_ns=round(settings.clock_tolerance_s * NS),
         max_buffer_chunks=settings.max_buffer_chunks,
+        max_ahead_ns=None if settings.max_device_ahead_s is None else round(settings.max_device_ahead_s * NS),
+        max_behind_ns=None if settings.max_device_behind_s is None else round(settings.max_device_behind_s * NS),
+        max_seq_jump=settings.max_seq_jump,
         defer_preparation=True,  # a batch's windows are prepared together (handle_batch)
     )
 
@@ -446,6 +449,8 @@ class Processor:
         state, out = self.reassembler.process(
             state, chunk, value, received_ns=round(record.timestamp_s * NS), now_ns=time.time_ns()
         )
+        if out.rejected is not None:  # out of bounds: dead-lettered, the device's state untouched
+            return [self._dead_letter(record, out.rejected.reason, out.rejected.detail)]
         if out.duplicate or out.late:
             self.metrics.dropped.labels(reason="duplicate" if out.duplicate else "late").inc()
             return []
