@@ -70,6 +70,11 @@ _ACUTE: Final = ("crisis", "deviation", "hypotension")
 _STATE_VERSION: Final = 1
 
 
+def _alert_id(s: PatientState, kind: str, started_ns: int) -> str:
+    """Stable id of an episode: clinic, device, kind and first window (device ids are unique per clinic only)."""
+    return f"{s.clinic_id}/{s.device_id}:{kind}:{started_ns}"
+
+
 def bp_category(sbp: float, dbp: float) -> str:
     """ACC/AHA 2017 category of one reading (crisis: SBP > 180 and/or DBP > 120)."""
     if sbp > 180.0 or dbp > 120.0:
@@ -393,7 +398,7 @@ class AlertDetector:
               basis: str = "estimates", cuff_id: str | None = None) -> Alert:
         s = self.state
         ep = s.episodes.setdefault(kind, _Episode())
-        return Alert(alert_id=f"{s.device_id}:{kind}:{ep.started_ns}", clinic_id=s.clinic_id, device_id=s.device_id,
+        return Alert(alert_id=_alert_id(s, kind, ep.started_ns), clinic_id=s.clinic_id, device_id=s.device_id,
                      kind=kind, severity=SEVERITY[kind], state=state, started_ns=ep.started_ns, event_ns=event_ns,
                      sbp=round(float(sbp), 1), dbp=round(float(dbp), 1), confidence=1.0, message=message,
                      basis=basis, mode=s.mode, calibration_ns=s.calibration_ns,
@@ -479,7 +484,7 @@ class AlertDetector:
         ep = s.episodes.setdefault(kind, _Episode())
         # Numbers are rounded here, not by consumers, so the alert on the wire is what the detector returns.
         make: Callable[[str, float, str], Alert] = lambda state, conf, msg: Alert(  # noqa: E731
-            alert_id=f"{s.device_id}:{kind}:{ep.started_ns}", clinic_id=s.clinic_id, device_id=s.device_id,
+            alert_id=_alert_id(s, kind, ep.started_ns), clinic_id=s.clinic_id, device_id=s.device_id,
             kind=kind, severity=SEVERITY[kind], state=state, started_ns=ep.started_ns, event_ns=end_ns,
             sbp=round(sbp, 1), dbp=round(dbp, 1),
             baseline_sbp=None if base is None else round(base[0], 1),

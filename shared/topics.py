@@ -94,6 +94,12 @@ CALIBRATION_STATE = KafkaTopic("calibration.state", partitions=3, retention_ms=-
 ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY, CUFF)
 
 
+def device_key(clinic_id: str, device_id: str) -> str:
+    """Kafka key (and state key) of everything about one device: ``clinic/device``. Device ids are unique only
+    within a clinic, so two clinics' ``dev-1`` never share a key, a partition's state or a detector."""
+    return f"{clinic_id}/{device_id}"
+
+
 def cuff_key(clinic_id: str, device_id: str) -> str:
     """Kafka key of a device's cuff readings and calibration: ``clinic/device``."""
     return f"{clinic_id}/{device_id}"

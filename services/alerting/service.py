@@ -40,7 +40,7 @@ from bpstream.shared.messages import Alert, CuffReading, Estimate, decode_estima
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import ALERTING_STATE, ALERTS, CUFF, ESTIMATES, topic_name
+from bpstream.shared.topics import ALERTING_STATE, ALERTS, CUFF, ESTIMATES, device_key, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,19 @@ class AlertingService:
         self.assignment: set[TopicPartition] = set()
         self._partitioner = DefaultPartitioner()
 
-    def owns(self, device_id: str) -> bool:
-        """True when the device's ``estimates`` partition is assigned to this instance."""
+    def owns(self, key: str) -> bool:
+        """True when the ``estimates`` partition of the device with Kafka key ``key`` (clinic/device) is assigned
+        to this instance."""
         name = topic_name(ESTIMATES, self.settings.kafka.topic_prefix)
         partitions = self.consumer.client.partitions_for_topic(name)
         owned = {tp.partition for tp in self.consumer.client.assignment() if tp.topic == name}
         if not owned:
             return False
         every = sorted(partitions) if partitions else list(range(ESTIMATES.partitions))
-        return int(self._partitioner(device_id.encode(), every, every)) in owned
+        return int(self._partitioner(key.encode(), every, every)) in owned
 
     async def handle_cuff(self, readings: list[CuffReading], now_ns: int, *, backlog: bool = False) -> None:
-        mine = [r for r in readings if self.owns(r.device_id)]
+        mine = [r for r in readings if self.owns(device_key(r.clinic_id, r.device_id))]
         alerts: list[Alert] = []
         if backlog:
             horizon = now_ns - round(self.settings.cuff_backlog_max_age_s * 1e9)
@@ -86,7 +87,8 @@ class AlertingService:
 
     async def _send_alerts(self, alerts: list[Alert]) -> None:
         if alerts:
-            await self.producer.send_many([(ALERTS, encode_json(a), a.device_id) for a in alerts])
+            await self.producer.send_many(
+                [(ALERTS, encode_json(a), device_key(a.clinic_id, a.device_id)) for a in alerts])
             for a in alerts:
                 ALERTS_OUT.labels(a.kind, a.state).inc()
                 log.info("alert", extra={"alert_id": a.alert_id, "kind": a.kind, "state": a.state,

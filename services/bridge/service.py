@@ -45,6 +45,7 @@ from bpstream.shared.topics import (
     SIGNALS_RAW,
     KafkaTopic,
     cuff_key,
+    device_key,
     mqtt_cuff_topic,
     mqtt_shared_subscription,
     mqtt_signals_topic,
@@ -297,7 +298,7 @@ class Bridge(Component):
                 records.append((CUFF, encode_json(verdict), cuff_key(verdict.clinic_id, verdict.device_id)))
                 cuffs += 1
             else:
-                records.append((SIGNALS_RAW, item.payload, verdict.device_id))
+                records.append((SIGNALS_RAW, item.payload, device_key(verdict.clinic_id, verdict.device_id)))
         started = time.perf_counter()
         attempt = 0
         while True:

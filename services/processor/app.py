@@ -54,7 +54,7 @@ from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_top
 from bpstream.shared.messages import DeadLetter, Window, decode_chunk, encode_json, encode_window
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
+from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, device_key, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -443,8 +443,8 @@ class Processor:
             chunk = decode_chunk(value)
         except DecodeError as exc:
             return [self._dead_letter(record, exc.reason, str(exc))]
-        if chunk.device_id.encode() != key:
-            return [self._dead_letter(record, "key_mismatch", f"key is not device {chunk.device_id!r}")]
+        if device_key(chunk.clinic_id, chunk.device_id).encode() != key:
+            return [self._dead_letter(record, "key_mismatch", "key is not the chunk's clinic/device")]
         state = states[key][0] if key in states else self._load(key)
         state, out = self.reassembler.process(
             state, chunk, value, received_ns=round(record.timestamp_s * NS), now_ns=time.time_ns()
@@ -461,10 +461,10 @@ class Processor:
     def _outputs(self, windows: list[Window], quality: list[QualityRecord]) -> list[Output]:
         sends: list[Output] = []
         for window in windows:
-            sends.append((WINDOWS, encode_window(window), window.device_id))
+            sends.append((WINDOWS, encode_window(window), device_key(window.clinic_id, window.device_id)))
             self.metrics.windows.labels(quality_ok=str(window.quality_ok).lower()).inc()
         for record in quality:
-            sends.append((QUALITY, encode_json(record), record.device_id))
+            sends.append((QUALITY, encode_json(record), device_key(record.clinic_id, record.device_id)))
             if record.kind != WINDOW:
                 self.metrics.events.labels(kind=record.kind).inc()
         return sends
