@@ -70,7 +70,7 @@ class KafkaTopic:
 #: Raw signal chunks from the bridge, keyed by device id.
 SIGNALS_RAW = KafkaTopic("signals.raw", partitions=6)
 #: Anything malformed, at any hop, with the reason and the original bytes.
-SIGNALS_DLQ = KafkaTopic("signals.dlq", partitions=1, retention_ms=30 * 24 * 3600 * 1000)
+SIGNALS_DLQ = KafkaTopic("signals.dlq", partitions=1, retention_ms=7 * 24 * 3600 * 1000)  # see dlq_retention_s
 #: Model-ready windows from the processor, keyed by device id.
 WINDOWS = KafkaTopic("windows", partitions=6)
 #: Blood-pressure estimates from inference, keyed by device id.

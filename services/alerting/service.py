@@ -36,6 +36,7 @@ from bpstream.services.kafka_tools import CuffFollower, read_latest_by_key
 from bpstream.services.writer.lag import group_name
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
+from bpstream.shared.logging import pseudonym
 from bpstream.shared.messages import Alert, CuffReading, Estimate, decode_estimate, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
@@ -91,7 +92,7 @@ class AlertingService:
                 [(ALERTS, encode_json(a), device_key(a.clinic_id, a.device_id)) for a in alerts])
             for a in alerts:
                 ALERTS_OUT.labels(a.kind, a.state).inc()
-                log.info("alert", extra={"alert_id": a.alert_id, "kind": a.kind, "state": a.state,
+                log.info("alert", extra={"alert_ref": pseudonym(a.alert_id), "kind": a.kind, "state": a.state,
                                          "severity": a.severity, "basis": a.basis})
 
     async def restore_if_rebalanced(self) -> None:

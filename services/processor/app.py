@@ -51,6 +51,7 @@ from bpstream.services.processor.stage import (
 )
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
+from bpstream.shared.logging import pseudonym
 from bpstream.shared.messages import DeadLetter, Window, decode_chunk, encode_json, encode_window
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import KafkaSettings
@@ -525,7 +526,8 @@ class Processor:
         try:
             return decode_state(stored)
         except DecodeError:
-            log.warning("unreadable device state; starting afresh", extra={"device": key.decode(errors="replace")})
+            log.warning("unreadable device state; starting afresh",
+                        extra={"device_ref": pseudonym(key.decode(errors="replace"))})
             return None
 
     def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> Output:

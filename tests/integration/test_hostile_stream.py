@@ -135,6 +135,36 @@ def test_the_anomalies_are_dead_letters_with_their_reason(hostile: Hostile) -> N
     assert {(d.stage, d.reason) for d in ours} == {("bridge", DEVICE_TIME_AHEAD)}
 
 
+def test_service_logs_name_no_device_clinic_or_reading(hostile: Hostile) -> None:
+    logs = {path.name: path.read_text() for path in hostile.config.log_dir.glob("*.log")}
+    assert set(logs) >= {"bridge.log", "processor.log", "inference.log", "alerting.log", "writer.log"}
+    assert any('"msg": "alert"' in text for text in logs.values())  # the alert was logged, pseudonymously
+    for name, text in logs.items():
+        assert hostile.device not in text and hostile.clinic not in text, name
+        assert '"sbp"' not in text and '"dbp"' not in text, name
+
+
+async def _dlq_retention(config: PipelineConfig) -> str:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from bpstream.shared.topics import topic_name
+
+    admin = AIOKafkaAdminClient(**config.kafka().client_kwargs())
+    await admin.start()
+    try:
+        name = topic_name(SIGNALS_DLQ, config.topic_prefix)
+        (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+        entries = {e[0]: e[1] for resource in response.resources for e in resource[4]}
+        return str(entries["retention.ms"])
+    finally:
+        await admin.close()
+
+
+def test_dead_letters_are_kept_for_the_configured_retention(hostile: Hostile) -> None:
+    assert run_sync(lambda: _dlq_retention(hostile.config)) == str(7 * 24 * 3600 * 1000)
+
+
 def test_the_crisis_is_alerted_within_a_minute_of_device_time(hostile: Hostile) -> None:
     raised = [a for a in hostile.alerts if a["kind"] == "crisis" and a["state"] == "raised"]
     assert hostile.crossed_ns, "the simulated crisis never crossed 180/120"
