@@ -70,6 +70,11 @@ _ACUTE: Final = ("crisis", "deviation", "hypotension")
 _STATE_VERSION: Final = 1
 
 
+def _alert_id(s: PatientState, kind: str, started_ns: int) -> str:
+    """Stable id of an episode: clinic, device, kind and first window (device ids are unique per clinic only)."""
+    return f"{s.clinic_id}/{s.device_id}:{kind}:{started_ns}"
+
+
 def bp_category(sbp: float, dbp: float) -> str:
     """ACC/AHA 2017 category of one reading (crisis: SBP > 180 and/or DBP > 120)."""
     if sbp > 180.0 or dbp > 120.0:
@@ -175,6 +180,10 @@ class AlertConfig(msgspec.Struct, frozen=True, kw_only=True):
     stage_persistence: int = 150
     #: After a cuff reading contradicted a crisis, estimates not calibrated on it cannot raise one for this long.
     cuff_hold_s: float = 300.0
+    #: An estimate whose window ends more than this after its receipt time (``received_ns``, when the newest
+    #: chunk of its window reached Kafka) is ignored and counted (``future_windows``): windows only move
+    #: forward, so one future-dated estimate would otherwise make every later one "old" and freeze the patient.
+    max_ahead_s: float = 300.0
 
 
 class _Episode(msgspec.Struct):
@@ -214,6 +223,8 @@ class PatientState(msgspec.Struct):
     last_cuff_ns: int = -1
     hold_until_ns: int = -1
     hold_cuff_ns: int = -1
+    #: Estimates ignored because their window lay too far ahead of their receipt time.
+    future_windows: int = 0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -265,10 +276,16 @@ class AlertDetector:
         """Take the next estimate of this patient; return the alerts it raises or resolves (usually none).
 
         Estimates at or before the last one seen (replays, reordering) are ignored, so replaying a partition
-        after a restart raises nothing twice.
+        after a restart raises nothing twice. An estimate dated more than ``max_ahead_s`` after its receipt
+        time is ignored (counted in ``future_windows``) and never moves the patient's clock.
         """
         cfg, s = self.config, self.state
         end_ns = int(est.window_end_ns)
+        received_ns = int(getattr(est, "received_ns", 0) or 0)
+        ahead_ns = cfg.max_ahead_s * 1e9
+        if received_ns > 0 and end_ns - received_ns > ahead_ns:
+            s.future_windows += 1
+            return []
         if end_ns <= s.last_ns:
             return []
         withheld: str | None = getattr(est, "withheld", None)
@@ -381,7 +398,7 @@ class AlertDetector:
               basis: str = "estimates", cuff_id: str | None = None) -> Alert:
         s = self.state
         ep = s.episodes.setdefault(kind, _Episode())
-        return Alert(alert_id=f"{s.device_id}:{kind}:{ep.started_ns}", clinic_id=s.clinic_id, device_id=s.device_id,
+        return Alert(alert_id=_alert_id(s, kind, ep.started_ns), clinic_id=s.clinic_id, device_id=s.device_id,
                      kind=kind, severity=SEVERITY[kind], state=state, started_ns=ep.started_ns, event_ns=event_ns,
                      sbp=round(float(sbp), 1), dbp=round(float(dbp), 1), confidence=1.0, message=message,
                      basis=basis, mode=s.mode, calibration_ns=s.calibration_ns,
@@ -467,7 +484,7 @@ class AlertDetector:
         ep = s.episodes.setdefault(kind, _Episode())
         # Numbers are rounded here, not by consumers, so the alert on the wire is what the detector returns.
         make: Callable[[str, float, str], Alert] = lambda state, conf, msg: Alert(  # noqa: E731
-            alert_id=f"{s.device_id}:{kind}:{ep.started_ns}", clinic_id=s.clinic_id, device_id=s.device_id,
+            alert_id=_alert_id(s, kind, ep.started_ns), clinic_id=s.clinic_id, device_id=s.device_id,
             kind=kind, severity=SEVERITY[kind], state=state, started_ns=ep.started_ns, event_ns=end_ns,
             sbp=round(sbp, 1), dbp=round(dbp, 1),
             baseline_sbp=None if base is None else round(base[0], 1),

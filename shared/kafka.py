@@ -59,7 +59,8 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[KafkaTopic]) -
             return []
         new = []
         for t in wanted:
-            configs = {"retention.ms": str(t.retention_ms)}
+            retention_ms = settings.dlq_retention_s * 1000 if t.name == "signals.dlq" else t.retention_ms
+            configs = {"retention.ms": str(retention_ms)}
             if t.compacted:
                 configs["cleanup.policy"] = "compact"
             new.append(NewTopic(topic_name(t, settings.topic_prefix), t.partitions, settings.replication_factor,

@@ -50,3 +50,11 @@ def configure_logging(service: str, level: str = "INFO", json_lines: bool = True
     root.setLevel(level.upper())
     for noisy in ("aiokafka", "faust", "mode", "kafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def pseudonym(identifier: str) -> str:
+    """A short, stable stand-in for a patient-related identifier (device, clinic/device key, alert id) in logs:
+    operators can correlate log lines without the log naming the patient's device (see docs/SECURITY.md)."""
+    import hashlib
+
+    return hashlib.sha256(identifier.encode()).hexdigest()[:12]

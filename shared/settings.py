@@ -36,6 +36,8 @@ class KafkaSettings(_Frozen):
     request_timeout_ms: int = 30_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
+    #: Retention of the dead-letter topic (it holds original payloads, i.e. readings): 7 days by default.
+    dlq_retention_s: int = Field(default=7 * 24 * 3600, gt=0)
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments common to aiokafka producers, consumers and admin clients."""

@@ -69,20 +69,20 @@ class KafkaTopic:
     compacted: bool = False
 
 
-#: Raw signal chunks from the bridge, keyed by device id.
+#: Raw signal chunks from the bridge, keyed by ``clinic/device`` (``device_key``).
 SIGNALS_RAW = KafkaTopic("signals.raw", partitions=6)
 #: Anything malformed, at any hop, with the reason and the original bytes.
-SIGNALS_DLQ = KafkaTopic("signals.dlq", partitions=1, retention_ms=30 * 24 * 3600 * 1000)
-#: Model-ready windows from the processor, keyed by device id.
+SIGNALS_DLQ = KafkaTopic("signals.dlq", partitions=1, retention_ms=7 * 24 * 3600 * 1000)  # see dlq_retention_s
+#: Model-ready windows from the processor, keyed by ``clinic/device`` (``device_key``).
 WINDOWS = KafkaTopic("windows", partitions=6)
-#: Blood-pressure estimates from inference, keyed by device id.
+#: Blood-pressure estimates from inference, keyed by ``clinic/device`` (``device_key``).
 ESTIMATES = KafkaTopic("estimates", partitions=6)
-#: Alerts raised and resolved by alerting, keyed by device id.
+#: Alerts raised and resolved by alerting, keyed by ``clinic/device`` (``device_key``).
 ALERTS = KafkaTopic("alerts", partitions=3, retention_ms=90 * 24 * 3600 * 1000)
-#: Signal quality and gap events from the processor (for InfluxDB), keyed by device id.
+#: Signal quality and gap events from the processor (for InfluxDB), keyed by ``clinic/device`` (``device_key``).
 QUALITY = KafkaTopic("quality", partitions=3)
 
-#: The alerting service's per-patient detector state, keyed by device id (compacted: latest state per device).
+#: The alerting service's per-patient detector state, keyed by ``clinic/device`` (compacted: latest state per device).
 #: Created by the alerting service at start (it is that service's private state, not part of ALL_TOPICS).
 ALERTING_STATE = KafkaTopic("alerting.state", partitions=3, retention_ms=-1, compacted=True)
 
@@ -105,6 +105,12 @@ NOTIFICATIONS = KafkaTopic("notifications", partitions=3, retention_ms=90 * 24 *
 
 ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY, CUFF,
                                       NOTIFY_STATE, ALERT_ACKS, NOTIFICATIONS)
+
+
+def device_key(clinic_id: str, device_id: str) -> str:
+    """Kafka key (and state key) of everything about one device: ``clinic/device``. Device ids are unique only
+    within a clinic, so two clinics' ``dev-1`` never share a key, a partition's state or a detector."""
+    return f"{clinic_id}/{device_id}"
 
 
 def cuff_key(clinic_id: str, device_id: str) -> str:

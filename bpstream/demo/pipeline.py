@@ -193,8 +193,9 @@ class Pipeline:
         self._counter, self._partitions = counter, partitions
 
     async def forwarded(self, key_prefixes: tuple[str, ...]) -> int:
-        """Records in ``signals.raw`` since ``start()`` whose key (device id) starts with one of ``key_prefixes``:
-        what the bridge forwarded for this run's devices (other traffic on the same broker is not counted)."""
+        """Records in ``signals.raw`` since ``start()`` whose key's device id (key ``clinic/device``) starts with one
+        of ``key_prefixes``: what the bridge forwarded for this run's devices (other traffic on the same broker is
+        not counted)."""
         async with self._count_lock:
             if self._counter is None:
                 await self._start_counting()
@@ -208,7 +209,7 @@ class Pipeline:
                     for r in records:
                         key = (r.key or b"").decode(errors="replace")
                         self._counts[key] = self._counts.get(key, 0) + 1
-            return sum(n for key, n in self._counts.items() if key.startswith(key_prefixes))
+            return sum(n for key, n in self._counts.items() if key.rpartition("/")[2].startswith(key_prefixes))
 
     def restart_dead(self) -> list[str]:
         """Start again every service that exited on its own (what a container restart policy does)."""

@@ -35,16 +35,19 @@ from bpstream.shared.batching import collect_batch
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
 from bpstream.shared.kafka_tools import CuffFollower, read_latest_by_key
+from bpstream.shared.logging import pseudonym
 from bpstream.shared.messages import Alert, CuffReading, Estimate, decode_estimate, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import ALERTING_STATE, ALERTS, CUFF, ESTIMATES, group_name, topic_name
+from bpstream.shared.topics import ALERTING_STATE, ALERTS, CUFF, ESTIMATES, device_key, group_name, topic_name
 
 log = logging.getLogger(__name__)
 
 ESTIMATES_IN = Counter("bpstream_alerting_estimates_total", "Estimates consumed by alerting")
 ALERTS_OUT = Counter("bpstream_alerting_alerts_total", "Alerts produced", ["kind", "state"])
+FUTURE = Counter("bpstream_alerting_future_estimates_total",
+                 "Estimates ignored because their window lay too far ahead of their receipt time")
 UNDECODABLE = Counter("bpstream_alerting_undecodable_total", "Estimates that did not decode", ["reason"])
 ACTIVE = Gauge("bpstream_alerting_active_alerts", "Alert episodes currently active")
 BATCH_SECONDS = Histogram("bpstream_alerting_batch_seconds", "Time to handle one batch of estimates")
@@ -61,18 +64,19 @@ class AlertingService:
         self.assignment: set[TopicPartition] = set()
         self._partitioner = DefaultPartitioner()
 
-    def owns(self, device_id: str) -> bool:
-        """True when the device's ``estimates`` partition is assigned to this instance."""
+    def owns(self, key: str) -> bool:
+        """True when the ``estimates`` partition of the device with Kafka key ``key`` (clinic/device) is assigned
+        to this instance."""
         name = topic_name(ESTIMATES, self.settings.kafka.topic_prefix)
         partitions = self.consumer.client.partitions_for_topic(name)
         owned = {tp.partition for tp in self.consumer.client.assignment() if tp.topic == name}
         if not owned:
             return False
         every = sorted(partitions) if partitions else list(range(ESTIMATES.partitions))
-        return int(self._partitioner(device_id.encode(), every, every)) in owned
+        return int(self._partitioner(key.encode(), every, every)) in owned
 
     async def handle_cuff(self, readings: list[CuffReading], now_ns: int, *, backlog: bool = False) -> None:
-        mine = [r for r in readings if self.owns(r.device_id)]
+        mine = [r for r in readings if self.owns(device_key(r.clinic_id, r.device_id))]
         alerts: list[Alert] = []
         if backlog:
             horizon = now_ns - round(self.settings.cuff_backlog_max_age_s * 1e9)
@@ -83,10 +87,11 @@ class AlertingService:
 
     async def _send_alerts(self, alerts: list[Alert]) -> None:
         if alerts:
-            await self.producer.send_many([(ALERTS, encode_json(a), a.device_id) for a in alerts])
+            await self.producer.send_many(
+                [(ALERTS, encode_json(a), device_key(a.clinic_id, a.device_id)) for a in alerts])
             for a in alerts:
                 ALERTS_OUT.labels(a.kind, a.state).inc()
-                log.info("alert", extra={"alert_id": a.alert_id, "kind": a.kind, "state": a.state,
+                log.info("alert", extra={"alert_ref": pseudonym(a.alert_id), "kind": a.kind, "state": a.state,
                                          "severity": a.severity, "basis": a.basis})
 
     async def restore_if_rebalanced(self) -> None:
@@ -111,7 +116,9 @@ class AlertingService:
             except DecodeError as exc:
                 UNDECODABLE.labels(exc.reason).inc()
                 await self._dead_letter(record, exc)
+        future_before = self.state.future_ignored
         await self._send_alerts(self.state.apply(estimates))
+        FUTURE.inc(self.state.future_ignored - future_before)
         self.uncommitted.extend(records)
         ACTIVE.set(sum(len(kinds) for kinds in self.state.active_alerts().values()))
         BATCH_SECONDS.observe(time.monotonic() - started)

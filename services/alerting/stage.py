@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from bpstream.shared.anomaly import AlertConfig, AlertDetector
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.messages import Alert, CuffReading, Estimate
+from bpstream.shared.topics import device_key
 
 
 class AlertingState:
@@ -22,27 +23,33 @@ class AlertingState:
         self.config = config or AlertConfig()
         self.detectors: dict[str, AlertDetector] = {}
         self.dirty: set[str] = set()
+        #: Estimates ignored because they were dated too far ahead of their receipt (all detectors, ever).
+        self.future_ignored = 0
 
     def apply(self, estimates: Iterable[Estimate]) -> list[Alert]:
         """Feed estimates (in Kafka order per device); return the alerts they raise or resolve."""
         alerts: list[Alert] = []
         for estimate in estimates:
-            detector = self.detectors.get(estimate.device_id)
+            key = device_key(estimate.clinic_id, estimate.device_id)
+            detector = self.detectors.get(key)
             if detector is None:
-                detector = self.detectors[estimate.device_id] = AlertDetector(self.config)
+                detector = self.detectors[key] = AlertDetector(self.config)
+            before = detector.state.future_windows
             alerts.extend(detector.update(estimate))
-            self.dirty.add(estimate.device_id)
+            self.future_ignored += detector.state.future_windows - before
+            self.dirty.add(key)
         return alerts
 
     def apply_cuff(self, readings: Iterable[CuffReading], *, raise_alerts: bool = True) -> list[Alert]:
         """Feed cuff readings (devices this instance owns); return the alerts they raise or resolve."""
         alerts: list[Alert] = []
         for reading in readings:
-            detector = self.detectors.get(reading.device_id)
+            key = device_key(reading.clinic_id, reading.device_id)
+            detector = self.detectors.get(key)
             if detector is None:
-                detector = self.detectors[reading.device_id] = AlertDetector(self.config)
+                detector = self.detectors[key] = AlertDetector(self.config)
             alerts.extend(detector.cuff(reading, raise_alerts=raise_alerts))
-            self.dirty.add(reading.device_id)
+            self.dirty.add(key)
         return alerts
 
     def take_dirty(self) -> dict[str, bytes]:

@@ -45,6 +45,7 @@ from bpstream.shared.topics import (
     SIGNALS_RAW,
     KafkaTopic,
     cuff_key,
+    device_key,
     mqtt_cuff_topic,
     mqtt_shared_subscription,
     mqtt_signals_topic,
@@ -278,13 +279,15 @@ class Bridge(Component):
         cuffs = 0
         now = time.time_ns()
         limits = self.settings.cuff_limits()
+        time_limits = self.settings.device_time_limits()
         for item in batch:
             try:
                 if item.topic.endswith("/cuff"):
                     verdict: CuffReading | Rejection | SignalChunk = validate_cuff(item.topic, item.payload, now,
                                                                                    limits)
                 else:
-                    verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates)
+                    verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates,
+                                               now_ns=now, time_limits=time_limits)
             except Exception as exc:  # a bug, not bad input: dead-letter rather than crash-loop on redelivery
                 log.exception("validation failed")
                 verdict = Rejection("internal_error", f"{type(exc).__name__}: {exc}")
@@ -295,7 +298,7 @@ class Bridge(Component):
                 records.append((CUFF, encode_json(verdict), cuff_key(verdict.clinic_id, verdict.device_id)))
                 cuffs += 1
             else:
-                records.append((SIGNALS_RAW, item.payload, verdict.device_id))
+                records.append((SIGNALS_RAW, item.payload, device_key(verdict.clinic_id, verdict.device_id)))
         started = time.perf_counter()
         attempt = 0
         while True:

@@ -7,7 +7,7 @@ import socket
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from bpstream.services.bridge.stage import CuffLimits
+from bpstream.services.bridge.stage import CuffLimits, DeviceTimeLimits
 from bpstream.shared.settings import ServiceSettings
 
 
@@ -46,6 +46,16 @@ class BridgeSettings(ServiceSettings):
     #: How far ahead of the bridge's clock a cuff time may be, and how old it may be (seconds).
     cuff_max_future_s: float = Field(default=300.0, ge=0)
     cuff_max_age_s: float = Field(default=7 * 86400.0, gt=0)
+
+    #: A chunk whose device time is more than this ahead of the bridge's clock at receipt is dead-lettered
+    #: (``device_time_ahead``): one future-dated chunk would otherwise make every later chunk "late".
+    max_device_ahead_s: float | None = Field(default=300.0, gt=0)
+    #: Likewise for chunks dated this far behind the bridge's clock (``device_time_behind``); unset: no bound
+    #: (devices on poor links send old data legitimately, and old data cannot freeze a window clock).
+    max_device_behind_s: float | None = Field(default=None, gt=0)
+
+    def device_time_limits(self) -> DeviceTimeLimits:
+        return DeviceTimeLimits(self.max_device_ahead_s, self.max_device_behind_s)
 
     def cuff_limits(self) -> CuffLimits:
         return CuffLimits(self.cuff_sbp_range, self.cuff_dbp_range, self.cuff_max_future_s, self.cuff_max_age_s)

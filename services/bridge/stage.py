@@ -21,6 +21,7 @@ from typing import Final
 
 import msgspec
 
+from bpstream.shared.devicetime import check_device_time
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.messages import MAX_T0_NS, MIN_T0_NS, CuffReading, SignalChunk, decode_chunk
 from bpstream.shared.topics import ID_PATTERN, parse_device_topic, parse_signals_topic
@@ -44,8 +45,20 @@ class Rejection:
     detail: str
 
 
-def validate_payload(topic: str, payload: bytes, allowed_rates: Collection[float]) -> SignalChunk | Rejection:
-    """Return the decoded chunk if ``payload`` may be forwarded, else the reason it may not."""
+@dataclass(frozen=True, slots=True)
+class DeviceTimeLimits:
+    """How far a chunk's device time may lie from the bridge's clock at receipt (None: unbounded)."""
+
+    max_ahead_s: float | None = 300.0
+    max_behind_s: float | None = None
+
+
+def validate_payload(topic: str, payload: bytes, allowed_rates: Collection[float], *, now_ns: int | None = None,
+                     time_limits: DeviceTimeLimits | None = None) -> SignalChunk | Rejection:
+    """Return the decoded chunk if ``payload`` may be forwarded, else the reason it may not.
+
+    With ``now_ns`` and ``time_limits``, a chunk dated too far from ``now_ns`` (the bridge's receipt time) is
+    refused (``device_time_ahead`` / ``device_time_behind``): it could otherwise move a window clock."""
     try:
         clinic_id, device_id = parse_signals_topic(topic)
     except ValueError as exc:
@@ -63,6 +76,13 @@ def validate_payload(topic: str, payload: bytes, allowed_rates: Collection[float
         return Rejection(
             BAD_SAMPLE_RATE, f"sample rate {chunk.sample_rate:g} Hz is not one of {sorted(allowed_rates)}"
         )
+    if now_ns is not None and time_limits is not None:
+        ahead, behind = time_limits.max_ahead_s, time_limits.max_behind_s
+        verdict = check_device_time(chunk.t0_ns, now_ns,
+                                    max_ahead_ns=None if ahead is None else round(ahead * 1e9),
+                                    max_behind_ns=None if behind is None else round(behind * 1e9))
+        if verdict is not None:
+            return Rejection(verdict.reason, verdict.detail)
     return chunk
 
 

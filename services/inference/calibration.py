@@ -112,11 +112,11 @@ class CalibrationBook:
 
     # ---- the stage ----------------------------------------------------------------------------------------
     def process(self, estimates: Sequence[Estimate],
-                features: Mapping[tuple[str, int], Mapping[str, float | None]] | None = None,
+                features: Mapping[tuple[str, str, int], Mapping[str, float | None]] | None = None,
                 ) -> tuple[list[Estimate], list[CalibrationRecord]]:
         """Calibrate a batch of the model's estimates (window order per device).
 
-        ``features`` maps ``(device_id, window_end_ns)`` to the window's input features (e.g.
+        ``features`` maps ``(clinic_id, device_id, window_end_ns)`` to the window's input features (e.g.
         ``heart_rate_bpm``) for the out-of-distribution check. Returns the annotated estimates and the
         calibrations finished by this batch (to persist).
         """
@@ -130,7 +130,7 @@ class CalibrationBook:
             record = self._maybe_finish(device, estimate)
             if record is not None:
                 finished.append(record)
-            out.append(self._annotate(device, estimate, features.get((estimate.device_id,
+            out.append(self._annotate(device, estimate, features.get((estimate.clinic_id, estimate.device_id,
                                                                      estimate.window_end_ns), {})))
         return out, finished
 

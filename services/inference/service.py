@@ -46,7 +46,16 @@ from bpstream.shared.model.runtime import DEFAULT_MODELS_ROOT, BpModel, Runtime,
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import CALIBRATION_STATE, CUFF, ESTIMATES, SIGNALS_DLQ, WINDOWS, cuff_key, group_name
+from bpstream.shared.topics import (
+    CALIBRATION_STATE,
+    CUFF,
+    ESTIMATES,
+    SIGNALS_DLQ,
+    WINDOWS,
+    cuff_key,
+    device_key,
+    group_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +155,10 @@ class InferenceService:
             predictions = await asyncio.to_thread(model.predict, batch.inputs)  # the loop keeps heartbeating
             INFER_SECONDS.observe(time.monotonic() - t0)
         raw = estimates_for(batch, predictions, model.version, time.time_ns)
-        features = {(w.device_id, w.end_ns): {"heart_rate_bpm": w.heart_rate_bpm} for w in batch.scored}
+        features = {(w.clinic_id, w.device_id, w.end_ns): {"heart_rate_bpm": w.heart_rate_bpm} for w in batch.scored}
         estimates, finished = self.book.process(raw, features)
         outgoing: list[OutgoingRecord] = [self._calibration_record(r) for r in finished]
-        outgoing.extend((ESTIMATES, encode_json(e), e.device_id) for e in estimates)
+        outgoing.extend((ESTIMATES, encode_json(e), device_key(e.clinic_id, e.device_id)) for e in estimates)
         if outgoing:
             await self.producer.send_many(outgoing)
         CALIBRATIONS.inc(len(finished))

@@ -50,10 +50,11 @@ from bpstream.services.processor.stage import (
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
 from bpstream.shared.kafka_tools import read_range, read_topic
+from bpstream.shared.logging import pseudonym
 from bpstream.shared.messages import DeadLetter, QualityRecord, Window, decode_chunk, encode_json, encode_window
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
+from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, device_key, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,9 @@ def stage_config(settings: ProcessorSettings) -> StageConfig:
         max_lateness_ns=round(settings.max_lateness_s * NS),
         clock_tolerance_ns=round(settings.clock_tolerance_s * NS),
         max_buffer_chunks=settings.max_buffer_chunks,
+        max_ahead_ns=None if settings.max_device_ahead_s is None else round(settings.max_device_ahead_s * NS),
+        max_behind_ns=None if settings.max_device_behind_s is None else round(settings.max_device_behind_s * NS),
+        max_seq_jump=settings.max_seq_jump,
         defer_preparation=True,  # a batch's windows are prepared together (handle_batch)
     )
 
@@ -439,12 +443,14 @@ class Processor:
             chunk = decode_chunk(value)
         except DecodeError as exc:
             return [self._dead_letter(record, exc.reason, str(exc))]
-        if chunk.device_id.encode() != key:
-            return [self._dead_letter(record, "key_mismatch", f"key is not device {chunk.device_id!r}")]
+        if device_key(chunk.clinic_id, chunk.device_id).encode() != key:
+            return [self._dead_letter(record, "key_mismatch", "key is not the chunk's clinic/device")]
         state = states[key][0] if key in states else self._load(key)
         state, out = self.reassembler.process(
             state, chunk, value, received_ns=round(record.timestamp_s * NS), now_ns=time.time_ns()
         )
+        if out.rejected is not None:  # out of bounds: dead-lettered, the device's state untouched
+            return [self._dead_letter(record, out.rejected.reason, out.rejected.detail)]
         if out.duplicate or out.late:
             self.metrics.dropped.labels(reason="duplicate" if out.duplicate else "late").inc()
             return []
@@ -455,10 +461,10 @@ class Processor:
     def _outputs(self, windows: list[Window], quality: list[QualityRecord]) -> list[Output]:
         sends: list[Output] = []
         for window in windows:
-            sends.append((WINDOWS, encode_window(window), window.device_id))
+            sends.append((WINDOWS, encode_window(window), device_key(window.clinic_id, window.device_id)))
             self.metrics.windows.labels(quality_ok=str(window.quality_ok).lower()).inc()
         for record in quality:
-            sends.append((QUALITY, encode_json(record), record.device_id))
+            sends.append((QUALITY, encode_json(record), device_key(record.clinic_id, record.device_id)))
             if record.kind != WINDOW:
                 self.metrics.events.labels(kind=record.kind).inc()
         return sends
@@ -519,7 +525,8 @@ class Processor:
         try:
             return decode_state(stored)
         except DecodeError:
-            log.warning("unreadable device state; starting afresh", extra={"device": key.decode(errors="replace")})
+            log.warning("unreadable device state; starting afresh",
+                        extra={"device_ref": pseudonym(key.decode(errors="replace"))})
             return None
 
     def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> Output:

@@ -30,6 +30,14 @@ class ProcessorSettings(ServiceSettings):
     clock_tolerance_s: float = Field(default=0.25, gt=0)
     #: Upper bound of buffered plus waiting chunks per device (bounds state memory and changelog records).
     max_buffer_chunks: int = Field(default=64, ge=4)
+    #: Chunks dated more than this after their Kafka receipt time are dead-lettered (``device_time_ahead``),
+    #: and more than ``max_device_behind_s`` before it (``device_time_behind``; unset: no bound). The bridge
+    #: applies the same bounds; this is defence in depth for records that reach signals.raw another way.
+    max_device_ahead_s: float | None = Field(default=300.0, gt=0)
+    max_device_behind_s: float | None = Field(default=None, gt=0)
+    #: A seq more than this many chunks past the next expected one, without device time moving on as far, is
+    #: dead-lettered (``seq_jump``): it would otherwise declare everything before it missing.
+    max_seq_jump: int | None = Field(default=3600, ge=1)
     #: Faust worker log level (Faust is chatty; its own logs go through the service's handler).
     faust_loglevel: str = "WARNING"
     #: Folder for Faust's worker files (tables use the in-memory store, rebuilt from their changelog).

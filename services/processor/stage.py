@@ -9,6 +9,12 @@ plus what to publish: model-ready :class:`~bpstream.shared.messages.Window` mess
 * a missing chunk becomes a *gap* once more than ``max_reorder_chunks`` later chunks are waiting or event
   time has moved ``max_lateness_ns`` past where the missing chunk would have started; a chunk arriving after
   its gap was declared is *late* and ignored;
+* a chunk dated further than ``max_ahead_ns`` after (or ``max_behind_ns`` before) its Kafka receipt time, or
+  whose ``seq`` jumps more than ``max_seq_jump`` ahead without device time moving on accordingly, is refused
+  (``StageOutput.rejected``; the service dead-letters it) and changes nothing: it never moves a window clock
+  (``bpstream.shared.devicetime``, the same bounds the bridge applies, as defence in depth);
+* a device that restarts (``seq`` back to low numbers, device time moving on) starts a new run: a chunk with a
+  ``seq`` seen before but another device time is not a duplicate;
 * a chunk whose ``t0_ns`` disagrees with the previous chunk's end by more than ``clock_tolerance_ns`` is a
   *clock jump*, and a change of sample rate or channel set is a *format change*; both restart the run;
 * every hop (window ends at multiples of ``hop_ns`` in device time, so a window's identity
@@ -39,6 +45,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from bpstream.shared.devicetime import TimeVerdict, check_device_time, check_seq_jump
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.messages import QualityRecord, SignalChunk, Window, decode_chunk
 from bpstream.shared.modelspec import HOP_SECONDS, MODEL_CHANNELS, MODEL_SAMPLE_RATE, WINDOW_SECONDS
@@ -126,6 +133,11 @@ class StageConfig:
     clock_tolerance_ns: int = NS // 4
     #: Upper bound on buffered + pending chunks per device (memory bound; oldest dropped first).
     max_buffer_chunks: int = 64
+    #: Refuse chunks dated more than this after / before their receipt time (None: no bound).
+    max_ahead_ns: int | None = None
+    max_behind_ns: int | None = None
+    #: Refuse chunks whose seq jumps more than this past the next expected one without device time moving on.
+    max_seq_jump: int | None = None
     prepare_many: PrepareManyFn = field(default=preprocess_windows)
     #: Leave cut windows in ``StageOutput.cuts`` for the caller to prepare in one batch (``finish``), instead
     #: of preparing each as it is cut (preparing a stack of windows is several times cheaper per window).
@@ -165,6 +177,8 @@ class StageOutput:
     cuts: list[WindowCut] = field(default_factory=list)
     duplicate: bool = False
     late: bool = False
+    #: Why the chunk was refused (device time or seq out of bounds); the state is then unchanged.
+    rejected: TimeVerdict | None = None
 
 
 @lru_cache(maxsize=16384)
@@ -195,15 +209,24 @@ class Reassembler:
         """
         state = state if state is not None else DeviceState()
         out = StageOutput()
+        out.rejected = self._refuse(state, chunk, received_ns)
+        if out.rejected is not None:
+            return state, out
         state.clinic_id = chunk.clinic_id
         item = BufferedChunk(chunk.seq, chunk.t0_ns, chunk.n_samples, received_ns, payload)
         if state.next_seq is None:
             # A device seen for the first time: its first chunks may be reordered too, so they wait like any
             # out-of-order chunk and the run starts at the lowest seq once the reordering bound is reached.
             if any(p.seq == chunk.seq for p in state.pending):
-                state.duplicates += 1
-                out.duplicate = True
-                return state, out
+                newest_end = max(_end_ns(p, chunk.sample_rate) for p in state.pending)
+                if chunk.t0_ns < newest_end - self.config.clock_tolerance_ns:
+                    state.duplicates += 1
+                    out.duplicate = True
+                    return state, out
+                # The same seq again, after everything waiting: the device restarted before its run began.
+                out.quality.append(self._record(state, chunk.device_id, STREAM_RESET, chunk.t0_ns, chunk.t0_ns,
+                                                chunk.seq, chunk.seq, now_ns, detail="seq went back"))
+                state.pending = []
             bisect.insort(state.pending, item, key=lambda c: c.seq)
             if not self._waited_enough(state, state.pending[0].t0_ns, chunk.sample_rate):
                 self._bound(state)
@@ -212,7 +235,7 @@ class Reassembler:
             self._restart_run(state, chunk if head.seq == chunk.seq else decode_chunk(head.payload))
             state.next_seq = head.seq
         elif chunk.seq < state.next_seq:
-            if self._seen(state, chunk.seq):
+            if self._seen(state, chunk.seq, chunk.t0_ns):
                 state.duplicates += 1
                 out.duplicate = True
                 return state, out
@@ -257,11 +280,22 @@ class Reassembler:
         self._bound(state)
         return state, out
 
+    def _refuse(self, state: DeviceState, chunk: SignalChunk, received_ns: int) -> TimeVerdict | None:
+        """Why ``chunk`` may not touch the state (device time or seq out of bounds), or None."""
+        cfg = self.config
+        verdict = check_device_time(chunk.t0_ns, received_ns, max_ahead_ns=cfg.max_ahead_ns,
+                                    max_behind_ns=cfg.max_behind_ns)
+        if verdict is None and cfg.max_seq_jump is not None and state.next_seq is not None:
+            verdict = check_seq_jump(chunk.seq, chunk.t0_ns, chunk.duration_ns, next_seq=state.next_seq,
+                                     expected_t0_ns=state.expected_t0_ns, max_seq_jump=cfg.max_seq_jump)
+        return verdict
+
     # -- ordering -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _seen(state: DeviceState, seq: int) -> bool:
-        return any(c.seq == seq for c in state.buffer)
+    def _seen(state: DeviceState, seq: int, t0_ns: int) -> bool:
+        """A duplicate has the same seq *and* device time (after a restart a seq comes back with a new time)."""
+        return any(c.seq == seq and c.t0_ns == t0_ns for c in state.buffer)
 
     def _maybe_declare_gap(
         self, state: DeviceState, chunk: SignalChunk, out: StageOutput, now_ns: int

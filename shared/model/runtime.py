@@ -6,10 +6,19 @@ exists: a half-copied version is never picked by :func:`latest_model_dir`. The r
 ``models/`` folder (``DEFAULT_MODELS_ROOT``) is the fallback every service can use without training.
 
 Every failure is a ``ModelError`` with a reason (missing artefact, bad metadata, wrong input shape, ...).
+
+Integrity: an artefact is read once, its sha256 compared with the one ``metadata.json`` records for it
+(``sha256`` field, written by the exporter), and only those verified bytes are loaded, so a file changed
+after export is refused (``ModelError`` reason ``artefact_checksum``) and a hot reload keeps the version in
+service. Metadata without a ``sha256`` field (versions exported before it existed) loads with a warning;
+metadata that has the field but no entry for the artefact is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +39,30 @@ from bpstream.shared.model.metadata import (
 DEFAULT_MODELS_ROOT: Path = Path(__file__).resolve().parents[2] / "models"
 
 Runtime = Literal["torchscript", "onnx"]
+
+log = logging.getLogger(__name__)
+
+
+def read_verified(directory: Path, metadata: ModelMetadata, filename: str) -> bytes:
+    """The bytes of artefact ``filename``, checked against ``metadata.sha256``; ``ModelError`` if they differ."""
+    path = directory / filename
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc}", reason="missing_artefact") from exc
+    if not metadata.sha256:
+        log.warning("model metadata has no sha256: artefact not verified",
+                    extra={"version": metadata.version, "artefact": filename})
+        return data
+    expected = metadata.sha256.get(filename)
+    if expected is None:
+        raise ModelError(f"{path}: metadata.json records no sha256 for {filename}; refusing to load it",
+                         reason="artefact_checksum")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        raise ModelError(f"{path}: sha256 {actual} does not match metadata.json ({expected}); the artefact was "
+                         "changed after export, refusing to load it", reason="artefact_checksum")
+    return data
 
 
 @dataclass(slots=True, frozen=True)
@@ -118,9 +151,10 @@ class _TorchScriptModel(BpModel):
         import torch
 
         super().__init__(directory, metadata, "torchscript", device)
+        data = read_verified(directory, metadata, TORCHSCRIPT_FILE)
         try:
             self._module: Any = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(directory / TORCHSCRIPT_FILE), map_location=device)
+                io.BytesIO(data), map_location=device)
         except (RuntimeError, OSError, ValueError) as exc:
             raise ModelError(f"cannot load {directory / TORCHSCRIPT_FILE}: {exc}", reason="bad_artefact") from exc
         self._module.eval()
@@ -151,8 +185,9 @@ class _OnnxModel(BpModel):
                 raise ModelError("ONNX Runtime has no CUDA provider on this machine", reason="no_cuda")
             providers.insert(0, "CUDAExecutionProvider")
         super().__init__(directory, metadata, "onnx", device)
+        data = read_verified(directory, metadata, ONNX_FILE)
         try:
-            self._session = ort.InferenceSession(str(directory / ONNX_FILE), sess_options=options,
+            self._session = ort.InferenceSession(data, sess_options=options,
                                                  providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ModelError(f"cannot load {directory / ONNX_FILE}: {exc}", reason="bad_artefact") from exc

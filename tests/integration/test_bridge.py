@@ -202,7 +202,7 @@ async def test_valid_chunks_arrive_byte_identical_and_bad_ones_are_dead_lettered
     got: dict[tuple[str, int], bytes] = {}
     for key, value in raw:
         chunk = decode_chunk(value)
-        assert key.decode() == chunk.device_id
+        assert key.decode() == f"{chunk.clinic_id}/{chunk.device_id}"  # keyed by clinic/device
         got[(chunk.device_id, chunk.seq)] = value
     assert got == sent  # every valid chunk, byte for byte, keyed by its device, and nothing else
 

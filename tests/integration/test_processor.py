@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
 from bpstream.shared.messages import QualityRecord, SignalChunk, decode_dead_letter, decode_window, encode_chunk
 from bpstream.shared.settings import KafkaSettings
-from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, topic_name
+from bpstream.shared.topics import QUALITY, SIGNALS_DLQ, SIGNALS_RAW, WINDOWS, KafkaTopic, device_key, topic_name
 from bpstream.simulators.cohort import build_cohort
 
 NS = 1_000_000_000
@@ -134,7 +134,8 @@ class Reader:
 
 async def produce(settings: KafkaSettings, records: list[tuple[str, bytes]]) -> None:
     async with KafkaProducer(settings) as producer:
-        await producer.send_many([(SIGNALS_RAW, value, key) for key, value in records])
+        # signals.raw is keyed by clinic/device, as the bridge keys it.
+        await producer.send_many([(SIGNALS_RAW, value, device_key("clinic-p", key)) for key, value in records])
 
 
 def windows_by_device(values: list[bytes]) -> dict[str, list[tuple[int, int, int, bytes]]]:
@@ -218,7 +219,7 @@ async def test_windows_in_device_time_with_duplicates_reordering_gaps_and_bad_re
 
     async with Reader(kafka_settings, SIGNALS_DLQ) as reader:
         letters = [decode_dead_letter(v) for v in await reader.until(bool, 60, "dead letter", processor.log_tail)]
-    assert [(d.stage, d.reason, d.key) for d in letters] == [("processor", "bad_magic", "dev-clean")]
+    assert [(d.stage, d.reason, d.key) for d in letters] == [("processor", "bad_magic", "clinic-p/dev-clean")]
     assert letters[0].payload == b"this is not a signal chunk, yet it is in signals.raw"
     assert processor.get("/readyz").status_code == 200
     metrics = processor.get("/metrics").text

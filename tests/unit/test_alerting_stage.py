@@ -41,7 +41,7 @@ def test_restored_state_continues_an_episode_and_replays_raise_nothing_twice() -
     first = AlertingState()
     alerts = first.apply(stream[:50])  # raised around here
     saved = first.take_dirty()
-    assert set(saved) == {"p"} and not first.take_dirty()
+    assert set(saved) == {"c1/p"} and not first.take_dirty()
     more = first.apply(stream[50:60])  # processed but not flushed before the crash
 
     restarted = AlertingState()
@@ -58,8 +58,8 @@ def test_merge_keeps_a_detector_that_is_ahead_and_reports_unreadable_state() -> 
     state.apply(_estimates("p", [(120.0, 78.0)] * 10))
     old = AlertingState()
     old.apply(_estimates("p", [(120.0, 78.0)] * 5))
-    assert state.merge({"p": old.take_dirty()["p"], "q": b"garbage"}) == ["q"]
-    assert state.detectors["p"].state.good_windows == 10
+    assert state.merge({"c1/p": old.take_dirty()["c1/p"], "q": b"garbage"}) == ["q"]
+    assert state.detectors["c1/p"].state.good_windows == 10
 
 
 def test_detector_overrides_come_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,7 +104,8 @@ def test_withheld_reasons_signal_quality_stale_ood_and_wide_interval() -> None:
     book.restore([CalibrationRecord(clinic_id="c1", device_id="d1", cuff_sbp=130.0, cuff_dbp=80.0, time_ns=T0,
                                     cuff_id="omron", reference_sbp=120.0, reference_dbp=75.0, n_windows=3,
                                     model_version="m1")])
-    features = {("d1", T0 + 1 * HOP): {"heart_rate_bpm": 72.0}, ("d1", T0 + 2 * HOP): {"heart_rate_bpm": 190.0}}
+    features = {("c1", "d1", T0 + 1 * HOP): {"heart_rate_bpm": 72.0},
+                ("c1", "d1", T0 + 2 * HOP): {"heart_rate_bpm": 190.0}}
     out, _ = book.process([_raw(1), _raw(2), _raw(3, sd=20.0), _raw(4, quality_ok=False), _raw(30), _raw(32)],
                           features)
     assert [e.withheld for e in out] == [None, "out_of_distribution", None, "signal_quality",
