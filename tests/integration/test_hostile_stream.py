@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from bpstream.services.kafka_tools import read_topic
 from conftest import run_sync
 from pipeline_support import SIMULATOR_MODEL
 
@@ -25,6 +24,7 @@ from bpstream.demo.pipeline import Pipeline, PipelineConfig, stored_alerts, stor
 from bpstream.localservers import ServerEndpoints
 from bpstream.shared import influx_api
 from bpstream.shared.devicetime import DEVICE_TIME_AHEAD
+from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import SignalChunk, decode_dead_letter, encode_chunk
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_signals_topic
