@@ -314,7 +314,11 @@ async def test_records_the_consumer_skipped_are_read_back_from_kafka(
     for device in devices:
         assert sorted({end for end, *_ in got[device]}) == full, device
     metrics = processor.get("/metrics").text
-    assert f"bpstream_processor_read_back_records_total {float(skip * len(skipped))}" in metrics
+    # Every skipped record was read back; more is allowed: a second rebalance before the next checkpoint reads
+    # the same gap again (its windows are re-emitted identical, which identity-keyed sinks absorb).
+    read_back = [float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("bpstream_processor_read_back_records_total ")]
+    assert read_back and read_back[0] >= skip * len(skipped), (read_back, skip, skipped)
     assert 'bpstream_processor_stream_events_total{kind="gap"}' not in metrics
     assert processor.terminate() == 0
 
