@@ -474,12 +474,14 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             # cuff readings whose measurement span has been generated (beats up to device second k + 1)
             while cuff_due and cuff_due[0][0] <= k + 1:
                 at_s, i, number = cuff_due.pop(0)
-                cuff = _cuff_reading(cfg, truth, ids[i], start_ns + round(at_s * int(seq_ns[i])), number, cuff_rng)
+                # a cuff reports whole seconds (its time travels as epoch seconds, exact for whole seconds)
+                at_ns = (start_ns + round(at_s * int(seq_ns[i]))) // 1_000_000_000 * 1_000_000_000
+                cuff = _cuff_reading(cfg, truth, ids[i], at_ns, number, cuff_rng)
                 if cuff is None:
                     continue
                 assert cuff_conn is not None
                 cuff_conn.publish(mqtt_cuff_topic(cfg.clinic_id, ids[i]), json.dumps({
-                    "sbp": cuff.sbp, "dbp": cuff.dbp, "time": cuff.time_ns / 1e9, "cuff_id": cuff.cuff_id,
+                    "sbp": cuff.sbp, "dbp": cuff.dbp, "time": cuff.time_ns // 1_000_000_000, "cuff_id": cuff.cuff_id,
                     "confirmation": False}).encode(), qos=1)
                 cuff_published += 1
                 truth.cuffs.append(cuff)
