@@ -53,8 +53,13 @@ def fleet_cmd(
     crisis_onset: float = typer.Option(30.0, help="Device second at which crisis/hypotension episodes start."),
     connections: int = typer.Option(None, help="MQTT connections (default: per device up to 100 devices)."),
     truth: Path = typer.Option(None, help="Write ground truth (JSON lines) here."),
+    enrol: bool = typer.Option(True, "--enrol/--no-enrol",
+                               help="Enrol each patient with a simulated cuff reading on its cuff topic."),
+    enrol_at: float = typer.Option(10.0, help="Device second of the enrolment reading."),
+    recalibrate_every: float = typer.Option(None, help="Re-calibrate every this many device seconds."),
+    cuff_sd: float = typer.Option(5.0, help="SD of the simulated cuff's error (mmHg)."),
 ) -> None:
-    """Publish a simulated fleet over MQTT v5, QoS 1."""
+    """Publish a simulated fleet over MQTT v5, QoS 1 (and its cuff readings: enrolment, re-calibration)."""
     from bpstream.simulators.fleet import FleetConfig, run_fleet
 
     host, port, user, password = _broker(broker)
@@ -64,7 +69,8 @@ def fleet_cmd(
                           duplicate_rate=duplicate_rate, reorder_rate=reorder_rate, clock_drift_ppm=clock_drift_ppm,
                           reconnect_every_s=reconnect_every, burst_every_s=burst_every, burst_len_s=burst_len,
                           crisis_onset_s=crisis_onset, connections=connections, truth_path=truth, username=user,
-                          password=password)
+                          password=password, enrol=enrol, enrol_at_s=enrol_at, recalibrate_every_s=recalibrate_every,
+                          cuff_sd_mmhg=cuff_sd)
         report = asyncio.run(run_fleet(cfg))
     except BpstreamError as exc:
         _fail(exc)
@@ -79,7 +85,7 @@ def fleet_cmd(
         "duplicates": sum(len(v) for v in report.duplicates.values()),
         "reordered": sum(len(v) for v in report.reordered.values()), "reconnects": report.reconnects,
         "unacked": report.unacked, "wall_s": round(report.wall_s, 2), "max_lag_s": round(report.max_lag_s, 3),
-        "scenarios": counts}, indent=1))
+        "cuff_readings": report.cuff_readings, "scenarios": counts}, indent=1))
 
 
 @simulate.command("replay")
@@ -154,10 +160,11 @@ def scenarios_cmd() -> None:
     from bpstream.simulators.scenarios import MIXES, SCENARIOS
 
     for spec in SCENARIOS.values():
-        typer.echo(f"{spec.name:13s} SBP {spec.sbp_limits[0]:.0f}-{spec.sbp_limits[1]:.0f}  {spec.description}")
+        limits = f"SBP {spec.sbp_limits[0]:.0f}-{spec.sbp_limits[1]:.0f}"
+        typer.echo(f"{spec.name:17s} {limits}  cuff {spec.calibration:9s}  {spec.description}")
     for name, mix in MIXES.items():
-        typer.echo(f"{name:13s} mix of {', '.join(mix)}")
-    typer.echo("clinic        demo mix: one crisis device, one noisy sensor, the rest normal or hypertensive")
+        typer.echo(f"{name:17s} mix of {', '.join(mix)}")
+    typer.echo("clinic            demo mix: one crisis device, one noisy sensor, the rest normal or hypertensive")
 
 
 def bench_simulator(

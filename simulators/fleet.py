@@ -6,6 +6,13 @@ link). Signals for all devices are generated together, one second at a time, by 
 Devices share a few MQTT connections ("gateways") when there are many of them; with one connection per device
 each device has its own last will. Ground truth is kept in memory (``FleetReport.truth``) and optionally written
 as JSON lines (``truth_path``); it never travels in the payload.
+
+With ``enrol`` the clinic's cuff (one more MQTT connection, like a cuff station) enrols each patient: a reading
+(true pressure over the last ``CUFF_SPAN_S`` before the cuff time plus Gaussian cuff error, SD ``cuff_sd_mmhg``,
+seeded) on ``bpstream/<clinic>/<device>/cuff`` at ``enrol_at_s`` device seconds, then one every
+``recalibrate_every_s``, as the patient's scenario plans it (``ScenarioSpec.calibration``: ``scheduled``,
+``once`` for a calibration left to go stale, ``never`` for a patient never enrolled). Each reading, with the
+true pressure it measured, is part of the ground truth.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import IO
 import numpy as np
 
 from bpstream.shared.messages import SignalChunk, encode_chunk
-from bpstream.shared.topics import ID_PATTERN, mqtt_signals_topic, mqtt_status_topic
+from bpstream.shared.topics import ID_PATTERN, mqtt_cuff_topic, mqtt_signals_topic, mqtt_status_topic
 from bpstream.simulators.cohort import build_cohort
 from bpstream.simulators.errors import InvalidParameterError
 from bpstream.simulators.mqtt_async import AsyncMqttConnection
@@ -34,6 +41,11 @@ CHANNELS = ("ecg", "ppg")
 #: Above this many devices, devices share connections by default.
 MAX_DEDICATED_CONNECTIONS = 100
 DEVICES_PER_GATEWAY = 50
+#: A simulated cuff reading measures the mean true pressure of the beats in this span before its time.
+CUFF_SPAN_S = 10.0
+#: Plausible cuff output (mmHg), the bridge's default ranges: a simulated reading is clipped into them.
+CUFF_SBP_RANGE = (50.0, 300.0)
+CUFF_DBP_RANGE = (20.0, 200.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +76,8 @@ class FleetConfig:
     burst_len_s: float = 5.0
     truth_path: Path | None = None
     start_time_ns: int | None = None
-    crisis_onset_s: float = 30.0
+    #: Device second at which crisis/hypotension episodes start; None draws each within the first 60 %.
+    crisis_onset_s: float | None = 30.0
     crisis_duration_s: float | None = None
     sample_rate: float = 125.0
     #: MQTT connections to use (default: one per device up to 100 devices, else one per 50 devices).
@@ -72,6 +85,15 @@ class FleetConfig:
     username: str | None = None
     password: str | None = None
     qos: int = 1
+    #: Enrol patients with simulated cuff readings (see the module docstring); off keeps a signals-only fleet.
+    enrol: bool = False
+    #: Device second of the enrolment reading (windows around it form the calibration's reference).
+    enrol_at_s: float = 10.0
+    #: Re-calibrate ``scheduled`` patients every this many device seconds after enrolment (None: never).
+    recalibrate_every_s: float | None = None
+    #: SD of the simulated cuff's error (mmHg), the same for SBP and DBP, drawn independently.
+    cuff_sd_mmhg: float = 5.0
+    cuff_id: str = "sim-cuff"
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
@@ -98,8 +120,17 @@ class FleetConfig:
             raise InvalidParameterError(f"qos must be 0, 1 or 2, got {self.qos}")
         if self.connections is not None and not (1 <= self.connections <= self.devices):
             raise InvalidParameterError(f"connections must be within [1, devices], got {self.connections}")
-        if self.crisis_onset_s < 0:
+        if self.crisis_onset_s is not None and not self.crisis_onset_s >= 0:
             raise InvalidParameterError(f"crisis_onset_s must be >= 0, got {self.crisis_onset_s}")
+        if not (math.isfinite(self.enrol_at_s) and self.enrol_at_s >= 1):
+            raise InvalidParameterError(f"enrol_at_s must be >= 1 s, got {self.enrol_at_s}")
+        if self.recalibrate_every_s is not None and not (math.isfinite(self.recalibrate_every_s)
+                                                         and self.recalibrate_every_s >= 10):
+            raise InvalidParameterError(f"recalibrate_every_s must be >= 10 s or None, got {self.recalibrate_every_s}")
+        if not (math.isfinite(self.cuff_sd_mmhg) and 0 <= self.cuff_sd_mmhg <= 30):
+            raise InvalidParameterError(f"cuff_sd_mmhg must be within [0, 30], got {self.cuff_sd_mmhg}")
+        if not ID_PATTERN.match(self.cuff_id):
+            raise InvalidParameterError(f"cuff_id {self.cuff_id!r} must match {ID_PATTERN.pattern}")
         for ident, what in ((self.clinic_id, "clinic_id"), (f"{self.device_prefix}-0", "device_prefix")):
             if not ID_PATTERN.match(ident):
                 raise InvalidParameterError(f"{what} {ident!r} must match {ID_PATTERN.pattern}")
@@ -126,13 +157,54 @@ class _DeviceTruth:
     chunk_label: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class CuffTruth:
+    """One simulated cuff reading: what was published (``sbp``/``dbp``) and the true pressure it measured."""
+
+    device_id: str
+    time_ns: int
+    sbp: float
+    dbp: float
+    true_sbp: float
+    true_dbp: float
+    cuff_id: str
+    #: 0 for the enrolment reading, then 1, 2, ... for re-calibrations.
+    number: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"type": "cuff", "device_id": self.device_id, "time_ns": self.time_ns, "sbp": self.sbp,
+                "dbp": self.dbp, "true_sbp": self.true_sbp, "true_dbp": self.true_dbp, "cuff_id": self.cuff_id,
+                "number": self.number}
+
+
+def cuff_times(plan: str, duration_s: float, enrol_at_s: float, recalibrate_every_s: float | None) -> list[float]:
+    """Device seconds of a patient's cuff readings within ``[0, duration_s]`` under a scenario's cuff plan."""
+    if plan == "never" or enrol_at_s > duration_s:
+        return []
+    if plan == "once" or recalibrate_every_s is None:
+        return [enrol_at_s]
+    if plan != "scheduled":
+        raise InvalidParameterError(f"unknown cuff plan {plan!r}")
+    count = math.floor((duration_s - enrol_at_s) / recalibrate_every_s) + 1
+    return [enrol_at_s + i * recalibrate_every_s for i in range(count)]
+
+
+def simulated_cuff(true_sbp: float, true_dbp: float, err_sbp: float, err_dbp: float) -> tuple[float, float]:
+    """A cuff's reading of a true pressure with the given errors: whole mmHg, in plausible ranges, SBP > DBP."""
+    sbp = float(np.clip(np.round(true_sbp + err_sbp), *CUFF_SBP_RANGE))
+    dbp = float(np.clip(np.round(true_dbp + err_dbp), *CUFF_DBP_RANGE))
+    return sbp, min(dbp, sbp - 1.0)
+
+
 class FleetTruth:
-    """Ground truth per device in device time: every beat's SBP/DBP and every chunk's seq and t0."""
+    """Ground truth per device in device time: every beat's SBP/DBP, every chunk's seq and t0, cuff readings."""
 
     def __init__(self, scenarios: dict[str, str]) -> None:
         self.scenarios = scenarios
         self._dev: dict[str, _DeviceTruth] = {d: _DeviceTruth() for d in scenarios}
         self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        #: Simulated cuff readings in publishing order.
+        self.cuffs: list[CuffTruth] = []
 
     def add_chunk(self, device_id: str, seq: int, t0_ns: int, beat_ns: np.ndarray, sbp: np.ndarray,
                   dbp: np.ndarray, label: str) -> None:
@@ -193,6 +265,10 @@ def load_truth(path: Path) -> FleetTruth:
         if row.get("type") == "chunk":
             truth.add_chunk(row["device_id"], row["seq"], row["t0_ns"], np.asarray(row["beat_ns"], dtype=np.int64),
                             np.asarray(row["beat_sbp"]), np.asarray(row["beat_dbp"]), row["label"])
+        elif row.get("type") == "cuff":
+            truth.cuffs.append(CuffTruth(row["device_id"], int(row["time_ns"]), float(row["sbp"]),
+                                         float(row["dbp"]), float(row["true_sbp"]), float(row["true_dbp"]),
+                                         row["cuff_id"], int(row.get("number", 0))))
     return truth
 
 
@@ -213,6 +289,8 @@ class FleetReport:
     wall_s: float
     max_lag_s: float
     truth: FleetTruth
+    #: Cuff readings published (and acknowledged by the broker unless ``unacked`` says otherwise).
+    cuff_readings: int = 0
 
     @property
     def expected_delivered(self) -> int:
@@ -260,6 +338,20 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             gw.next_burst_s = float(net.uniform(0.2, 1.0) * cfg.burst_every_s)
         gateways.append(gw)
 
+    # The clinic's cuff: its own connection (a cuff station), its own random stream (cuff errors).
+    cuff_conn: AsyncMqttConnection | None = None
+    cuff_due: list[tuple[float, int, int]] = []  # (device second, device index, reading number)
+    if cfg.enrol:
+        for i, name in enumerate(cohort.names):
+            times = cuff_times(scenario_spec(name).calibration, float(n_chunks), cfg.enrol_at_s,
+                               cfg.recalibrate_every_s)
+            cuff_due += [(at, i, number) for number, at in enumerate(times)]
+        cuff_due.sort()
+        cuff_conn = AsyncMqttConnection(f"bpsim-{run_tag}-{cfg.device_prefix}-cuff"[:64], cfg.mqtt_host,
+                                        cfg.mqtt_port, username=cfg.username, password=cfg.password)
+    cuff_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11]))
+    cuff_published = 0
+
     truth_fh: IO[str] | None = None
     if cfg.truth_path is not None:
         Path(cfg.truth_path).parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +372,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         for dev in owners:
             gw.conn.publish(mqtt_status_topic(cfg.clinic_id, dev), b"online", qos=1, retain=True)
 
-    await asyncio.gather(*(g.conn.connect() for g in gateways))
+    await asyncio.gather(*(g.conn.connect() for g in gateways), *([cuff_conn.connect()] if cuff_conn else []))
     for g in gateways:
         await announce(g)
 
@@ -379,6 +471,22 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
                 if draws[2, i] < cfg.duplicate_rate:
                     dups[ids[i]].append(k)
                     delayed_dups.append((i, topics[i], payload))
+            # cuff readings whose measurement span has been generated (beats up to device second k + 1)
+            while cuff_due and cuff_due[0][0] <= k + 1:
+                at_s, i, number = cuff_due.pop(0)
+                # a cuff reports whole seconds (its time travels as epoch seconds, exact for whole seconds)
+                at_ns = (start_ns + round(at_s * int(seq_ns[i]))) // 1_000_000_000 * 1_000_000_000
+                cuff = _cuff_reading(cfg, truth, ids[i], at_ns, number, cuff_rng)
+                if cuff is None:
+                    continue
+                assert cuff_conn is not None
+                cuff_conn.publish(mqtt_cuff_topic(cfg.clinic_id, ids[i]), json.dumps({
+                    "sbp": cuff.sbp, "dbp": cuff.dbp, "time": cuff.time_ns // 1_000_000_000, "cuff_id": cuff.cuff_id,
+                    "confirmation": False}).encode(), qos=1)
+                cuff_published += 1
+                truth.cuffs.append(cuff)
+                if truth_fh is not None:
+                    truth_fh.write(json.dumps(cuff.as_json()) + "\n")
             if truth_fh is not None:
                 truth_fh.flush()
         device_s = float(n_chunks)
@@ -396,8 +504,9 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             queued, gw.queue = gw.queue, []
             for topic, payload in queued:
                 send(gw, topic, payload)
-        await asyncio.gather(*(g.conn.drain(within_s=60.0) for g in gateways))
-        unacked = sum(g.conn.unacked for g in gateways)
+        await asyncio.gather(*(g.conn.drain(within_s=60.0) for g in gateways),
+                             *([cuff_conn.drain(within_s=30.0)] if cuff_conn else []))
+        unacked = sum(g.conn.unacked for g in gateways) + (cuff_conn.unacked if cuff_conn else 0)
         for g in gateways:
             owners = [ids[i] for i in g.devices]
             if not dedicated:
@@ -410,6 +519,8 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         # cancelled or failed: leave with the last will so status topics do not stay "online"
         for g in gateways:
             await g.conn.disconnect(send_will=not clean_end)
+        if cuff_conn is not None:
+            await cuff_conn.disconnect()
         if truth_fh is not None:
             truth_fh.close()
     # Every chunk handed to paho is acknowledged unless ``unacked`` says otherwise (then a lower bound).
@@ -417,5 +528,17 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
     return FleetReport(device_ids=ids, scenarios=scenarios, chunks_per_device=n_chunks,
                        published=max(0, distinct - unacked), publishes=publishes,
                        lost_by_design=lost, duplicates=dups, reordered=reord, reconnects=reconnects,
-                       unacked=unacked, wall_s=loop.time() - wall0, max_lag_s=max_lag, truth=truth)
+                       unacked=unacked, wall_s=loop.time() - wall0, max_lag_s=max_lag, truth=truth,
+                       cuff_readings=cuff_published)
+
+
+def _cuff_reading(cfg: FleetConfig, truth: FleetTruth, device_id: str, time_ns: int, number: int,
+                  rng: np.random.Generator) -> CuffTruth | None:
+    """The cuff's reading at ``time_ns``: true mean over the preceding ``CUFF_SPAN_S`` plus cuff error."""
+    true_sbp, true_dbp = truth.between(device_id, time_ns - round(CUFF_SPAN_S * 1e9), time_ns)
+    err = rng.normal(0.0, cfg.cuff_sd_mmhg, 2)  # drawn even when unused: one missing reading shifts no other
+    if not (math.isfinite(true_sbp) and math.isfinite(true_dbp)):
+        return None  # no beats in the span (cannot happen with the engine's pulse; kept for safety)
+    sbp, dbp = simulated_cuff(true_sbp, true_dbp, float(err[0]), float(err[1]))
+    return CuffTruth(device_id, time_ns, sbp, dbp, round(true_sbp, 2), round(true_dbp, 2), cfg.cuff_id, number)
 

@@ -56,6 +56,10 @@ class ScenarioSpec:
     saturation_per_min: float = 0.0
     noise_scale: float = 1.0
     noisy: bool = False
+    #: Cuff calibration when the fleet enrols its patients (``FleetConfig.enrol``): ``scheduled`` (enrolment
+    #: reading, then one every ``recalibrate_every_s``), ``once`` (enrolment only: the calibration goes stale),
+    #: ``never`` (no enrolment: the patient stays uncalibrated).
+    calibration: str = "scheduled"
 
 
 _NORMAL_SBP, _NORMAL_DBP = (100.0, 118.0), (62.0, 78.0)
@@ -86,8 +90,16 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ScenarioSpec("noisy", "a poorly attached sensor: strong baseline wander, powerline and muscle noise, and "
                      "frequent motion artefacts", (110, 135), (68, 85), (85, 178), (50, 112), motion_per_min=4.0,
                      noise_scale=4.0, noisy=True),
+        # Calibration scenarios: normotensive physiology, different cuff plans (see ``calibration``).
+        ScenarioSpec("stale_calibration", "normal pressure; enrolled with a cuff reading and never re-calibrated "
+                     "(goes stale after the inference's CALIBRATION_MAX_AGE_S)", _NORMAL_SBP, _NORMAL_DBP,
+                     (80, 165), (45, 100), calibration="once"),
+        ScenarioSpec("missing_enrolment", "normal pressure; never enrolled with a cuff reading (stays uncalibrated)",
+                     _NORMAL_SBP, _NORMAL_DBP, (80, 165), (45, 100), calibration="never"),
     )
 }
+#: Cuff plans a scenario may declare (``ScenarioSpec.calibration``).
+CALIBRATION_PLANS: tuple[str, ...] = ("scheduled", "once", "never")
 #: Fleet and dataset mixes (names that expand into one scenario per device).
 MIXES: dict[str, dict[str, float]] = {
     "mixed": {"normotensive": 0.24, "elevated": 0.14, "stage1": 0.18, "stage2": 0.18, "crisis": 0.05,
@@ -95,6 +107,10 @@ MIXES: dict[str, dict[str, float]] = {
     # Training data: every pressure category, some crises and hypotension, a little of every fault.
     "training": {"normotensive": 0.22, "elevated": 0.15, "stage1": 0.2, "stage2": 0.2, "crisis": 0.07,
                  "hypotension": 0.06, "arrhythmia": 0.05, "motion": 0.03, "noisy": 0.02},
+    # Alert evaluation (``bpstream demo --scenario evaluation``): the ``mixed`` cohort with crises
+    # over-represented (20 % instead of 5 %) so that crisis sensitivity has a denominator.
+    "evaluation": {"normotensive": 0.2, "elevated": 0.12, "stage1": 0.16, "stage2": 0.16, "crisis": 0.2,
+                   "hypotension": 0.04, "arrhythmia": 0.05, "motion": 0.03, "sensor_off": 0.01, "noisy": 0.03},
 }
 #: The demo clinic: exactly one crisis device, exactly one noisy sensor, the rest normal or hypertensive.
 CLINIC_CYCLE: tuple[str, ...] = ("normotensive", "stage1", "normotensive", "stage2", "elevated", "normotensive",

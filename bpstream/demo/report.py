@@ -4,14 +4,16 @@ simulator's ground truth, so it shows the system's real output, not an in-proces
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bpstream.demo.evaluation import AlertMetrics, Scorecard, scorecard
 from bpstream.simulators.fleet import FleetTruth
 
 NS = 1_000_000_000
@@ -54,7 +56,8 @@ def summarise(device: str, scenario: str, rows: list[dict[str, Any]], truth: Fle
     ok = np.isfinite(est_sbp) & np.isfinite(true_sbp)
     sbp_mae = float(np.mean(np.abs(est_sbp[ok] - true_sbp[ok]))) if ok.any() else math.nan
     dbp_mae = float(np.mean(np.abs(est_dbp[ok] - true_dbp[ok]))) if ok.any() else math.nan
-    described = [f"{a['kind']} {a['state']}" for a in sorted(alerts, key=lambda a: int(a["time"]))]
+    described = [f"{a['kind']} {a['state']}" + (" (cuff)" if a.get("basis") == "cuff" else "")
+                 for a in sorted(alerts, key=lambda a: int(a["time"]))]
     return PatientSummary(device, scenario, len(rows), int(np.isfinite(est_sbp).sum()), sbp_mae, dbp_mae,
                           described)
 
@@ -127,9 +130,64 @@ def plot_alert_timeline(path: Path, devices: list[str], alerts: list[dict[str, A
     plt.close(fig)
 
 
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"
+
+
+def scorecard_lines(cards: list[Scorecard]) -> list[str]:
+    """The per-patient calibration and alert table, with the issue's bar stated under it."""
+    lines = ["| patient | scenario | true category (typical / peak) | alerted category | alerts above truth | "
+             "cuff readings | calibrated windows | SBP MAE calibrated | SBP MAE uncalibrated (same windows / all) | "
+             "DBP MAE cal / uncal | 90% interval coverage cal / uncal | withheld (reasons) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in cards:
+        withheld = ", ".join(f"{k} {v}" for k, v in sorted(c.withheld.items())) or "0"
+        lines.append(
+            f"| {c.device} | {c.scenario} | {c.typical_category or 'n/a'} / {c.peak_category or 'n/a'} | "
+            f"{c.alerted_category or 'none'} | {c.alerts_above_truth} | {c.cuff_readings} | "
+            f"{c.calibrated}/{c.scored} | {_fmt(c.sbp_mae_calibrated)} | "
+            f"{_fmt(c.sbp_mae_uncal_same)} / {_fmt(c.sbp_mae_uncalibrated)} | "
+            f"{_fmt(c.dbp_mae_calibrated)} / {_fmt(c.dbp_mae_uncal_same)} | "
+            f"{_pct(c.coverage_calibrated)} / {_pct(c.coverage_uncalibrated)} | {withheld} |")
+    above = sum(c.alerts_above_truth for c in cards)
+    crisis = [c for c in cards if c.crisis_onset_ns is not None]
+    alerted = [c for c in crisis if c.crisis_alert_ns is not None]
+    lines += ["", f"**Alerts above the patient's true category: {above}** (the bar: 0). **Patients whose true "
+              f"pressure reached crisis: {len(crisis)}, with a crisis alert: {len(alerted)}**"
+              + "".join(f"; {c.device} after {(c.crisis_alert_ns - c.crisis_onset_ns) / NS:.0f} s"
+                        for c in alerted if c.crisis_alert_ns is not None and c.crisis_onset_ns is not None) + ".",
+              "", "True category: ACC/AHA category of the mean true pressure of each 8 s window (typical = median "
+              "window, peak = highest window). An alert is *above truth* when no true window in its evidence "
+              "(its first window to its event, or the cuff's 10 s measurement) reached the category it claims. "
+              "MAE on calibrated windows compares the shown estimate with the model's calibration-free output on "
+              "the same windows; coverage: true SBP inside the served 90% interval (calibrated: windows not "
+              "withheld). `(cuff)` marks alerts raised on a cuff reading."]
+    return lines
+
+
+def metrics_lines(metrics: list[AlertMetrics]) -> list[str]:
+    lines = ["| arm | patients | patient-hours | stage-2 alerts | false stage-2 alerts | false stage-2 per "
+             "patient-hour | crisis alerts | false crisis alerts | false crisis per patient-day | crisis patients | "
+             "detected | crisis sensitivity | median latency (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in metrics:
+        lines.append(f"| {m.arm} | {m.patients} | {m.patient_hours:.2f} | {m.stage_alerts} | {m.false_stage_alerts} | "
+                     f"{_fmt(m.false_stage_per_patient_hour, 3)} | {m.crisis_alerts} | {m.false_crisis_alerts} | "
+                     f"{_fmt(m.false_crisis_per_patient_day, 2)} | {m.crisis_patients} | {m.crisis_detected} | "
+                     f"{_fmt(m.crisis_sensitivity, 2)} | {_fmt(m.crisis_latency_s_median, 0)} |")
+    lines += ["", "Targets (issue 12): crisis sensitivity >= 0.95 with <= 0.1 false crisis alerts per patient-day. "
+              "A false alert is one above the true category over its evidence (definitions above)."]
+    return lines
+
+
 def write_report(out_dir: Path, *, clinic_id: str, scenarios: Mapping[str, str], estimates: list[dict[str, Any]],
                  alerts: list[dict[str, Any]], truth: FleetTruth, t0_ns: int, duration_s: float, window_ns: int,
-                 facts: Mapping[str, str]) -> Path:
+                 facts: Mapping[str, str], metrics: list[AlertMetrics] | None = None,
+                 plots: bool = True) -> Path:
     """Write ``report.md`` and its PNGs into ``out_dir``; return the Markdown file's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     devices = sorted(scenarios)
@@ -140,8 +198,10 @@ def write_report(out_dir: Path, *, clinic_id: str, scenarios: Mapping[str, str],
     for row in alerts:
         alerts_by.setdefault(str(row["device"]), []).append(row)
     summaries = [summarise(d, scenarios[d], est_by[d], truth, window_ns, alerts_by[d]) for d in devices]
-    for d in devices:
-        plot_patient(out_dir / f"{d}.png", d, scenarios[d], est_by[d], truth, alerts_by[d], t0_ns)
+    cards = [scorecard(d, scenarios[d], est_by[d], alerts_by[d], truth) for d in devices]
+    if plots:
+        for d in devices:
+            plot_patient(out_dir / f"{d}.png", d, scenarios[d], est_by[d], truth, alerts_by[d], t0_ns)
     plot_alert_timeline(out_dir / "alerts.png", devices, alerts, t0_ns, duration_s,
                         labels=[f"{d} ({scenarios[d]})" for d in devices])
 
@@ -158,16 +218,26 @@ def write_report(out_dir: Path, *, clinic_id: str, scenarios: Mapping[str, str],
     for s in summaries:
         lines.append(f"| {s.device} | {s.scenario} | {s.windows} | {s.scored} | {fmt(s.sbp_mae)} | "
                      f"{fmt(s.dbp_mae)} | {', '.join(s.alerts) or 'none'} |")
-    lines += ["", "MAE in mmHg, per patient over this run (calibration-free; the model's validated error is in "
-              "its model card).", "", "## Alert timeline", "", "![alert timeline](alerts.png)", ""]
+    lines += ["", "MAE in mmHg, per patient over this run, of the estimate as served (calibrated once the patient's "
+              "enrolment calibration is in use; the model's validated error is in its model card).", "",
+              "## Calibration, intervals and alerts per patient", ""]
+    lines += scorecard_lines(cards)
+    if metrics:
+        lines += ["", "## Alert performance", ""]
+        lines += metrics_lines(metrics)
+    lines += ["", "## Alert timeline", "", "![alert timeline](alerts.png)", ""]
     if alerts:
         lines += ["| device time (s) | patient | kind | severity | state | message |", "|---:|---|---|---|---|---|"]
         for a in sorted(alerts, key=lambda a: int(a["time"])):
             lines.append(f"| {(int(a['time']) - t0_ns) / NS:.0f} | {a['device']} | {a['kind']} | {a['severity']} | "
                          f"{a['state']} | {a.get('message', '')} |")
-    lines += ["", "## Estimated vs true pressure per patient", ""]
-    for d in devices:
-        lines += [f"### {d} ({scenarios[d]})", "", f"![{d}]({d}.png)", ""]
+    if plots:
+        lines += ["", "## Estimated vs true pressure per patient", ""]
+        for d in devices:
+            lines += [f"### {d} ({scenarios[d]})", "", f"![{d}]({d}.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    summary = {"facts": dict(facts), "patients": [asdict(c) for c in cards],
+               "metrics": [m.as_dict() for m in metrics or []]}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return path

@@ -44,6 +44,12 @@ EPISODE_LOOKBACK_S = 7 * 24 * 3600
 
 CLINIC_FILTER = '"clinic" =~ /^$clinic$/'
 DEVICE_FILTER = '"device" =~ /^$device$/'
+#: Estimates that may be shown as a number and alerted on (inference's ``withheld`` is absent).
+SHOWN = '"withheld_flag" = 0'
+#: The inference's default CALIBRATION_MAX_AGE_S (24 h): a calibration older than this is stale.
+CALIBRATION_DUE_S = 24 * 3600
+#: How far back the "calibration due" rule looks for the device's latest calibration_due event (7 days).
+CALIBRATION_DUE_LOOKBACK_S = 7 * 24 * 3600
 
 
 # ---------------------------------------------------------------------------------------------- dashboards
@@ -124,9 +130,18 @@ def fleet_overview() -> dict[str, Any]:
             f'WHERE {CLINIC_FILTER} AND $timeFilter GROUP BY "device", "kind", "severity"', fmt="table")],
             options={"showHeader": True, "sortBy": [{"displayName": "Time", "desc": True}]}),
         _panel(7, "timeseries", "Systolic pressure by patient", (0, 14, 24, 9), [_target(
-            f'SELECT mean("sbp") FROM "bp_estimate" WHERE {CLINIC_FILTER} AND $timeFilter '
+            f'SELECT mean("sbp") FROM "bp_estimate" WHERE {CLINIC_FILTER} AND {SHOWN} AND $timeFilter '
             'GROUP BY time($__interval), "device" fill(none)', alias="$tag_device")],
-            unit="mmHg", thresholds=BP_THRESHOLDS),
+            unit="mmHg", thresholds=BP_THRESHOLDS,
+            description="Estimates that may be shown (withheld windows are left out; see the patient dashboard)."),
+        _panel(8, "table", "Calibration per patient", (0, 23, 24, 9), [_target(
+            'SELECT last("mode") AS "mode", last("calibration_age_s") / 3600 AS "calibration age (h)", '
+            'sum("withheld_flag") AS "withheld windows", count("withheld_flag") AS "windows" FROM "bp_estimate" '
+            f'WHERE {CLINIC_FILTER} AND $timeFilter GROUP BY "clinic", "device"', fmt="table")],
+            options={"showHeader": True, "sortBy": [{"displayName": "calibration age (h)", "desc": True}]},
+            description=("Each patient's latest estimate mode (calibrated on a cuff reading or uncalibrated), the "
+                         "age of the calibration in use, and how many windows in the range were withheld "
+                         "(poor signal, out of distribution, interval too wide, stale calibration).")),
     ]
     return _dashboard("bpstream-fleet", "bpstream / Fleet overview",
                       "Every patient of the selected clinics: latest pressures, alerts and signal quality.",
@@ -167,10 +182,51 @@ def patient_detail() -> dict[str, Any]:
                     ref="B", alias="$tag_kind")],
             options={"legend": {"displayMode": "table", "placement": "right"}}),
         _panel(7, "table", "Alerts", (0, 22, 24, 8), [_target(
-            'SELECT "state", "sbp", "dbp", "n_windows", "confidence", "message" FROM "bp_alert" '
+            'SELECT "state", "sbp", "dbp", "n_windows", "confidence", "basis", "mode", "message" FROM "bp_alert" '
             f'WHERE {DEVICE_FILTER} AND $timeFilter GROUP BY "kind", "severity"', fmt="table")],
             options={"showHeader": True, "sortBy": [{"displayName": "Time", "desc": True}]},
-            description="Each episode is raised once and resolved once (same alert_id)."),
+            description="Each episode is raised once and resolved once (same alert_id), with its evidence."),
+        _panel(8, "stat", "Estimate mode", (0, 30, 8, 4), [_target(
+            f'SELECT last("mode") FROM "bp_estimate" WHERE {DEVICE_FILTER} AND $timeFilter')],
+            options={"colorMode": "none", "textMode": "value"},
+            description=("calibrated: tracks change from the patient's cuff reading; uncalibrated: shown as a "
+                         "category with its (wide) interval only.")),
+        _panel(9, "stat", "Calibration age", (8, 30, 8, 4), [_target(
+            f'SELECT last("calibration_age_s") FROM "bp_estimate" WHERE {DEVICE_FILTER} AND $timeFilter')],
+            unit="s", thresholds=[(None, "green"), (CALIBRATION_DUE_S * 0.75, "yellow"), (CALIBRATION_DUE_S, "red")],
+            description="Time since the cuff reading the current calibration rests on (no value: never enrolled)."),
+        _panel(10, "stat", "Cuff readings", (16, 30, 8, 4), [_target(
+            'SELECT last("sbp") AS "cuff SBP", last("dbp") AS "cuff DBP", count("sbp") AS "readings" '
+            f'FROM "bp_cuff" WHERE {DEVICE_FILTER} AND $timeFilter')], unit="none",
+            description="The latest cuff reading (enrolment or re-calibration) and how many in the range."),
+        _panel(11, "timeseries", "Estimate with its 90% interval", (0, 34, 24, 10), [
+            _target('SELECT mean("sbp") AS "SBP", mean("dbp") AS "DBP" FROM "bp_estimate" '
+                    f"WHERE {DEVICE_FILTER} AND {SHOWN} AND $timeFilter GROUP BY time($__interval) fill(none)"),
+            _target('SELECT mean("sbp_lo") AS "SBP 90% low", mean("sbp_hi") AS "SBP 90% high", '
+                    'mean("dbp_lo") AS "DBP 90% low", mean("dbp_hi") AS "DBP 90% high" FROM "bp_estimate" '
+                    f"WHERE {DEVICE_FILTER} AND {SHOWN} AND $timeFilter GROUP BY time($__interval) fill(none)",
+                    ref="B"),
+            _target('SELECT mean("calibrated") AS "calibrated share" FROM "bp_estimate" '
+                    f"WHERE {DEVICE_FILTER} AND $timeFilter GROUP BY time($__interval) fill(none)", ref="C")],
+            unit="mmHg", thresholds=BP_THRESHOLDS,
+            description=("Estimates that may be shown, with the served 90% interval (calibrated: the conformal "
+                         "half-width of a change from the cuff; uncalibrated: wide, read it as a category) and "
+                         "the share of windows in calibrated mode (0..1).")),
+        _panel(12, "timeseries", "Withheld windows by reason", (0, 44, 12, 8), [_target(
+            'SELECT count("withheld_flag") FROM "bp_estimate" '
+            f'WHERE {DEVICE_FILTER} AND "withheld_flag" = 1 AND $timeFilter '
+            'GROUP BY time($__interval) fill(0)', alias="withheld windows"),
+            _target('SELECT count("withheld_flag") FROM "bp_estimate" '
+                    f'WHERE {DEVICE_FILTER} AND "withheld_flag" = 0 AND $timeFilter '
+                    'GROUP BY time($__interval) fill(0)', ref="B", alias="shown windows")],
+            description="Windows stored but not shown nor alerted on, against the windows shown."),
+        _panel(13, "table", "Withheld windows (latest)", (12, 44, 12, 8), [_target(
+            'SELECT "withheld" AS "reason", "mode", "calibration_age_s" FROM "bp_estimate" '
+            f'WHERE {DEVICE_FILTER} AND "withheld_flag" = 1 AND $timeFilter ORDER BY time DESC LIMIT 200',
+            fmt="table")],
+            options={"showHeader": True},
+            description="The latest withheld windows with their reason (signal_quality, out_of_distribution, "
+                        "interval_too_wide, calibration_stale)."),
     ]
     return _dashboard("bpstream-patient", "bpstream / Patient detail",
                       "One patient's pressure trend with its uncertainty, signal quality, gaps and alerts.",
@@ -259,10 +315,12 @@ def _rule(uid: str, title: str, condition: str, data: list[dict[str, Any]], *, p
                             "__dashboardUid__": dashboard, "runbook_url": "docs/DEPLOY.md#alerts"}}
 
 
-def _per_device(field: str, aggregate: str, bucket: str) -> str:
-    # Only scored windows carry pressures; quality_ok keeps an unscored window out explicitly.
-    return (f'SELECT {aggregate}("{field}") FROM "bp_estimate" WHERE "quality_ok" = 1 AND $timeFilter '
-            f'GROUP BY time({bucket}), "clinic", "device" fill(none)')
+def _per_device(field: str, aggregate: str, bucket: str, *, calibrated_only: bool = False) -> str:
+    # Only scored windows carry pressures; quality_ok keeps an unscored window out explicitly, and withheld
+    # estimates (poor evidence) are never alerted on. Stage 2 needs calibrated estimates (issue 12).
+    mode = ' AND "calibrated" = 1' if calibrated_only else ""
+    return (f'SELECT {aggregate}("{field}") FROM "bp_estimate" WHERE "quality_ok" = 1 AND {SHOWN}{mode} '
+            f'AND $timeFilter GROUP BY time({bucket}), "clinic", "device" fill(none)')
 
 
 def _episode_rule(severity: str) -> dict[str, Any]:
@@ -294,13 +352,13 @@ def alert_rules() -> dict[str, Any]:
                          "stayed there for 2 minutes."),
             dashboard="bpstream-patient"),
         _rule("bpstream-sustained-stage2", "Sustained stage 2 hypertension", "E", [
-            _query("A", _per_device("sbp", "mean", "5m"), 1800),
-            _query("B", _per_device("dbp", "mean", "5m"), 1800),
+            _query("A", _per_device("sbp", "mean", "5m", calibrated_only=True), 1800),
+            _query("B", _per_device("dbp", "mean", "5m", calibrated_only=True), 1800),
             _reduce("C", "A", "mean"), _reduce("D", "B", "mean"),
             _math("E", f"$C >= {STAGE2_SBP} || $D >= {STAGE2_DBP}")],
             pending="10m", labels={"severity": "warning", "team": "clinical", "kind": "stage2"},
             summary="Sustained stage 2 hypertension: device {{ $labels.device }}",
-            description=("Mean over 30 minutes SBP {{ humanize $values.C.Value }} / DBP "
+            description=("Mean over 30 minutes of calibrated estimates SBP {{ humanize $values.C.Value }} / DBP "
                          "{{ humanize $values.D.Value }} mmHg (stage 2: SBP >= 140 or DBP >= 90)."),
             dashboard="bpstream-patient"),
         _rule("bpstream-device-silent", "Device silent", "C", [
@@ -315,6 +373,18 @@ def alert_rules() -> dict[str, Any]:
                          "hour: check the wearable, its battery and the clinic's gateway."),
             dashboard="bpstream-patient"),
         *(_episode_rule(severity) for severity in ("critical", "warning")),
+        _rule("bpstream-calibration-due", "Calibration due", "C", [
+            # The latest calibration_due event of each device in the last 7 days: 1 raised, 0 resolved. The
+            # alerting service raises it when inference withholds an estimate for a stale calibration
+            # (CALIBRATION_MAX_AGE_S, 24 h) and resolves it when a new calibration is in use.
+            _query("A", 'SELECT last("active") FROM "bp_alert" WHERE "kind" = \'calibration_due\' AND $timeFilter '
+                        'GROUP BY "clinic", "device"', CALIBRATION_DUE_LOOKBACK_S),
+            _reduce("B", "A", "last"), _threshold("C", "B", "gt", 0.5)],
+            pending="0s", labels={"severity": "info", "team": "clinical", "kind": "calibration_due"},
+            summary="Calibration due: device {{ $labels.device }} (clinic {{ $labels.clinic }})",
+            description=("The patient's cuff calibration expired: estimates are withheld until a new cuff "
+                         "reading is taken (bpstream calibrate or the clinic's cuff)."),
+            dashboard="bpstream-patient"),
     ]
     pipeline = [
         _rule("bpstream-pipeline-lag", "Pipeline consumer lag too high", "C", [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_support import wait_until
+from pipeline_support import SIMULATOR_MODEL, wait_until
 from test_bridge import BridgeProcess, Publisher, free_port
 
 from bpstream.localservers import ServerEndpoints
@@ -27,7 +27,6 @@ from bpstream.shared.kafka_tools import read_latest_by_key, read_topic
 from bpstream.shared.messages import Estimate, Window, decode_calibration, decode_estimate, encode_window
 from bpstream.shared.model.calibration import IntervalSpec
 from bpstream.shared.model.metadata import ModelMetadata
-from bpstream.shared.model.runtime import latest_model_dir
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import CALIBRATION_STATE, ESTIMATES, WINDOWS, mqtt_cuff_topic
 
@@ -88,8 +87,10 @@ async def test_cuff_readings_via_mqtt_and_cli_calibrate_their_own_device_and_sur
         servers: ServerEndpoints, service_env: dict[str, str], kafka_topics: str, clinic: str,
         bridge: BridgeProcess) -> None:
     kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=kafka_topics)
+    # Pinned to a model version without fitted calibration gains (gain 1: calibrated = cuff + change), so the
+    # expected values below do not depend on the product model's gains (about 0, docs/MODEL_CARD.md).
     settings = InferenceSettings(kafka=kafka, device="cpu", batch_max_size=32, batch_max_wait_ms=50,
-                                 calibration_window_s=10.0, reload_poll_s=0)
+                                 calibration_window_s=10.0, reload_poll_s=0, model_path=SIMULATOR_MODEL)
     devices = ["dev-a", "dev-b"]
     await _produce(kafka, clinic, devices, range(30))
     stop = asyncio.Event()
@@ -109,9 +110,9 @@ async def test_cuff_readings_via_mqtt_and_cli_calibrate_their_own_device_and_sur
     await _produce(kafka, clinic, devices, range(30, 40))
     second = await _estimates(kafka, 80)
     reference_a = np.mean([first[("dev-a", T0 + i * HOP)].raw_sbp for i in range(5, 16)])
-    # The committed model's calibration gain (fitted on held-out records; about 0 for today's model, whose
-    # changes carry little information: docs/MODEL_CARD.md).
-    gain = IntervalSpec.from_dict(ModelMetadata.read(latest_model_dir()).intervals).gain_sbp
+    # The serving model's calibration gain, from its metadata (1 for the pinned version: no fitted gains).
+    gain = IntervalSpec.from_dict(ModelMetadata.read(SIMULATOR_MODEL).intervals).gain_sbp
+    assert gain == 1.0
     for i in range(30, 40):
         a, b = second[("dev-a", T0 + i * HOP)], second[("dev-b", T0 + i * HOP)]
         assert (a.mode, a.calibration_cuff_id) == ("calibrated", "mqtt-cuff")

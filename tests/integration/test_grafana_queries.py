@@ -216,19 +216,38 @@ def rule(uid: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ the clinic's data
 def _estimates(device: str, clinic: str, start_ns: int, end_ns: int, sbp: float, dbp: float, *,
-               scored: bool = True, every_s: int = 10) -> Iterator[str]:
+               scored: bool = True, every_s: int = 10, cuff_ns: int | None = None,
+               stale_from_ns: int | None = None) -> Iterator[str]:
+    """Estimates as the writer stores them: calibrated from ``cuff_ns`` (else uncalibrated, wide interval),
+    withheld for a stale calibration from ``stale_from_ns`` (and for signal quality when not scored)."""
     for t in range(start_ns, end_ns, every_s * 1_000_000_000):
+        calibrated = cuff_ns is not None and t >= cuff_ns
+        half = 18.0 if calibrated else 49.0
+        withheld = None if scored else "signal_quality"
+        if scored and stale_from_ns is not None and t >= stale_from_ns:
+            withheld = "calibration_stale"
         fields: dict[str, float | int | str | None] = {
             "sbp": sbp if scored else None, "dbp": dbp if scored else None,
             "sbp_sd": 4.5 if scored else None, "dbp_sd": 3.0 if scored else None,
             "anomaly_prob": 0.1 if scored else None, "sqi": 0.92 if scored else 0.2,
             "quality_ok": 1 if scored else 0, "latency_ms": 180.0, "stored_latency_ms": 260.0,
-            "model_version": "resnet-lstm-test"}
+            "model_version": "resnet-lstm-test", "raw_sbp": sbp - 3.0 if scored else None,
+            "raw_dbp": dbp - 2.0 if scored else None, "mode": "calibrated" if calibrated else "uncalibrated",
+            "calibrated": 1 if calibrated else 0,
+            "calibration_age_s": (t - cuff_ns) / 1e9 if calibrated and cuff_ns is not None else None,
+            "sbp_lo": sbp - half if scored else None, "sbp_hi": sbp + half if scored else None,
+            "dbp_lo": dbp - half / 2 if scored else None, "dbp_hi": dbp + half / 2 if scored else None,
+            "withheld": withheld, "withheld_flag": 0 if withheld is None else 1}
         yield line("bp_estimate", {"clinic": clinic, "device": device}, fields, t)
         yield line("signal_quality", {"clinic": clinic, "device": device},
                    {"sqi_ecg": 0.9 if scored else 0.1, "sqi_ppg": 0.95 if scored else 0.3,
                     "quality_ok": 1 if scored else 0, "inputs": "ecg+ppg", "heart_rate_bpm": 72.0,
                     "problems": None if scored else "flat_ppg"}, t)
+
+
+def _cuff(device: str, clinic: str, at_ns: int, sbp: float, dbp: float) -> str:
+    return line("bp_cuff", {"clinic": clinic, "device": device},
+                {"sbp": sbp, "dbp": dbp, "cuff_id": "ward-cuff", "confirmation": 0}, at_ns)
 
 
 @pytest.fixture(scope="module")
@@ -240,18 +259,25 @@ def clinic(servers: Any) -> Iterator[tuple[Influx, int]]:
     now_ns = time.time_ns()
     start = now_ns - 40 * MINUTE_NS
     points: list[str] = []
-    points += _estimates(CRISIS, CLINIC, start, now_ns, 196.0, 126.0)
-    points += _estimates(STAGE2, CLINIC, start, now_ns, 152.0, 96.0)
-    points += _estimates(SILENT, CLINIC, start, now_ns - 10 * MINUTE_NS, 118.0, 76.0)
+    cuff = start - MINUTE_NS  # every patient but one was enrolled with a cuff reading before the data starts
+    points += _estimates(CRISIS, CLINIC, start, now_ns, 196.0, 126.0, cuff_ns=cuff)
+    points += _estimates(STAGE2, CLINIC, start, now_ns, 152.0, 96.0, cuff_ns=cuff)
+    # The silent device's calibration went stale 20 minutes ago (withheld, calibration due), then it stopped.
+    points += _estimates(SILENT, CLINIC, start, now_ns - 10 * MINUTE_NS, 118.0, 76.0, cuff_ns=cuff,
+                         stale_from_ns=now_ns - 20 * MINUTE_NS)
     points += _estimates(POOR, CLINIC, start, now_ns, 0.0, 0.0, scored=False)
-    points += _estimates(NORMAL[0], CLINIC, start, now_ns, 117.0, 75.0)
+    points += _estimates(NORMAL[0], CLINIC, start, now_ns, 117.0, 75.0, cuff_ns=cuff)
+    # Never enrolled: uncalibrated all along.
     points += _estimates(NORMAL[1], OTHER_CLINIC, start, now_ns, 124.0, 79.0)
     # Borderline but below stage 2 all along.
-    points += _estimates(NORMAL[2], OTHER_CLINIC, start, now_ns, 138.0, 88.0)
+    points += _estimates(NORMAL[2], OTHER_CLINIC, start, now_ns, 138.0, 88.0, cuff_ns=cuff)
+    points += [_cuff(d, CLINIC, cuff, 150.0, 95.0) for d in (CRISIS, STAGE2, SILENT, NORMAL[0])]
+    points.append(_cuff(NORMAL[2], OTHER_CLINIC, cuff, 138.0, 88.0))
     # A normotensive patient with one implausible window 20 minutes ago (an artefact, not a crisis).
-    points += _estimates(SPIKE, CLINIC, start, now_ns, 121.0, 78.0)
+    points += _estimates(SPIKE, CLINIC, start, now_ns, 121.0, 78.0, cuff_ns=cuff)
     points.append(line("bp_estimate", {"clinic": CLINIC, "device": SPIKE},
-                       {"sbp": 205.0, "dbp": 131.0, "sqi": 0.9, "quality_ok": 1},
+                       {"sbp": 205.0, "dbp": 131.0, "sqi": 0.9, "quality_ok": 1, "calibrated": 1,
+                        "mode": "calibrated", "withheld_flag": 0},
                        now_ns - 20 * MINUTE_NS + 1))
     points.append(line("signal_gap", {"clinic": CLINIC, "device": SILENT},
                        {"missing_chunks": 12, "seq_from": 4000, "seq_to": 4011,
@@ -278,6 +304,14 @@ def clinic(servers: Any) -> Iterator[tuple[Influx, int]]:
         points.append(line("bp_notification", {**notification, "channel": "email", "outcome": "retry"},
                            {"count": 1, "attempt": i + 1, "alert_id": f"{CRISIS}-crisis", "kind": "crisis",
                             "reason": "unreachable", "status": 0}, now_ns - (i + 1) * 60_000_000_000))
+    # calibration due: raised for the silent device when its calibration went stale (still due); raised and
+    # resolved (re-calibrated) for the stage-2 patient.
+    for device, state, minutes in ((SILENT, "raised", 20), (STAGE2, "raised", 35), (STAGE2, "resolved", 25)):
+        points.append(line("bp_alert", {"clinic": CLINIC, "device": device, "kind": "calibration_due",
+                                        "severity": "info"},
+                           {"state": state, "active": 1 if state == "raised" else 0, "sbp": 118.0, "dbp": 76.0,
+                            "alert_id": f"{device}-calibration_due", "message": f"calibration due {state}"},
+                           now_ns - minutes * MINUTE_NS))
     # 15 malformed payloads at the bridge in the last 5 minutes, 2 at the processor.
     for i in range(15):
         points.append(line("dead_letter", {"stage": "bridge", "reason": "bad_payload"},
@@ -369,7 +403,8 @@ def test_fleet_overview_shows_the_clinic(clinic: tuple[Influx, int]) -> None:
     everyone = _panel_results(fleet, influx, now_ms, {})
     # All devices but the silent one sent in the last five minutes, in both clinics.
     assert _single(everyone["Devices reporting (last 5 min)/A"]) == 7
-    assert _single(everyone["Active alerts/A"]) == 1
+    # the crisis, and the silent device's calibration due (the stage-2 patient's was resolved)
+    assert _single(everyone["Active alerts/A"]) == 2
     assert _single(everyone["Dead letters/A"]) == 17
     latest = {dict(f.labels)["device"]: f.points[-1][1]
               for f in everyone["Latest reading per patient/A"] if f.column == "SBP"}
@@ -406,6 +441,42 @@ def test_patient_detail_follows_the_device_variable(clinic: tuple[Influx, int]) 
               for _, v in f.points if v is not None]
     assert scored
     assert max(scored) == 0
+
+
+def test_calibration_panels_show_mode_interval_age_cuff_and_withheld_windows(clinic: tuple[Influx, int]) -> None:
+    influx, now_ms = clinic
+    (patient,) = [d for d in _dashboards() if d["uid"] == "bpstream-patient"]
+    crisis = _panel_results(patient, influx, now_ms, {"device": CRISIS})
+    assert _single(crisis["Estimate mode/A"]) == "calibrated"
+    age = _single(crisis["Calibration age/A"])
+    assert 40 * 60 < age < 42 * 60  # enrolled one minute before the 40 minutes of data
+    band = {f.column: f.points[-1][1] for f in crisis["Estimate with its 90% interval/B"]}
+    assert band == {"SBP 90% low": 196.0 - 18.0, "SBP 90% high": 196.0 + 18.0, "DBP 90% low": 126.0 - 9.0,
+                    "DBP 90% high": 126.0 + 9.0}
+    assert {v for f in crisis["Estimate with its 90% interval/C"] for _, v in f.points if v is not None} == {1.0}
+    assert _single(crisis["Cuff readings/A"], "readings") == 1
+    assert _single(crisis["Cuff readings/A"], "cuff SBP") == 150.0
+    assert not [v for f in crisis["Withheld windows by reason/A"] for _, v in f.points if v]
+    assert crisis["Withheld windows (latest)/A"] == []
+    # The stale device: its last 10 minutes of windows were withheld (one per 10 s), and they are not shown.
+    silent = _panel_results(patient, influx, now_ms, {"device": SILENT})
+    assert sum(v for f in silent["Withheld windows by reason/A"] for _, v in f.points if v) == 60
+    reasons = {v for f in silent["Withheld windows (latest)/A"] if f.column == "reason" for _, v in f.points}
+    assert reasons == {"calibration_stale"}
+    shown_times = [t for f in silent["Estimate with its 90% interval/A"] for t, v in f.points if v is not None]
+    assert max(shown_times) < now_ms - 20 * 60_000 + 10_000
+    # A never-enrolled patient: uncalibrated, no calibration age, the wide interval.
+    never = _panel_results(patient, influx, now_ms, {"device": NORMAL[1]})
+    assert _single(never["Estimate mode/A"]) == "uncalibrated"
+    assert never["Calibration age/A"] == []
+    band = {f.column: f.points[-1][1] for f in never["Estimate with its 90% interval/B"]}
+    assert band["SBP 90% high"] - band["SBP 90% low"] == 98.0
+    (fleet,) = [d for d in _dashboards() if d["uid"] == "bpstream-fleet"]
+    table = _panel_results(fleet, influx, now_ms, {})["Calibration per patient/A"]
+    modes = {dict(f.labels)["device"]: f.points[-1][1] for f in table if f.column == "mode"}
+    assert modes[NORMAL[1]] == "uncalibrated" and modes[CRISIS] == "calibrated"
+    withheld = {dict(f.labels)["device"]: f.points[-1][1] for f in table if f.column == "withheld windows"}
+    assert withheld[SILENT] == 60 and withheld[CRISIS] == 0
 
 
 def test_pipeline_health_shows_lag_throughput_and_dead_letters(clinic: tuple[Influx, int]) -> None:
@@ -464,6 +535,18 @@ def test_sustained_stage2_rule_fires_for_stage2_and_crisis_patients(clinic: tupl
     instances = evaluate_rule(rule("bpstream-sustained-stage2"), influx, now_ms)
     assert {device for device, firing in instances.items() if firing} == {CRISIS, STAGE2}
     assert instances[NORMAL[2]] is False  # 138/88 is below stage 2
+    assert NORMAL[1] not in instances  # never calibrated: stage 2 is not judged on uncalibrated estimates
+
+
+def test_calibration_due_rule_fires_for_the_stale_patient_and_not_for_a_fresh_one(
+        clinic: tuple[Influx, int]) -> None:
+    influx, now_ms = clinic
+    instances = evaluate_rule(rule("bpstream-calibration-due"), influx, now_ms)
+    # stale (due raised, no new calibration) fires; re-calibrated (due raised then resolved) does not
+    assert instances == {SILENT: True, STAGE2: False}
+    # Before its calibration went stale the silent device was not due; the stage-2 patient was, then.
+    earlier = evaluate_rule(rule("bpstream-calibration-due"), influx, now_ms - 30 * 60_000)
+    assert earlier == {STAGE2: True}
 
 
 def test_silent_device_rule_fires_when_a_device_stops(clinic: tuple[Influx, int]) -> None:

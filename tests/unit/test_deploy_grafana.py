@@ -126,7 +126,7 @@ def test_alert_rules_are_well_formed() -> None:
     (source,) = load(PROVISIONING / "datasources" / "influxdb.yaml")["datasources"]
     all_rules = rules()
     assert {r["title"] for r in all_rules} == {
-        "Hypertensive crisis", "Sustained stage 2 hypertension", "Device silent",
+        "Hypertensive crisis", "Sustained stage 2 hypertension", "Device silent", "Calibration due",
         "Pipeline consumer lag too high", "Dead-letter rate", "Alert episode open (critical)",
         "Alert episode open (warning)", "Notification delivery failing"}
     assert len({r["uid"] for r in all_rules}) == len(all_rules)
@@ -144,9 +144,36 @@ def test_alert_rules_are_well_formed() -> None:
                 assert item["datasourceUid"] == source["uid"]
                 assert "$timeFilter" in model["query"]
                 assert item["relativeTimeRange"]["from"] > item["relativeTimeRange"]["to"]
-        assert rule["labels"]["severity"] in {"critical", "warning"}
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert rule["noDataState"] == "OK"
         assert rule["annotations"]["__dashboardUid__"] in dashboards()
+
+
+def test_dashboards_show_mode_interval_calibration_age_and_withheld_windows() -> None:
+    patient = {panel["title"]: panel for panel in dashboards()["bpstream-patient"]["panels"]}
+    queries = {title: " ".join(t["query"] for t in panel["targets"]) for title, panel in patient.items()}
+    assert 'last("mode")' in queries["Estimate mode"]
+    assert 'last("calibration_age_s")' in queries["Calibration age"]
+    assert all(f'"{bound}"' in queries["Estimate with its 90% interval"]
+               for bound in ("sbp_lo", "sbp_hi", "dbp_lo", "dbp_hi"))
+    assert '"withheld_flag" = 1' in queries["Withheld windows by reason"]
+    assert '"withheld"' in queries["Withheld windows (latest)"]
+    assert '"bp_cuff"' in queries["Cuff readings"]
+    fleet = {panel["title"]: panel for panel in dashboards()["bpstream-fleet"]["panels"]}
+    assert 'last("calibration_age_s")' in fleet["Calibration per patient"]["targets"][0]["query"]
+
+
+def test_pressure_rules_judge_only_estimates_that_may_be_shown() -> None:
+    by_title = {rule["title"]: rule for rule in rules()}
+    for title in ("Hypertensive crisis", "Sustained stage 2 hypertension"):
+        for item in by_title[title]["data"]:
+            if item["datasourceUid"] != "__expr__":
+                assert '"withheld_flag" = 0' in item["model"]["query"], title
+    # stage 2 rests on calibrated estimates only (a crisis may be judged uncalibrated, as in the alerting)
+    stage2 = [i["model"]["query"] for i in by_title["Sustained stage 2 hypertension"]["data"] if "query" in i["model"]]
+    assert all('"calibrated" = 1' in q for q in stage2)
+    due = [i["model"]["query"] for i in by_title["Calibration due"]["data"] if "query" in i["model"]]
+    assert due and all("'calibration_due'" in q and '"bp_alert"' in q for q in due)
 
 
 def _route(labels: dict[str, str], policy: dict[str, Any]) -> str:
@@ -162,7 +189,8 @@ def test_every_alert_reaches_the_right_contact_point() -> None:
     points = {p["name"] for p in load(PROVISIONING / "alerting" / "contact-points.yaml")["contactPoints"]}
     clinicians, operators = "bpstream-clinicians", "bpstream-operators"
     expected = {"Hypertensive crisis": clinicians, "Sustained stage 2 hypertension": clinicians,
-                "Device silent": clinicians, "Pipeline consumer lag too high": operators,
+                "Device silent": clinicians, "Calibration due": clinicians,
+                "Pipeline consumer lag too high": operators,
                 "Dead-letter rate": operators, "Alert episode open (critical)": clinicians,
                 "Alert episode open (warning)": clinicians, "Notification delivery failing": operators}
     for rule in rules():
