@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bpstream.services.kafka_tools import read_topic
 from conftest import run_sync
 from pipeline_support import SIMULATOR_MODEL, wait_until
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig
 from bpstream.localservers import ServerEndpoints
 from bpstream.shared import influx_api
+from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import CuffReading, Estimate, decode_cuff, decode_estimate
 from bpstream.shared.topics import CUFF, ESTIMATES
 
