@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.services.bridge.stage import Rejection, validate_cuff, validate_payload
 from bpstream.shared.errors import BpstreamError
-from bpstream.shared.kafka import KafkaProducer, ensure_topics
+from bpstream.shared.kafka import RecoveringProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, CuffReading, DeadLetter, SignalChunk, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.service import Component
@@ -105,7 +106,9 @@ class Bridge(Component):
     def __init__(self, settings: BridgeSettings, *, registry: CollectorRegistry = REGISTRY) -> None:
         self.settings = settings
         self.metrics = BridgeMetrics(registry)
-        self.producer = KafkaProducer(settings.kafka)
+        # Replaced by a fresh producer when the idempotent one cannot recover (broker lost its producer state
+        # after a SIGKILL); retries capped and jittered; ``available`` feeds readiness.
+        self.producer = RecoveringProducer(settings.kafka)
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=settings.max_in_flight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
@@ -119,8 +122,9 @@ class Bridge(Component):
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Readiness: connected to MQTT and the Kafka producer started."""
-        return self._mqtt_connected.is_set() and self._producer_started
+        """Readiness: connected to MQTT, the Kafka producer started, and Kafka accepting sends (false from the
+        first failed send until one succeeds again: 503 while a broker is lost, 200 again without a restart)."""
+        return self._mqtt_connected.is_set() and self._producer_started and self.producer.available
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -312,7 +316,7 @@ class Bridge(Component):
                     )
                     return
                 attempt += 1
-                delay = min(5.0, 0.1 * 2 ** min(attempt, 6))
+                delay = random.uniform(0.0, min(5.0, 0.1 * 2 ** min(attempt, 6)))  # capped, full jitter
                 log.warning(
                     "kafka send failed; retrying",
                     extra={"reason": exc.reason, "attempt": attempt, "batch": len(records), "delay_s": delay},
