@@ -118,6 +118,9 @@ class Bridge(Component):
         self._in_flight = 0
         #: Set once stopping: a batch Kafka still refuses after this monotonic time stays unacknowledged.
         self._abandon_at: float | None = None
+        #: Retire mode: set once the broker confirmed the unsubscription; monotonic time of the last message.
+        self._unsubscribed = threading.Event()
+        self._last_message_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -169,7 +172,8 @@ class Bridge(Component):
 
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.settings.session_expiry_s
+        # Retiring: the session ends when this connection closes (after what it held was forwarded).
+        props.SessionExpiryInterval = 0 if self.settings.retire else self.settings.session_expiry_s
         props.ReceiveMaximum = self.settings.max_in_flight
         return props
 
@@ -190,6 +194,7 @@ class Bridge(Component):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_unsubscribe = self._on_unsubscribe
         return client
 
     def _on_connect(
@@ -206,8 +211,13 @@ class Bridge(Component):
         # Subscribing again when the session survived is harmless and covers an expired session.
         topic_filter = mqtt_signals_topic(self.settings.clinic, "+")
         cuff_filter = mqtt_cuff_topic(self.settings.clinic, "+")
-        client.subscribe([(mqtt_shared_subscription(self.settings.share_group, topic_filter), 1),
-                          (mqtt_shared_subscription(self.settings.share_group, cuff_filter), 1)])
+        filters = [mqtt_shared_subscription(self.settings.share_group, topic_filter),
+                   mqtt_shared_subscription(self.settings.share_group, cuff_filter)]
+        if self.settings.retire:
+            # Leave the share group: no new messages are routed to this session; what it holds still comes.
+            client.unsubscribe(filters)
+        else:
+            client.subscribe([(f, 1) for f in filters])
         self._mqtt_connected.set()
         log.info("mqtt connected", extra={"session_present": flags.session_present})
 
@@ -223,7 +233,13 @@ class Bridge(Component):
         if not self._closing.is_set():
             log.warning("mqtt disconnected; reconnecting", extra={"reason": str(reason)})
 
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                        properties: Properties | None) -> None:
+        self._last_message_at = time.monotonic()
+        self._unsubscribed.set()
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._last_message_at = time.monotonic()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -246,7 +262,11 @@ class Bridge(Component):
     # -- forwarding (event loop) ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Forward batches until ``stop`` is set, then finish what was received (within the drain timeout)."""
+        """Forward batches until ``stop`` is set, then finish what was received (within the drain timeout).
+
+        Retiring, it also stops by itself once the broker confirmed the unsubscription, everything received
+        is acknowledged and nothing arrived for ``retire_idle_s``."""
+        retire = asyncio.create_task(self._retired(stop)) if self.settings.retire else None
         while not stop.is_set():
             batch = await self._next_batch(stop)
             if batch:
@@ -254,6 +274,17 @@ class Bridge(Component):
         deadline = self._abandon_at = time.monotonic() + self.settings.drain_timeout_s
         while not self._queue.empty() and time.monotonic() < deadline:
             await self._forward(self._take(self.settings.batch_max))
+        if retire is not None:
+            retire.cancel()
+
+    async def _retired(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+            idle = time.monotonic() - self._last_message_at
+            if self._unsubscribed.is_set() and self._in_flight == 0 and idle >= self.settings.retire_idle_s:
+                log.info("retired: the session held nothing more; ending it", extra={
+                    "client_id": self.settings.client_id})
+                stop.set()
 
     async def _next_batch(self, stop: asyncio.Event) -> list[Incoming]:
         if self._queue.empty():
