@@ -231,8 +231,18 @@ class RecoveringProducer(Component):
         self.retry_attempts, self.retry_cap_s = retry_attempts, retry_cap_s
         self._producer = KafkaProducer(settings, **kwargs)
         self.recreated = 0
-        #: False while Kafka refuses sends (from the first failed attempt until one succeeds).
-        self.available = True
+        self._failing = False
+        #: Monotonic start of the send in progress: aiokafka waits for a lost broker without failing the send.
+        self._sending_since: float | None = None
+        self.stall_s = settings.request_timeout_ms / 1000
+
+    @property
+    def available(self) -> bool:
+        """False while Kafka refuses sends (from the first failed attempt until one succeeds) or a send has
+        waited longer than the request timeout (the broker is gone: aiokafka retries it without failing)."""
+        since = self._sending_since
+        stalled = since is not None and time.monotonic() - since > self.stall_s
+        return not self._failing and not stalled
 
     async def start(self) -> None:
         async def start_once() -> None:
@@ -249,12 +259,15 @@ class RecoveringProducer(Component):
 
     async def _call(self, operation: Callable[[KafkaProducer], Awaitable[T]], what: str) -> T:
         async def once() -> T:
+            self._sending_since = time.monotonic()
             try:
                 result = await operation(self._producer)
             except BpstreamError:
-                self.available = False
+                self._failing = True
                 raise
-            self.available = True
+            finally:
+                self._sending_since = None
+            self._failing = False
             return result
 
         for attempt in range(self.recreate_attempts + 1):
