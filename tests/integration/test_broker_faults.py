@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from conftest import run_sync
 from pipeline_support import SIMULATOR_MODEL
