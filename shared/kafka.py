@@ -220,12 +220,30 @@ class RecoveringProducer(Component):
     """``KafkaProducer`` that survives a broker restart: retriable errors are retried with backoff, and an
     error the idempotent producer cannot recover from by itself (OutOfOrderSequenceNumber, UnknownProducerId
     after the broker lost producer state) replaces the producer with a fresh one and sends again.
-    Sending twice is safe: every consumer of these topics treats records as at-least-once and idempotent."""
+    Sending twice is safe: every consumer of these topics treats records as at-least-once and idempotent.
 
-    def __init__(self, settings: KafkaSettings, *, recreate_attempts: int = 5, **kwargs: Any) -> None:
+    Retries are capped and fully jittered (``retry_async``); once they are spent the error propagates and the
+    caller decides (the bridge keeps its batch unacknowledged and tries again). ``available`` is false from
+    the first failed attempt until a send succeeds again: services fold it into ``/readyz``."""
+
+    def __init__(self, settings: KafkaSettings, *, recreate_attempts: int = 5, retry_attempts: int = 10,
+                 retry_cap_s: float = 5.0, **kwargs: Any) -> None:
         self.settings, self.recreate_attempts, self.kwargs = settings, recreate_attempts, kwargs
+        self.retry_attempts, self.retry_cap_s = retry_attempts, retry_cap_s
         self._producer = KafkaProducer(settings, **kwargs)
         self.recreated = 0
+        self._failing = False
+        #: Monotonic start of the send in progress: aiokafka waits for a lost broker without failing the send.
+        self._sending_since: float | None = None
+        self.stall_s = settings.request_timeout_ms / 1000
+
+    @property
+    def available(self) -> bool:
+        """False while Kafka refuses sends (from the first failed attempt until one succeeds) or a send has
+        waited longer than the request timeout (the broker is gone: aiokafka retries it without failing)."""
+        since = self._sending_since
+        stalled = since is not None and time.monotonic() - since > self.stall_s
+        return not self._failing and not stalled
 
     async def start(self) -> None:
         async def start_once() -> None:
@@ -241,9 +259,21 @@ class RecoveringProducer(Component):
 
 
     async def _call(self, operation: Callable[[KafkaProducer], Awaitable[T]], what: str) -> T:
+        async def once() -> T:
+            self._sending_since = time.monotonic()
+            try:
+                result = await operation(self._producer)
+            except BpstreamError:
+                self._failing = True
+                raise
+            finally:
+                self._sending_since = None
+            self._failing = False
+            return result
+
         for attempt in range(self.recreate_attempts + 1):
             try:
-                return await retry_async(lambda: operation(self._producer), attempts=10, cap_s=5.0, what=what)
+                return await retry_async(once, attempts=self.retry_attempts, cap_s=self.retry_cap_s, what=what)
             except KafkaClientError as exc:
                 if attempt == self.recreate_attempts:
                     raise

@@ -29,6 +29,7 @@ from typing import IO
 
 import numpy as np
 
+from bpstream.shared.errors import TransientError
 from bpstream.shared.messages import SignalChunk, encode_chunk
 from bpstream.shared.topics import ID_PATTERN, mqtt_cuff_topic, mqtt_signals_topic, mqtt_status_topic
 from bpstream.simulators.cohort import build_cohort
@@ -410,6 +411,14 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             device_s = float(k)
             # link events: reconnect storms and bursts
             for gw in gateways:
+                if gw.online and not gw.conn.is_connected:
+                    # The broker went away (crash, restart): reconnect as a real gateway does, once per tick.
+                    # paho keeps every unacknowledged QoS 1 publish and sends it again once connected.
+                    try:
+                        await gw.conn.connect(within_s=2.0)
+                        reconnects += 1
+                    except TransientError:
+                        pass
                 if gw.online and device_s >= gw.next_drop_s:
                     await gw.conn.drain(within_s=10.0)
                     await gw.conn.disconnect(send_will=True)
@@ -495,6 +504,14 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         for p in delayed_dups:
             send(gateways[p[0] % n_conn], p[1], p[2])
         for gw in gateways:
+            if gw.online and not gw.conn.is_connected:  # the broker is (still) away: wait for it
+                for _ in range(60):
+                    try:
+                        await gw.conn.connect(within_s=2.0)
+                        reconnects += 1
+                        break
+                    except TransientError:
+                        await asyncio.sleep(1.0)
             if not gw.online:
                 await gw.conn.connect()
                 reconnects += 1

@@ -20,6 +20,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bpstream.shared.errors import TransientError
 
+#: MQTT 5 PUBACK reason: the broker accepted the message but no subscription matched it.
+_NO_MATCHING_SUBSCRIBERS = 0x10
+_RESEND_AFTER_S = 0.5
+_MAX_RESENDS = 120
+
 
 class AsyncMqttConnection:
     """One MQTT v5 connection whose network I/O runs on the asyncio loop."""
@@ -48,6 +53,15 @@ class AsyncMqttConnection:
         self._connected: asyncio.Future[None] | None = None
         self._pending: set[int] = set()
         self._acked_early: set[int] = set()
+        #: mid -> (topic, payload, qos, retain) of QoS > 0 publishes not yet acknowledged, to resend on 0x10.
+        self._sent: dict[int, tuple[str, bytes, int, bool]] = {}
+        self._tries: dict[tuple[str, bytes], int] = {}
+        #: Messages given up after ``_MAX_RESENDS`` answers of 0x10 (nobody subscribed for a minute).
+        self.undelivered = 0
+        self._resends_scheduled = 0
+        #: PUBACKs with reason 0x10 (no matching subscribers): the broker took the message but delivered it to
+        #: nobody (Mosquitto after a restart, before the bridges' shared subscription is back); resent.
+        self.no_subscribers = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = asyncio.Event()
@@ -99,12 +113,38 @@ class AsyncMqttConnection:
             fut.set_exception(TransientError(f"MQTT connection closed: {reason}", reason="mqtt_disconnected"))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        sent = self._sent.pop(mid, None)
+        # (A retained message is kept by the broker for later subscribers: 0x10 is normal for it.)
+        if (getattr(reason, "value", 0) == _NO_MATCHING_SUBSCRIBERS and sent is not None and not sent[3]
+                and self._loop is not None):
+            # Not delivered: keep it and publish it again shortly (a gateway's duty; see docs/RELIABILITY.md).
+            self.no_subscribers += 1
+            self._pending.discard(mid)
+            tries = self._tries[sent[:2]] = self._tries.get(sent[:2], 0) + 1
+            if tries > _MAX_RESENDS:
+                del self._tries[sent[:2]]
+                self.undelivered += 1
+                if not self._pending and not self._resends_scheduled:
+                    self._idle.set()
+                return
+            self._resends_scheduled += 1
+            self._idle.clear()
+            self._loop.call_later(_RESEND_AFTER_S, self._resend, sent)
+            return
+        if sent is not None:
+            self._tries.pop(sent[:2], None)
         if mid in self._pending:
             self._pending.discard(mid)
             self.acked += 1
         else:  # acknowledged before publish() returned its mid to us
             self._acked_early.add(mid)
-        if not self._pending:
+        if not self._pending and not self._resends_scheduled:
+            self._idle.set()
+
+    def _resend(self, sent: tuple[str, bytes, int, bool]) -> None:
+        self._resends_scheduled -= 1
+        self.publish(*sent)
+        if not self._pending and not self._resends_scheduled:
             self._idle.set()
 
     async def _misc_loop(self) -> None:
@@ -140,6 +180,7 @@ class AsyncMqttConnection:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
+            self._sent[info.mid] = (topic, payload, qos, retain)
             if info.mid in self._acked_early:
                 self._acked_early.discard(info.mid)
                 self.acked += 1
@@ -149,7 +190,8 @@ class AsyncMqttConnection:
 
     @property
     def unacked(self) -> int:
-        return len(self._pending)
+        """Publishes not acknowledged, or acknowledged only as delivered to nobody and given up."""
+        return len(self._pending) + self.undelivered
 
     async def drain(self, within_s: float = 30.0) -> bool:
         """Wait until the broker acknowledged every QoS 1 publish; False on timeout."""

@@ -22,7 +22,7 @@ from bpstream.shared import influx_api
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
 from bpstream.shared.settings import InfluxSettings, KafkaSettings
-from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, SIGNALS_RAW, topic_name
+from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
 
 ENV_PREFIX = {"bridge": "BPSTREAM_BRIDGE_", "processor": "BPSTREAM_PROCESSOR_",
               "inference": "BPSTREAM_INFERENCE_", "alerting": "BPSTREAM_ALERTING_", "writer": "BPSTREAM_WRITER_"}
@@ -228,7 +228,9 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         zero_in_a_row = 0
         lags: dict[str, int] = {}
-        async with LagProbe(self.config.kafka()) as probe:
+        # Only the groups of services this pipeline runs: a group nobody runs here (the notifier) never catches up.
+        groups = {g: t for g, t in PIPELINE_GROUPS.items() if g.removeprefix("bpstream-") in SERVICE_MODULES}
+        async with LagProbe(self.config.kafka(), groups) as probe:
             while time.monotonic() < deadline:
                 raw = await self.forwarded(key_prefixes)
                 lags = await probe.lags()

@@ -78,11 +78,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     @group.command("restart")
     def restart(name: str = typer.Argument(..., help="mosquitto, kafka or influxdb"),
-                down_s: float = typer.Option(0.0, help="Seconds to stay down before starting again.")) -> None:
+                down_s: float = typer.Option(0.0, help="Seconds to stay down before starting again."),
+                kill: bool = typer.Option(False, "--kill", help="Stop with SIGKILL (a crash), not SIGTERM.")) -> None:
         """Restart one server on the same ports (fault-tolerance tests)."""
         began = time.monotonic()
         try:
-            core.restart(name, down_s=down_s)
+            core.restart(name, down_s=down_s, kill=kill)
         except (ValueError, core.ServerError, install.InstallError) as exc:
             raise _fail(exc) from exc
         console.print(f"{name} restarted and answers ({time.monotonic() - began:.1f} s)")

@@ -150,12 +150,13 @@ def _spawn(argv: list[str], log_file: Path, extra_env: dict[str, str]) -> tuple[
     raise ServerError(f"{argv[0]} exited immediately; see {log_file}")
 
 
-def _stop_pid(entry: dict[str, Any], timeout_s: float = _STOP_TIMEOUT_S) -> None:
+def _stop_pid(entry: dict[str, Any], timeout_s: float = _STOP_TIMEOUT_S, *, kill: bool = False) -> None:
+    """SIGTERM (wait up to ``timeout_s``, then SIGKILL), or with ``kill`` SIGKILL at once (a crash)."""
     if not _alive(entry):
         return
     pid = int(entry["pid"])
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not _alive(entry):
@@ -407,10 +408,12 @@ def status() -> list[ServerStatus]:
     return run_blocking(check_all)
 
 
-def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 0.0) -> ServerEndpoints:
+def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 0.0,
+            kill: bool = False) -> ServerEndpoints:
     """Stop one server and start it again on the same ports (for fault-tolerance tests).
 
-    ``down_s`` keeps it stopped that long before starting it again.
+    ``down_s`` keeps it stopped that long before starting it again; ``kill`` stops it with SIGKILL (a crash:
+    nothing flushed) instead of SIGTERM.
     """
     if name not in SERVER_NAMES:
         raise ValueError(f"unknown server {name!r}; choose one of {', '.join(SERVER_NAMES)}")
@@ -420,7 +423,7 @@ def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 
         entry = state.get(name)
         if entry is None:
             raise ServerError(f"{name} was never started; run `bpstream servers up` first")
-        _stop_pid(entry)
+        _stop_pid(entry, kill=kill)
         if down_s > 0:
             time.sleep(down_s)
         ports = dict(entry["ports"])
@@ -437,12 +440,13 @@ def restart(name: str, timeout_s: float = STARTUP_TIMEOUT_S, *, down_s: float = 
         return _endpoints(state)
 
 
-def stop(name: str) -> None:
-    """Stop one server, keeping its ports and data (``restart`` or ``ensure_up`` starts it again)."""
+def stop(name: str, *, kill: bool = False) -> None:
+    """Stop one server, keeping its ports and data (``restart`` or ``ensure_up`` starts it again); ``kill``
+    sends SIGKILL (a crash) instead of SIGTERM."""
     with _locked():
         state = _load_state()
         if name in state:
-            _stop_pid(state[name])
+            _stop_pid(state[name], kill=kill)
 
 
 def down(wipe: bool = False) -> list[str]:

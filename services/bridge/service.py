@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.services.bridge.stage import Rejection, validate_cuff, validate_payload
 from bpstream.shared.errors import BpstreamError
-from bpstream.shared.kafka import KafkaProducer, ensure_topics
+from bpstream.shared.kafka import RecoveringProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, CuffReading, DeadLetter, SignalChunk, encode_json
 from bpstream.shared.retry import retry_async
 from bpstream.shared.service import Component
@@ -106,7 +107,9 @@ class Bridge(Component):
     def __init__(self, settings: BridgeSettings, *, registry: CollectorRegistry = REGISTRY) -> None:
         self.settings = settings
         self.metrics = BridgeMetrics(registry)
-        self.producer = KafkaProducer(settings.kafka)
+        # Replaced by a fresh producer when the idempotent one cannot recover (broker lost its producer state
+        # after a SIGKILL); retries capped and jittered; ``available`` feeds readiness.
+        self.producer = RecoveringProducer(settings.kafka)
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=settings.max_in_flight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
@@ -116,12 +119,16 @@ class Bridge(Component):
         self._in_flight = 0
         #: Set once stopping: a batch Kafka still refuses after this monotonic time stays unacknowledged.
         self._abandon_at: float | None = None
+        #: Retire mode: set once the broker confirmed the unsubscription; monotonic time of the last message.
+        self._unsubscribed = threading.Event()
+        self._last_message_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Readiness: connected to MQTT and the Kafka producer started."""
-        return self._mqtt_connected.is_set() and self._producer_started
+        """Readiness: connected to MQTT, the Kafka producer started, and Kafka accepting sends (false from the
+        first failed send until one succeeds again: 503 while a broker is lost, 200 again without a restart)."""
+        return self._mqtt_connected.is_set() and self._producer_started and self.producer.available
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -166,7 +173,8 @@ class Bridge(Component):
 
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.settings.session_expiry_s
+        # Retiring: the session ends when this connection closes (after what it held was forwarded).
+        props.SessionExpiryInterval = 0 if self.settings.retire else self.settings.session_expiry_s
         props.ReceiveMaximum = self.settings.max_in_flight
         return props
 
@@ -187,6 +195,7 @@ class Bridge(Component):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_unsubscribe = self._on_unsubscribe
         return client
 
     def _on_connect(
@@ -203,8 +212,13 @@ class Bridge(Component):
         # Subscribing again when the session survived is harmless and covers an expired session.
         topic_filter = mqtt_signals_topic(self.settings.clinic, "+")
         cuff_filter = mqtt_cuff_topic(self.settings.clinic, "+")
-        client.subscribe([(mqtt_shared_subscription(self.settings.share_group, topic_filter), 1),
-                          (mqtt_shared_subscription(self.settings.share_group, cuff_filter), 1)])
+        filters = [mqtt_shared_subscription(self.settings.share_group, topic_filter),
+                   mqtt_shared_subscription(self.settings.share_group, cuff_filter)]
+        if self.settings.retire:
+            # Leave the share group: no new messages are routed to this session; what it holds still comes.
+            client.unsubscribe(filters)
+        else:
+            client.subscribe([(f, 1) for f in filters])
         self._mqtt_connected.set()
         log.info("mqtt connected", extra={"session_present": flags.session_present})
 
@@ -220,7 +234,13 @@ class Bridge(Component):
         if not self._closing.is_set():
             log.warning("mqtt disconnected; reconnecting", extra={"reason": str(reason)})
 
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                        properties: Properties | None) -> None:
+        self._last_message_at = time.monotonic()
+        self._unsubscribed.set()
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._last_message_at = time.monotonic()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -243,7 +263,11 @@ class Bridge(Component):
     # -- forwarding (event loop) ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Forward batches until ``stop`` is set, then finish what was received (within the drain timeout)."""
+        """Forward batches until ``stop`` is set, then finish what was received (within the drain timeout).
+
+        Retiring, it also stops by itself once the broker confirmed the unsubscription, everything received
+        is acknowledged and nothing arrived for ``retire_idle_s``."""
+        retire = asyncio.create_task(self._retired(stop)) if self.settings.retire else None
         while not stop.is_set():
             batch = await self._next_batch(stop)
             if batch:
@@ -251,6 +275,17 @@ class Bridge(Component):
         deadline = self._abandon_at = time.monotonic() + self.settings.drain_timeout_s
         while not self._queue.empty() and time.monotonic() < deadline:
             await self._forward(self._take(self.settings.batch_max))
+        if retire is not None:
+            retire.cancel()
+
+    async def _retired(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+            idle = time.monotonic() - self._last_message_at
+            if self._unsubscribed.is_set() and self._in_flight == 0 and idle >= self.settings.retire_idle_s:
+                log.info("retired: the session held nothing more; ending it", extra={
+                    "client_id": self.settings.client_id})
+                stop.set()
 
     async def _next_batch(self, stop: asyncio.Event) -> list[Incoming]:
         if self._queue.empty():
@@ -315,7 +350,7 @@ class Bridge(Component):
                     )
                     return
                 attempt += 1
-                delay = min(5.0, 0.1 * 2 ** min(attempt, 6))
+                delay = random.uniform(0.0, min(5.0, 0.1 * 2 ** min(attempt, 6)))  # capped, full jitter
                 log.warning(
                     "kafka send failed; retrying",
                     extra={"reason": exc.reason, "attempt": attempt, "batch": len(records), "delay_s": delay},

@@ -40,6 +40,11 @@ class BridgeSettings(ServiceSettings):
     #: Seconds between MQTT reconnect attempts (min, max).
     reconnect_min_s: int = Field(default=1, ge=1)
     reconnect_max_s: int = Field(default=30, ge=1)
+    #: Retire this replica's session (scale-down): resume the session of ``client_id``, unsubscribe, forward
+    #: what the broker still holds for it, and exit once nothing arrived for ``retire_idle_s``, ending the
+    #: session, so a replica removed for good strands nothing (docs/RELIABILITY.md).
+    retire: bool = False
+    retire_idle_s: float = Field(default=2.0, gt=0)
     #: Plausible cuff pressures (mmHg); readings outside are dead-lettered.
     cuff_sbp_range: tuple[float, float] = (50.0, 300.0)
     cuff_dbp_range: tuple[float, float] = (20.0, 200.0)

@@ -101,6 +101,8 @@ class InfluxWriter:
         self.bucket = influx_api.bucket(settings)
         self._client = influx_api.async_client(settings)
         self._write_api = self._client.write_api()
+        #: False from the first failed attempt until a request succeeds again (the writer's /readyz).
+        self.available = True
 
     async def __aenter__(self) -> Self:
         return self
@@ -155,8 +157,10 @@ class InfluxWriter:
         while True:
             try:
                 await operation()
+                self.available = True
                 return
             except TransientError as exc:
+                self.available = False
                 if not retry_forbidden and exc.reason == "influx_403":
                     raise BadPointsError(str(exc), reason="forbidden") from None
                 if self.stop is not None and self.stop.is_set():

@@ -180,10 +180,15 @@ async def run_writer(settings: WriterSettings, stop: asyncio.Event) -> None:
     # Every topic it reads or writes, so the writer started by hand on fresh servers does not fail on a topic
     # that no other service has created yet.
     await retry_async(lambda: ensure_topics(settings.kafka, WRITTEN_TOPICS), attempts=10, what="ensure topics")
-    async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
-            InfluxWriter(settings.influx, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
-                         stop=stop) as influx, \
-            RecoveringProducer(settings.kafka) as producer, \
+    influx = InfluxWriter(settings.influx, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
+                          stop=stop)
+    producer = RecoveringProducer(settings.kafka)
+    # Ready once started, and only while InfluxDB answers and Kafka accepts sends: 503 during an outage, 200
+    # again when the broker is back, without a restart.
+    async with HealthServer(settings.metrics_host, settings.metrics_port,
+                            lambda: ready and influx.available and producer.available), \
+            influx, \
+            producer, \
             KafkaConsumer(settings.kafka, WRITTEN_TOPICS, group_name(settings.group_id, settings.kafka),
                           max_poll_records=settings.batch_max_size) as consumer:
         await influx.ensure_database()
