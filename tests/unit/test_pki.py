@@ -66,3 +66,19 @@ def test_the_ca_and_certificates_are_created_once(tmp_path: Path) -> None:
     first = issue(ca, "influxdb").cert.read_bytes()
     assert ensure_ca(tmp_path).cert.read_bytes() == ca.cert.read_bytes()
     assert issue(ca, "influxdb").cert.read_bytes() == first
+
+
+def test_client_context_from_settings_trusts_the_ca_and_presents_a_client_certificate(tmp_path: Path) -> None:
+    from bpstream.shared.tls import TlsConfigError, client_ssl_context
+
+    ca = ensure_ca(tmp_path)
+    server = issue(ca, "kafka")
+    client = issue(ca, "bpstream-bridge", client=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca.cert))
+    server_ctx.load_cert_chain(server.cert, server.key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    assert _handshake(server_ctx, client_ssl_context(ca.cert, client.cert, client.key), "127.0.0.1") == "kafka"
+    with pytest.raises(TlsConfigError):
+        client_ssl_context(ca.cert, client.cert, None)
+    with pytest.raises(TlsConfigError):
+        client_ssl_context(tmp_path / "missing.crt")
