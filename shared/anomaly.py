@@ -34,6 +34,8 @@ Alerts only where the evidence holds (estimates v2 carry their calibration mode,
   resolves an active crisis (contradicted) and raises ``stage2`` instead when it lies in stage 2 (downgrade);
   one below stage 2 resolves an active ``stage2``. For a while after a contradicting reading
   (``cuff_hold_s``) estimates not calibrated on it cannot raise a crisis again;
+  a crisis a cuff reading raised or confirmed is resolved only by estimates calibrated on that reading (or a
+  later one), so a re-calibration cannot flap it;
 * every alert names its evidence: ``basis`` (estimates or cuff), ``mode``, first window, and the calibration
   (cuff time and id) or the cuff reading it rests on.
 """
@@ -225,6 +227,9 @@ class PatientState(msgspec.Struct):
     hold_cuff_ns: int = -1
     #: Estimates ignored because their window lay too far ahead of their receipt time.
     future_windows: int = 0
+    #: Time of the crisis-range cuff reading that raised or confirmed the active crisis (-1: none). Only
+    #: estimates calibrated on it (or a later reading) may resolve that crisis.
+    crisis_cuff_ns: int = -1
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -355,6 +360,11 @@ class AlertDetector:
         for kind in KINDS:
             raise_margin, calm = self._condition(kind, smooth_sbp, smooth_dbp, base)
             raise_margin = self._evidence(kind, raise_margin, mode, lows, end_ns)
+            if kind == "crisis" and s.crisis_cuff_ns >= 0 and (
+                    mode != CALIBRATED or (calibration_ns or -1) < s.crisis_cuff_ns):
+                # Estimates that do not know the crisis cuff reading cannot resolve its crisis: without this a
+                # re-calibration flaps it (raised by the cuff, resolved by the old calibration, raised again).
+                calm = False
             event = self._step(kind, raise_margin, calm, end_ns, smooth_sbp, smooth_dbp, smooth_sd, base)
             if event is not None:
                 events.append(event)
@@ -429,6 +439,7 @@ class AlertDetector:
         crisis = s.episodes.setdefault("crisis", _Episode())
         stage2 = s.episodes.setdefault("stage2", _Episode())
         if category == "crisis":
+            s.crisis_cuff_ns = t
             if not crisis.active:
                 crisis.active, crisis.started_ns, crisis.n_windows, crisis.calm, crisis.pending = True, t, 0, 0, 0
                 events.append(self._info("crisis", "raised", t, sbp, dbp,
@@ -440,6 +451,7 @@ class AlertDetector:
                                      f"crisis contradicted by a cuff reading: {sbp:.0f}/{dbp:.0f} mmHg",
                                      basis="cuff", cuff_id=cid))
             crisis.active, crisis.calm, crisis.n_windows, crisis.pending = False, 0, 0, 0
+            s.crisis_cuff_ns = -1
             s.hold_until_ns, s.hold_cuff_ns = t + round(c.cuff_hold_s * 1e9), t
             if category == "stage2" and not stage2.active:
                 stage2.active, stage2.started_ns, stage2.n_windows, stage2.calm, stage2.pending = True, t, 0, 0, 0
@@ -510,6 +522,8 @@ class AlertDetector:
         event = make("resolved", 1.0 - _phi((margin or 0.0) / sd),
                      f"{kind} resolved: smoothed {sbp:.0f}/{dbp:.0f} mmHg for {ep.calm} windows")
         ep.active, ep.calm, ep.n_windows = False, 0, 0
+        if kind == "crisis":
+            s.crisis_cuff_ns = -1
         return event
 
     def _describe(self, kind: str, sbp: float, dbp: float, base: tuple[float, float] | None, n: int) -> str:

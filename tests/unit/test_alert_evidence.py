@@ -109,3 +109,22 @@ def test_stale_calibration_raises_calibration_due_once_and_a_new_calibration_res
     fresh = _run(det, [_est(i, 120.0, 78.0, cal_ns=T0 + 39 * HOP) for i in range(40, 45)])
     assert [(a.kind, a.state) for a in fresh] == [("calibration_due", "resolved")]
     assert fresh[0].alert_id == stale[0].alert_id
+
+
+def test_a_crisis_raised_by_a_cuff_is_not_flapped_by_a_re_calibration() -> None:
+    det = AlertDetector()
+    # Calibrated on an old, normal cuff reading: the estimates say normal.
+    assert _run(det, [_est(i, 125.0, 80.0) for i in range(15)]) == []
+    raised = det.cuff(_cuff(15, 205.0, 125.0))
+    assert [(a.kind, a.state, a.basis) for a in raised] == [("crisis", "raised", "cuff")]
+    crisis_cuff_ns = T0 + 15 * HOP
+    # Until inference re-calibrates on that reading, estimates still rest on the old calibration and look calm:
+    # they must not resolve the crisis the cuff raised.
+    assert _run(det, [_est(i, 125.0, 80.0) for i in range(16, 60)]) == []
+    assert det.active == ("crisis",)
+    # Calibrated on the crisis reading: still in crisis, so nothing new (no second raise).
+    assert _run(det, [_est(i, 200.0, 122.0, cal_ns=crisis_cuff_ns) for i in range(60, 80)]) == []
+    # The pressure really falls: estimates that know the crisis reading resolve it, once.
+    resolved = _run(det, [_est(i, 150.0, 85.0, cal_ns=crisis_cuff_ns) for i in range(80, 110)])
+    assert [(a.kind, a.state) for a in resolved if a.kind == "crisis"] == [("crisis", "resolved")]
+    assert "crisis" not in det.active
