@@ -42,17 +42,24 @@ def bucket(settings: InfluxSettings) -> str:
     return settings.database
 
 
+def tls_kwargs(settings: InfluxSettings) -> dict[str, Any]:
+    """HTTPS verification for influxdb-client: the CA setting, verification on unless turned off."""
+    return {"verify_ssl": settings.verify_ssl, "ssl_ca_cert": settings.ca_file}
+
+
 def async_client(settings: InfluxSettings, *, timeout_s: float | None = None) -> InfluxDBClientAsync:
     """An asyncio ``influxdb-client`` for ``settings`` (use as ``async with``). Org is unused by 1.x: ``-``."""
     timeout_ms = int(1000 * (timeout_s if timeout_s is not None else settings.timeout_s))
     # token None sends no Authorization header (a server without auth); the client's own retries are off
-    return InfluxDBClientAsync(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms)
+    return InfluxDBClientAsync(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms,
+                               **tls_kwargs(settings))
 
 
 def sync_client(settings: InfluxSettings, *, timeout_s: float | None = None) -> InfluxDBClient:
     """The blocking ``influxdb-client`` for ``settings`` (use as ``with``): for tests and scripts."""
     timeout_ms = int(1000 * (timeout_s if timeout_s is not None else settings.timeout_s))
-    return InfluxDBClient(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms)
+    return InfluxDBClient(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms,
+                          **tls_kwargs(settings))
 
 
 def _query_params(query: str, database: str | None, epoch: str | None) -> list[tuple[str, str]]:
