@@ -65,15 +65,19 @@ SERVICE_ACLS: Mapping[str, ServiceAcl] = {
                             "alerting.state": OWN},
                            groups=("bpstream-alerting",)),
     # the writer also samples every pipeline group's lag (offsets only: DESCRIBE)
-    "writer": ServiceAcl({"estimates": READ, "alerts": READ, "quality": READ, "signals.dlq": READ, "cuff": READ,
+    "writer": ServiceAcl({"estimates": READ, "alerts": READ, "quality": READ, "signals.dlq": ("read", "write"),
+                          "cuff": READ,
                           "notifications": READ, "signals.raw": DESCRIBE, "windows": DESCRIBE},
                          groups=("bpstream-writer",),
                          monitored_groups=("bpstream-processor", "bpstream-inference", "bpstream-alerting")),
-    "notifier": ServiceAcl({"alerts": READ, "alerts.acks": READ, "notify.state": OWN, "notifications": WRITE},
+    "notifier": ServiceAcl({"alerts": READ, "alerts.acks": READ, "notify.state": OWN, "notifications": WRITE,
+                            "signals.dlq": WRITE},
                            groups=("bpstream-notifier",)),
 }
 
-_OPS = {"read": (_READ, _DESCRIBE, _DESCRIBE_CONFIGS), "write": (_WRITE, _DESCRIBE),
+# A service creates the topics it uses when they are missing (ensure_topics at start), so read and write
+# include CREATE of that one topic name.
+_OPS = {"read": (_READ, _DESCRIBE, _DESCRIBE_CONFIGS, _CREATE), "write": (_WRITE, _DESCRIBE, _CREATE),
         "create": (_CREATE, _DESCRIBE), "describe": (_DESCRIBE,)}
 
 
