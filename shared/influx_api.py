@@ -79,8 +79,11 @@ def _results(answer: object) -> list[dict[str, Any]]:
     return results
 
 
-_CALL = {"header_params": {"Accept": "application/json"}, "response_type": "object", "auth_settings": [],
-         "_return_http_data_only": True}
+def _call() -> dict[str, Any]:
+    # fresh every call: the client merges its default headers (Authorization) into ``header_params`` in place,
+    # so a shared dict would carry one client's credentials into the next client's requests
+    return {"header_params": {"Accept": "application/json"}, "response_type": "object", "auth_settings": [],
+            "_return_http_data_only": True}
 
 
 async def influxql(client: InfluxDBClientAsync, query: str, *, database: str | None = None,
@@ -91,7 +94,7 @@ async def influxql(client: InfluxDBClientAsync, query: str, *, database: str | N
     :class:`InfluxQLError` when a statement fails inside a 200 answer. ``epoch`` None: RFC 3339 times.
     """
     answer = await client.api_client.call_api(  # type: ignore[no-untyped-call]
-        "/query", "POST", query_params=_query_params(query, database, epoch), **_CALL)
+        "/query", "POST", query_params=_query_params(query, database, epoch), **_call())
     return _results(answer)
 
 
@@ -99,7 +102,7 @@ def influxql_sync(client: InfluxDBClient, query: str, *, database: str | None = 
                   epoch: str | None = "ns") -> list[dict[str, Any]]:
     """:func:`influxql` with the blocking client."""
     answer = client.api_client.call_api(  # type: ignore[no-untyped-call]
-        "/query", "POST", query_params=_query_params(query, database, epoch), **_CALL)
+        "/query", "POST", query_params=_query_params(query, database, epoch), **_call())
     return _results(answer)
 
 
