@@ -91,6 +91,22 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise _fail(exc) from exc
         console.print(f"{name} restarted and answers ({time.monotonic() - began:.1f} s)")
 
+    @group.command("certs")
+    def certs(out: Path = typer.Argument(..., help="Folder for ca.crt/ca.key and each server's certificate."),
+              server: list[str] = typer.Option(["kafka", "influxdb"], "--server",
+                                               help="A server (its name is also its host name)."),
+              host: list[str] = typer.Option([], "--host", help="Another host name on every certificate.")) -> None:
+        """Create a CA (once) and server certificates for a deployment (docker compose: deploy/pki)."""
+        from bpstream.localservers import kafka_security, pki
+
+        ca = pki.ensure_ca(out, name="bpstream deployment CA")
+        for name in server:
+            files = pki.issue(ca, name, hosts=(name, *host, *pki.LOOPBACK_HOSTS))
+            if name == "kafka":  # Kafka's PEM key store: the key and the certificate in one file
+                kafka_security.write_key_store(files, out / "kafka-keystore.pem")
+            console.print(f"{name}: {files.cert} ({files.key}, mode 0600)")
+        console.print(f"CA: {ca.cert} (its key {ca.key} signs new certificates: keep it off the servers)")
+
     @group.command("env")
     def env(service: str = typer.Option(None, help="a service's own users (bridge, processor, ...); "
                                                 "default: the admin users for tools")) -> None:

@@ -104,12 +104,15 @@ def users(state: Path) -> dict[str, str]:
     return known
 
 
-def server_tls(state: Path) -> pki.TlsFiles:
-    """The broker's certificate from the local CA, and a PEM key store (key + certificate, mode 0600)."""
-    ca = pki.ensure_ca(state / "pki")
-    files = pki.issue(ca, "kafka")
-    store = state / "pki" / "kafka-keystore.pem"
+def write_key_store(files: pki.TlsFiles, store: Path) -> None:
+    """Kafka's PEM key store (``ssl.keystore.type=PEM``): the private key and the certificate, mode 0600."""
     _write_private(store, files.key.read_text() + files.cert.read_text())
+
+
+def server_tls(state: Path) -> pki.TlsFiles:
+    """The broker's certificate from the local CA, and its PEM key store."""
+    files = pki.issue(pki.ensure_ca(state / "pki"), "kafka")
+    write_key_store(files, state / "pki" / "kafka-keystore.pem")
     return files
 
 
@@ -207,3 +210,26 @@ async def grant_prefix(admin: KafkaSettings, prefix: str, services: Sequence[str
     finally:
         await client.close()
     return count
+
+
+_OP_NAMES = {_READ: "Read", _WRITE: "Write", _CREATE: "Create", _DESCRIBE: "Describe",
+             _DESCRIBE_CONFIGS: "DescribeConfigs"}
+
+
+def acl_grants(service: str) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
+    """The ACLs of ``service`` grouped for ``kafka-acls.sh`` (deployments): (resource type ``topic``/
+    ``group``, pattern ``literal``/``prefixed``, operations, names without the prefix), one call each."""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for rtype, name, pattern, op in acl_entries("", service):
+        grouped.setdefault(("topic" if rtype == _TOPIC else "group",
+                            "literal" if pattern == _LITERAL else "prefixed", name), []).append(_OP_NAMES[op])
+    calls: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
+    for (rtype_name, pattern_name, name), ops in grouped.items():
+        calls.setdefault((rtype_name, pattern_name, tuple(sorted(ops))), []).append(name)
+    return [(r, p, ops, tuple(sorted(names))) for (r, p, ops), names in sorted(calls.items())]
+
+
+def deployment_grant_lines() -> list[str]:
+    """``grant SERVICE TYPE PATTERN OPS NAME...`` lines for the kafka-init scripts of the deployments."""
+    return [f"grant {service} {rtype} {pattern} {','.join(ops)} {' '.join(names)}"
+            for service in SERVICES for rtype, pattern, ops, names in acl_grants(service)]
