@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bpstream.localservers import influx_security, install, kafka_security, pki, probes, servers
+from bpstream.localservers import influx_security, install, kafka_security, probes, servers
 from bpstream.shared.settings import InfluxSettings, KafkaSettings
 
 HOST = "127.0.0.1"
@@ -395,6 +395,8 @@ def ensure_up_report(timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[ServerEndpoi
         for entry in state.values():
             taken.update(int(p) for p in entry.get("ports", {}).values())
         report: dict[str, ServerStatus] = {}
+        from bpstream.localservers import pki  # cryptography: not in the service images
+
         pki.ensure_ca(state_dir() / "pki")  # once, before the servers are prepared side by side
 
         async def all_up() -> None:

@@ -17,11 +17,14 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
-from bpstream.localservers import pki
 from bpstream.shared.settings import InfluxSettings
+
+if TYPE_CHECKING:
+    from bpstream.localservers import pki
 
 ADMIN = "admin"
 WRITER = "writer"
@@ -55,11 +58,14 @@ def users(state: Path) -> dict[str, str]:
 
 def server_tls(state: Path) -> pki.TlsFiles:
     """The server's certificate and key from the local CA."""
+    from bpstream.localservers import pki  # cryptography: local servers and tools only, not the images
+
     return pki.issue(pki.ensure_ca(state / "pki"), "influxdb")
 
 
 def client_settings(state: Path, url: str, user: str | None = ADMIN, *, database: str = "bpstream") -> InfluxSettings:
     """Settings for ``user`` (None: anonymous) on the local server, trusting the local CA."""
+
     password = SecretStr(users(state)[user]) if user else None
     return InfluxSettings(url=url, database=database, username=user, password=password,
                           ca_file=str(state / "pki" / "ca.crt"))

@@ -19,11 +19,14 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
-from bpstream.localservers import pki
 from bpstream.shared.settings import KafkaSettings
+
+if TYPE_CHECKING:
+    from bpstream.localservers import pki
 
 MECHANISM = "SCRAM-SHA-512"
 ADMIN = "admin"
@@ -111,6 +114,8 @@ def write_key_store(files: pki.TlsFiles, store: Path) -> None:
 
 def server_tls(state: Path) -> pki.TlsFiles:
     """The broker's certificate from the local CA, and its PEM key store."""
+    from bpstream.localservers import pki  # cryptography: local servers and tools only, not the images
+
     files = pki.issue(pki.ensure_ca(state / "pki"), "kafka")
     write_key_store(files, state / "pki" / "kafka-keystore.pem")
     return files
