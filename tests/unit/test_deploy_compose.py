@@ -325,6 +325,9 @@ def test_kafka_is_sasl_ssl_only_with_acls_and_each_service_its_own_user(model: d
         assert env["BPSTREAM_INFLUX_CA_FILE"] == env["BPSTREAM_KAFKA_SSL_CA_FILE"], name
         # no key reaches a client container, only the CA certificate
         assert not any(m["source"].endswith((".key", ".pem")) for m in services[name]["volumes"]), name
+    # and the CA's key reaches no container at all
+    for name, service in services.items():
+        assert not any(str(m.get("source", "")).endswith(("ca.key", "pki")) for m in service.get("volumes", [])), name
 
 
 def test_influxdb_serves_https_only_with_auth(model: dict[str, Any]) -> None:
