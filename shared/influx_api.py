@@ -42,17 +42,24 @@ def bucket(settings: InfluxSettings) -> str:
     return settings.database
 
 
+def tls_kwargs(settings: InfluxSettings) -> dict[str, Any]:
+    """HTTPS verification for influxdb-client: the CA setting, verification on unless turned off."""
+    return {"verify_ssl": settings.verify_ssl, "ssl_ca_cert": settings.ca_file}
+
+
 def async_client(settings: InfluxSettings, *, timeout_s: float | None = None) -> InfluxDBClientAsync:
     """An asyncio ``influxdb-client`` for ``settings`` (use as ``async with``). Org is unused by 1.x: ``-``."""
     timeout_ms = int(1000 * (timeout_s if timeout_s is not None else settings.timeout_s))
     # token None sends no Authorization header (a server without auth); the client's own retries are off
-    return InfluxDBClientAsync(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms)
+    return InfluxDBClientAsync(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms,
+                               **tls_kwargs(settings))
 
 
 def sync_client(settings: InfluxSettings, *, timeout_s: float | None = None) -> InfluxDBClient:
     """The blocking ``influxdb-client`` for ``settings`` (use as ``with``): for tests and scripts."""
     timeout_ms = int(1000 * (timeout_s if timeout_s is not None else settings.timeout_s))
-    return InfluxDBClient(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms)
+    return InfluxDBClient(url=settings.url, token=cast(str, token(settings)), org="-", timeout=timeout_ms,
+                          **tls_kwargs(settings))
 
 
 def _query_params(query: str, database: str | None, epoch: str | None) -> list[tuple[str, str]]:
@@ -72,8 +79,11 @@ def _results(answer: object) -> list[dict[str, Any]]:
     return results
 
 
-_CALL = {"header_params": {"Accept": "application/json"}, "response_type": "object", "auth_settings": [],
-         "_return_http_data_only": True}
+def _call() -> dict[str, Any]:
+    # fresh every call: the client merges its default headers (Authorization) into ``header_params`` in place,
+    # so a shared dict would carry one client's credentials into the next client's requests
+    return {"header_params": {"Accept": "application/json"}, "response_type": "object", "auth_settings": [],
+            "_return_http_data_only": True}
 
 
 async def influxql(client: InfluxDBClientAsync, query: str, *, database: str | None = None,
@@ -84,7 +94,7 @@ async def influxql(client: InfluxDBClientAsync, query: str, *, database: str | N
     :class:`InfluxQLError` when a statement fails inside a 200 answer. ``epoch`` None: RFC 3339 times.
     """
     answer = await client.api_client.call_api(  # type: ignore[no-untyped-call]
-        "/query", "POST", query_params=_query_params(query, database, epoch), **_CALL)
+        "/query", "POST", query_params=_query_params(query, database, epoch), **_call())
     return _results(answer)
 
 
@@ -92,7 +102,7 @@ def influxql_sync(client: InfluxDBClient, query: str, *, database: str | None = 
                   epoch: str | None = "ns") -> list[dict[str, Any]]:
     """:func:`influxql` with the blocking client."""
     answer = client.api_client.call_api(  # type: ignore[no-untyped-call]
-        "/query", "POST", query_params=_query_params(query, database, epoch), **_CALL)
+        "/query", "POST", query_params=_query_params(query, database, epoch), **_call())
     return _results(answer)
 
 

@@ -8,10 +8,13 @@ service adds its own settings class with its own prefix (``BPSTREAM_BRIDGE_*``, 
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bpstream.shared.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,11 @@ class KafkaSettings(_Frozen):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    #: TLS for ``SSL``/``SASL_SSL``: the CA that signed the brokers' certificates (the system store when
+    #: unset) and, for mutual TLS, this client's certificate and key (PEM paths).
+    ssl_ca_file: str | None = None
+    ssl_cert_file: str | None = None
+    ssl_key_file: str | None = None
     request_timeout_ms: int = 30_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
@@ -46,11 +54,17 @@ class KafkaSettings(_Frozen):
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
         }
+        if "SSL" in self.security_protocol.upper():
+            kwargs["ssl_context"] = self.ssl_context()
         if self.sasl_mechanism:
             kwargs["sasl_mechanism"] = self.sasl_mechanism
             kwargs["sasl_plain_username"] = self.sasl_username
             kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
         return kwargs
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context from the CA / certificate / key settings (``bpstream.shared.tls``)."""
+        return client_ssl_context(self.ssl_ca_file, self.ssl_cert_file, self.ssl_key_file)
 
 
 class MqttSettings(_Frozen):
@@ -78,6 +92,10 @@ class InfluxSettings(_Frozen):
     password: SecretStr | None = None
     retention_policy: str | None = None
     timeout_s: float = 10.0
+    #: CA that signed the server's HTTPS certificate (the system store when unset); verification stays on
+    #: unless ``verify_ssl`` is turned off explicitly.
+    ca_file: str | None = None
+    verify_ssl: bool = True
 
 
 class ServiceSettings(_Frozen):

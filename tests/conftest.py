@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bpstream.localservers import InstallError, ServerEndpoints, ServerError, ensure_up
+from bpstream.localservers import InstallError, ServerEndpoints, ServerError, ensure_up, influx_security
 from bpstream.localservers.core import run_blocking as run_sync
 from bpstream.shared import influx_api
-from bpstream.shared.settings import InfluxSettings, KafkaSettings
+from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALL_TOPICS, topic_name
 
 _TESTS = Path(__file__).parent
@@ -61,8 +61,10 @@ def topic_prefix() -> str:
 
 @pytest.fixture
 def kafka_settings(servers: ServerEndpoints, topic_prefix: str) -> KafkaSettings:
-    """Kafka settings pointing at the local broker with this test's topic prefix."""
-    return KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=topic_prefix)
+    """Kafka settings (SASL_SSL, the admin user) for the local broker with this test's topic prefix; every
+    service's user is granted its ACLs under the prefix."""
+    run_sync(lambda: servers.grant_kafka_prefix(topic_prefix))
+    return servers.kafka_settings(topic_prefix)
 
 
 @pytest.fixture
@@ -88,18 +90,20 @@ def kafka_topics(kafka_settings: KafkaSettings) -> Iterator[str]:
 
 @pytest.fixture
 def influx_db(servers: ServerEndpoints) -> Iterator[str]:
-    """A fresh, uniquely named InfluxDB database, dropped after the test."""
+    """A fresh, uniquely named InfluxDB database (created by the admin, the writer granted WRITE and Grafana
+    READ on it), dropped after the test."""
     name = f"test_{uuid.uuid4().hex[:12]}"
-    settings = InfluxSettings(url=servers.influx_url, database=name)
+    settings = servers.influx_settings(name)
+    influx_security.grant_database_sync(settings, name)
+    yield name
     with influx_api.sync_client(settings) as client:
-        influx_api.influxql_sync(client, f"CREATE DATABASE {influx_api.quote_identifier(name)}", epoch=None)
-        yield name
         influx_api.influxql_sync(client, f"DROP DATABASE {influx_api.quote_identifier(name)}", epoch=None)
 
 
 @pytest.fixture
 def service_env(servers: ServerEndpoints, kafka_topics: str, influx_db: str) -> dict[str, str]:
-    """``BPSTREAM_*`` variables for a service under test: local servers, this test's topics and database."""
+    """``BPSTREAM_*`` variables for a tool under test (admin users): local servers, this test's topics and
+    database. A service process takes ``servers.env(name)`` instead (its own users)."""
     return {
         **servers.env(),
         "BPSTREAM_KAFKA_TOPIC_PREFIX": kafka_topics,

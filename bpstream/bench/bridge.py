@@ -61,9 +61,11 @@ def run(messages: int, devices: int) -> dict[str, float | int]:
     servers = ensure_up()
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     clinic = f"bench-{uuid.uuid4().hex[:6]}"
-    kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=prefix)
+    kafka = servers.kafka_settings(prefix)  # the admin creates and reads the topics; the bridge has its own user
+    asyncio.run(servers.grant_kafka_prefix(prefix))
     asyncio.run(ensure_topics(kafka, ALL_TOPICS))
-    env = {**os.environ, **servers.env(), "BPSTREAM_KAFKA_TOPIC_PREFIX": prefix, "BPSTREAM_BRIDGE_CLINIC": clinic,
+    env = {**os.environ, **servers.env("bridge"), "BPSTREAM_KAFKA_TOPIC_PREFIX": prefix,
+           "BPSTREAM_BRIDGE_CLINIC": clinic,
            "BPSTREAM_BRIDGE_CLIENT_ID": f"bench-{clinic}", "BPSTREAM_BRIDGE_SHARE_GROUP": clinic,
            "BPSTREAM_BRIDGE_SESSION_EXPIRY_S": "300", "BPSTREAM_BRIDGE_METRICS_PORT": str(_free_port()),
            "BPSTREAM_LOG_LEVEL": "WARNING"}

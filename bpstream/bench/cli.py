@@ -30,13 +30,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         points: int = typer.Option(50_000, "--points", min=1000, help="Estimate points written per round."),
         batch: int = typer.Option(5000, "--batch", min=1, help="Points per InfluxDB request."),
         rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds of each variant; the best is reported."),
-        url: str | None = typer.Option(None, "--url", help="InfluxDB URL (default: the local server, started)."),
+        url: str | None = typer.Option(None, "--url", help=(
+            "InfluxDB URL (default: the local server, started; otherwise BPSTREAM_INFLUX_* give an admin's "
+            "credentials and CA).")),
     ) -> None:
         """The writer's InfluxDB path alone: encoding and writing, each against a same-process baseline."""
         from bpstream.bench.writer import main
 
-        if url is None:
+        if url is None:  # the local server: its admin and its WRITE-only writer user
             from bpstream.localservers import ensure_up
 
-            url = ensure_up().influx_url
-        main(url, points, batch, rounds)
+            servers = ensure_up()
+            main(servers.influx_settings(), servers.influx_settings(service="writer"), points, batch, rounds)
+        else:  # credentials and CA from BPSTREAM_INFLUX_* (an admin: the bench creates a database)
+            from bpstream.shared.settings import InfluxSettings
+
+            admin = InfluxSettings(url=url)
+            main(admin, admin, points, batch, rounds)

@@ -36,7 +36,6 @@ from bpstream.services.processor.stage import (
 )
 from bpstream.shared.kafka import KafkaProducer, ensure_topics
 from bpstream.shared.messages import SignalChunk, decode_chunk, encode_chunk
-from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALL_TOPICS, SIGNALS_RAW
 
 T0 = 1_700_000_000 * 10**9
@@ -99,9 +98,10 @@ def service_rate(chunks: list[tuple[str, bytes]]) -> float:
 
     servers = ensure_up()
     prefix = f"bench{uuid.uuid4().hex[:6]}."
-    kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=prefix)
+    kafka = servers.kafka_settings(prefix)  # the admin fills the topics; the processor runs as its own user
 
     async def fill() -> None:
+        await servers.grant_kafka_prefix(prefix)
         await ensure_topics(kafka, ALL_TOPICS)
         async with KafkaProducer(kafka) as producer:
             for i in range(0, len(chunks), 2000):
@@ -110,7 +110,7 @@ def service_rate(chunks: list[tuple[str, bytes]]) -> float:
     asyncio.run(fill())
     port = str(_free_port())
     with tempfile.TemporaryDirectory() as data, tempfile.TemporaryFile() as log:
-        env = {**os.environ, **servers.env(), "BPSTREAM_KAFKA_TOPIC_PREFIX": prefix,
+        env = {**os.environ, **servers.env("processor"), "BPSTREAM_KAFKA_TOPIC_PREFIX": prefix,
                "BPSTREAM_PROCESSOR_METRICS_PORT": port, "BPSTREAM_PROCESSOR_DATA_DIR": data,
                "BPSTREAM_LOG_LEVEL": "WARNING"}
         proc = subprocess.Popen([sys.executable, "-m", "bpstream.services.processor.main"], env=env, stdout=log,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from bpstream.shared import influx_api
 from bpstream.shared.influx import MEASUREMENT_ESTIMATE
 from bpstream.shared.messages import Estimate, decode_estimate, encode_json
 from bpstream.shared.settings import InfluxSettings
+from bpstream.shared.tls import client_ssl_context
 from bpstream.shared.topics import ESTIMATES
 
 NS = 1_000_000_000
@@ -92,7 +94,8 @@ async def _timed_async(n: int, fn: Callable[[list[list[str]]], Awaitable[None]],
     return Timing(n, time.perf_counter() - wall, time.process_time() - cpu)
 
 
-async def run(url: str, n: int, batch: int, rounds: int) -> str:
+async def run(admin: InfluxSettings, writer_user: InfluxSettings, n: int, batch: int, rounds: int) -> str:
+    """Both variants write as ``writer_user`` (WRITE only); ``admin`` creates, counts and drops the database."""
     start_ns = time.time_ns() - 3600 * NS
     payloads = estimate_payloads(n, start_ns)
     stored_ns = time.time_ns()
@@ -117,11 +120,19 @@ async def run(url: str, n: int, batch: int, rounds: int) -> str:
         return [lines[i:i + batch] for i in range(0, len(lines), batch)]
 
     database = f"bench_{uuid.uuid4().hex[:8]}"
-    settings = InfluxSettings(url=url, database=database)
+    settings = admin.model_copy(update={"database": database})
+    writes_as = writer_user.model_copy(update={"database": database})
     await influx_api.execute(settings, f"CREATE DATABASE {influx_api.quote_identifier(database)}")
+    if writes_as.username and writes_as.username != settings.username:
+        await influx_api.execute(settings, f"GRANT WRITE ON {influx_api.quote_identifier(database)} TO "
+                                           f"{influx_api.quote_identifier(writes_as.username)}")
+    token = influx_api.token(writes_as)
+    verify: ssl.SSLContext | bool = (client_ssl_context(writes_as.ca_file) if writes_as.verify_ssl else False)
     try:
         writer_runs, baseline_runs = [], []
-        async with InfluxWriter(settings) as writer, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        async with InfluxWriter(writes_as) as writer, httpx.AsyncClient(
+                base_url=writes_as.url, timeout=30, verify=verify,
+                headers={"Authorization": f"Token {token}"} if token else {}) as http:
             async def with_writer(batches: list[list[str]]) -> None:
                 for chunk in batches:
                     result = await writer.write(chunk)
@@ -161,5 +172,6 @@ async def run(url: str, n: int, batch: int, rounds: int) -> str:
     ])
 
 
-def main(url: str, n: int = 50_000, batch: int = 5000, rounds: int = 3) -> None:
-    print(asyncio.run(run(url, n, batch, rounds)))
+def main(admin: InfluxSettings, writer_user: InfluxSettings, n: int = 50_000, batch: int = 5000,
+         rounds: int = 3) -> None:
+    print(asyncio.run(run(admin, writer_user, n, batch, rounds)))

@@ -148,8 +148,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
     endpoints = await asyncio.to_thread(localservers.ensure_up)
     tag = f"bench{uuid.uuid4().hex[:6]}"
     profile_dir = Path("reports") / "bench" / tag / "profiles"
-    pconf = PipelineConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port,
-                           kafka_bootstrap=endpoints.kafka_bootstrap, influx_url=endpoints.influx_url,
+    pconf = PipelineConfig(servers=endpoints,
                            topic_prefix=f"{tag}.", database=f"{tag}", log_dir=Path("reports") / "bench" / tag,
                            env={"BPSTREAM_LOG_LEVEL": "WARNING",
                                 **({"BPSTREAM_PROFILE_DIR": str(profile_dir.resolve())} if cfg.profile else {})},
@@ -204,7 +203,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
                               (decode_window(r.value or b"") for r in await read_topic(pconf.kafka(), WINDOWS))
                               if w.clinic_id == tag and w.received_ns and w.emitted_ns])
         await asyncio.sleep(2.0)
-        rows = await influx_rows(pconf.influx_url, pconf.database,
+        rows = await influx_rows(pconf.influx(),
                                  "SELECT stored_latency_ms, latency_ms FROM bp_estimate "
                                  f"WHERE clinic = '{tag}' GROUP BY device")
     profile = {p.stem: summarise_profile(p) for p in sorted(profile_dir.glob("*.prof"))} if cfg.profile else {}

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from bpstream.demo.supervisor import SERVICE_MODULES, ServiceSupervisor
+from bpstream.localservers.core import ServerEndpoints
 from bpstream.shared import influx_api
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
@@ -68,12 +69,13 @@ def free_port() -> int:
 
 @dataclass(slots=True)
 class PipelineConfig:
-    """Where the pipeline runs and how its services are tuned."""
+    """Where the pipeline runs and how its services are tuned.
 
-    mqtt_host: str
-    mqtt_port: int
-    kafka_bootstrap: str
-    influx_url: str
+    Connection settings come from ``servers`` (``ServerEndpoints``): the harness itself (topic creation,
+    counting, queries) uses the admin users, every service process its own users (``servers.env(name)``).
+    """
+
+    servers: ServerEndpoints
     topic_prefix: str = ""
     database: str = "bpstream"
     log_dir: Path = Path("reports/logs")
@@ -81,21 +83,34 @@ class PipelineConfig:
     env: dict[str, str] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    @property
+    def mqtt_host(self) -> str:
+        return self.servers.mqtt_host
+
+    @property
+    def mqtt_port(self) -> int:
+        return self.servers.mqtt_port
+
     def kafka(self) -> KafkaSettings:
-        return KafkaSettings(bootstrap_servers=self.kafka_bootstrap, topic_prefix=self.topic_prefix)
+        """The admin's Kafka settings with this run's topic prefix."""
+        return self.servers.kafka_settings(self.topic_prefix)
 
     def influx(self) -> InfluxSettings:
-        return InfluxSettings(url=self.influx_url, database=self.database)
+        """The admin's InfluxDB settings for this run's database."""
+        return self.servers.influx_settings(self.database)
 
     def base_env(self) -> dict[str, str]:
+        """What every service shares (no credentials: those are per service, ``service_connection_env``)."""
         return {
-            "BPSTREAM_MQTT_HOST": self.mqtt_host, "BPSTREAM_MQTT_PORT": str(self.mqtt_port),
-            "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap, "BPSTREAM_KAFKA_TOPIC_PREFIX": self.topic_prefix,
-            "BPSTREAM_INFLUX_URL": self.influx_url, "BPSTREAM_INFLUX_DATABASE": self.database,
+            "BPSTREAM_KAFKA_TOPIC_PREFIX": self.topic_prefix, "BPSTREAM_INFLUX_DATABASE": self.database,
             # Faster group rebalances after a service restart (local, single broker).
             "BPSTREAM_KAFKA_SESSION_TIMEOUT_MS": "6000", "BPSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
             **self.env,
         }
+
+    def service_connection_env(self, name: str) -> dict[str, str]:
+        """Where the servers are and ``name``'s own users on them."""
+        return self.servers.env(name)
 
 
 class Pipeline:
@@ -108,8 +123,8 @@ class Pipeline:
         for name in SERVICE_MODULES:
             port = free_port()
             self.metrics_ports[name] = port
-            per_service[name] = {f"{ENV_PREFIX[name]}METRICS_PORT": str(port),
-                                 **config.service_env.get(name, {})}
+            per_service[name] = {**config.service_connection_env(name), **config.env,
+                                 f"{ENV_PREFIX[name]}METRICS_PORT": str(port), **config.service_env.get(name, {})}
         prefix = config.topic_prefix
         # A bridge shares its MQTT subscription group only with bridges of the same run.
         per_service["bridge"].setdefault("BPSTREAM_BRIDGE_SHARE_GROUP", f"{prefix}bpstream-bridge".replace(".", "-"))
@@ -122,11 +137,11 @@ class Pipeline:
         self._count_lock = asyncio.Lock()
 
     async def prepare(self) -> None:
-        """Create every topic (and alerting's state topic) and the InfluxDB database."""
+        """Grant every service its Kafka ACLs under the prefix, create every topic (and alerting's state topic),
+        create the InfluxDB database and grant the writer WRITE and Grafana READ on it (as the admins)."""
+        await self.config.servers.grant_kafka_prefix(self.config.topic_prefix)
         await ensure_topics(self.config.kafka(), [*ALL_TOPICS, ALERTING_STATE])
-        await influx_api.execute(self.config.influx(),
-                                 f"CREATE DATABASE {influx_api.quote_identifier(self.config.database)}",
-                                 timeout_s=30)
+        await self.config.servers.grant_influx_database(self.config.database)
 
     async def ready(self, name: str) -> bool:
         port = self.metrics_ports[name]
@@ -265,19 +280,19 @@ class Pipeline:
         await asyncio.to_thread(self.stop)
 
 
-async def influx_rows(url: str, database: str, query: str) -> list[dict[str, Any]]:
-    """Rows of an InfluxQL query (tags merged into each row), timestamps in ns, through influxdb-client."""
-    return await influx_api.query_rows(InfluxSettings(url=url, database=database), query, timeout_s=60)
+async def influx_rows(settings: InfluxSettings, query: str) -> list[dict[str, Any]]:
+    """Rows of an InfluxQL query on ``settings``' database (tags merged into each row), timestamps in ns."""
+    return await influx_api.query_rows(settings, query, timeout_s=60)
 
 
 async def stored_estimates(config: PipelineConfig, clinic_id: str) -> list[dict[str, Any]]:
     """Every estimate point of a clinic in InfluxDB (one row per device and window end)."""
-    return await influx_rows(config.influx_url, config.database,
+    return await influx_rows(config.influx(),
                              f"SELECT * FROM bp_estimate WHERE clinic = '{clinic_id}' GROUP BY device")
 
 
 async def stored_alerts(config: PipelineConfig, clinic_id: str) -> list[dict[str, Any]]:
-    return await influx_rows(config.influx_url, config.database,
+    return await influx_rows(config.influx(),
                              f"SELECT * FROM bp_alert WHERE clinic = '{clinic_id}' GROUP BY device, kind, severity")
 
 

@@ -89,8 +89,7 @@ async def _demo(cfg: DemoConfig) -> Path:
         inference_env["BPSTREAM_INFERENCE_CALIBRATION_WINDOW_S"] = str(cfg.calibration_window_s)
     if cfg.calibration_max_age_s is not None:
         inference_env["BPSTREAM_INFERENCE_CALIBRATION_MAX_AGE_S"] = str(cfg.calibration_max_age_s)
-    pconf = PipelineConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port,
-                           kafka_bootstrap=endpoints.kafka_bootstrap, influx_url=endpoints.influx_url,
+    pconf = PipelineConfig(servers=endpoints,
                            topic_prefix=cfg.topic_prefix, database=cfg.database, log_dir=out_dir / "logs",
                            service_env={"bridge": {"BPSTREAM_BRIDGE_SHARE_GROUP": f"demo-{uuid.uuid4().hex[:8]}",
                                                    "BPSTREAM_BRIDGE_CLIENT_ID": f"bridge-{clinic}"},
@@ -150,9 +149,9 @@ async def _demo(cfg: DemoConfig) -> Path:
                     live.update(state.render())
             stop_view.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-            estimates = await influx_rows(pconf.influx_url, pconf.database,
+            estimates = await influx_rows(pconf.influx(),
                                           f"SELECT * FROM bp_estimate WHERE clinic = '{clinic}' GROUP BY device")
-            alerts = await influx_rows(pconf.influx_url, pconf.database,
+            alerts = await influx_rows(pconf.influx(),
                                        f"SELECT * FROM bp_alert WHERE clinic = '{clinic}' GROUP BY device, kind, "
                                        "severity")
             versions = sorted({str(r.get("model_version")) for r in estimates if r.get("model_version")})
@@ -161,7 +160,7 @@ async def _demo(cfg: DemoConfig) -> Path:
                                      fleet.device_ids, cfg.duration_s)]
             if cfg.paired:
                 twin_alerts = await influx_rows(
-                    pconf.influx_url, pconf.database,
+                    pconf.influx(),
                     f"SELECT * FROM bp_alert WHERE clinic = '{twin_clinic}' GROUP BY device, kind, severity")
                 metrics.append(alert_metrics("never calibrated (paired copy)", fleets[1].truth,
                                              by_device(twin_alerts), fleets[1].device_ids, cfg.duration_s))

@@ -17,11 +17,14 @@ console = Console()
 
 def _print_endpoints(endpoints: core.ServerEndpoints) -> None:
     console.print(f"MQTT      mqtt://{endpoints.mqtt_host}:{endpoints.mqtt_port}  (MQTT 5 and 3.1.1, anonymous)")
-    console.print(f"Kafka     {endpoints.kafka_bootstrap}  (Apache Kafka {install.KAFKA_VERSION}, KRaft, PLAINTEXT)")
-    console.print(f"InfluxDB  {endpoints.influx_url}  (InfluxDB {install.INFLUXDB_VERSION}, v1 + v2 API, no auth)")
-    console.print("Environment for services and tools:")
+    console.print(f"Kafka     {endpoints.kafka_bootstrap}  (Apache Kafka {install.KAFKA_VERSION}, KRaft, "
+                  "SASL_SSL SCRAM-SHA-512, ACLs)")
+    console.print(f"InfluxDB  {endpoints.influx_url}  (InfluxDB {install.INFLUXDB_VERSION}, v1 + v2 API, HTTPS, auth)")
+    console.print(f"CA        {endpoints.ca_file}; credentials in {endpoints.secrets_dir} (mode 0600)")
+    console.print("Environment for tools (admin users; `bpstream servers env` prints the passwords):")
     for key, value in endpoints.env().items():
-        console.print(f"  export {key}={value}", highlight=False)
+        shown = "********" if key.endswith("PASSWORD") else value
+        console.print(f"  export {key}={shown}", highlight=False)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -88,11 +91,28 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise _fail(exc) from exc
         console.print(f"{name} restarted and answers ({time.monotonic() - began:.1f} s)")
 
+    @group.command("certs")
+    def certs(out: Path = typer.Argument(..., help="Folder for ca.crt/ca.key and each server's certificate."),
+              server: list[str] = typer.Option(["kafka", "influxdb"], "--server",
+                                               help="A server (its name is also its host name)."),
+              host: list[str] = typer.Option([], "--host", help="Another host name on every certificate.")) -> None:
+        """Create a CA (once) and server certificates for a deployment (docker compose: deploy/pki)."""
+        from bpstream.localservers import kafka_security, pki
+
+        ca = pki.ensure_ca(out, name="bpstream deployment CA")
+        for name in server:
+            files = pki.issue(ca, name, hosts=(name, *host, *pki.LOOPBACK_HOSTS))
+            if name == "kafka":  # Kafka's PEM key store: the key and the certificate in one file
+                kafka_security.write_key_store(files, out / "kafka-keystore.pem")
+            console.print(f"{name}: {files.cert} ({files.key}, mode 0600)")
+        console.print(f"CA: {ca.cert} (its key {ca.key} signs new certificates: keep it off the servers)")
+
     @group.command("env")
-    def env() -> None:
+    def env(service: str = typer.Option(None, help="a service's own users (bridge, processor, ...); "
+                                                "default: the admin users for tools")) -> None:
         """Print ``export BPSTREAM_...`` lines for the running servers (eval "$(bpstream servers env)")."""
         endpoints = core.endpoints()
         if endpoints is None:
             raise _fail(core.ServerError("servers were never started; run `bpstream servers up`"))
-        for key, value in endpoints.env().items():
+        for key, value in endpoints.env(service).items():
             typer.echo(f"export {key}={value}")

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bpstream.localservers import install, probes, servers
+from bpstream.localservers import influx_security, install, kafka_security, probes, servers
+from bpstream.shared.settings import InfluxSettings, KafkaSettings
 
 HOST = "127.0.0.1"
 SERVER_NAMES: tuple[str, ...] = ("mosquitto", "kafka", "influxdb")
@@ -41,21 +42,56 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class ServerEndpoints:
-    """Where the running servers listen (all on loopback)."""
+    """Where the running servers listen (all on loopback), and where their credentials and CA lie.
+
+    Kafka is SASL_SSL with one SCRAM user per service and InfluxDB HTTPS with auth: take connection settings
+    from ``kafka_settings`` / ``influx_settings`` / ``env`` (a service name gets that service's own user,
+    None the admin used by tools and tests) rather than building them by hand.
+    """
 
     mqtt_host: str
     mqtt_port: int
     kafka_bootstrap: str
     influx_url: str
+    #: Folder with the generated credentials and ``pki/ca.crt`` (``state_dir()``).
+    secrets_dir: str = ""
 
-    def env(self) -> dict[str, str]:
-        """The ``BPSTREAM_*`` variables that point services and tools at these servers."""
+    @property
+    def ca_file(self) -> str:
+        return str(Path(self.secrets_dir) / "pki" / "ca.crt")
+
+    def kafka_settings(self, prefix: str = "", service: str | None = None) -> KafkaSettings:
+        """Kafka settings for ``service``'s own user (None: the admin) with topic prefix ``prefix``."""
+        return kafka_security.client_settings(Path(self.secrets_dir), self.kafka_bootstrap,
+                                              service or kafka_security.ADMIN, topic_prefix=prefix)
+
+    def influx_settings(self, database: str = "bpstream", service: str | None = None) -> InfluxSettings:
+        """InfluxDB settings for ``service``'s user (``writer``, ``grafana``; None: the admin)."""
+        user = influx_security.SERVICE_USERS.get(service, None) if service else influx_security.ADMIN
+        return influx_security.client_settings(Path(self.secrets_dir), self.influx_url, user, database=database)
+
+    def env(self, service: str | None = None) -> dict[str, str]:
+        """The ``BPSTREAM_*`` variables that point a process at these servers: for a service name that
+        service's own users, for None the admin (tools, tests)."""
+        state = Path(self.secrets_dir)
+        influx_user = influx_security.SERVICE_USERS.get(service) if service else influx_security.ADMIN
+        kafka_user = service if service in kafka_security.SERVICES else kafka_security.ADMIN
         return {
             "BPSTREAM_MQTT_HOST": self.mqtt_host,
             "BPSTREAM_MQTT_PORT": str(self.mqtt_port),
             "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
+            **kafka_security.client_env(state, kafka_user),
             "BPSTREAM_INFLUX_URL": self.influx_url,
+            **influx_security.client_env(state, influx_user),
         }
+
+    async def grant_kafka_prefix(self, prefix: str) -> int:
+        """Every service's ACLs for topics and groups under ``prefix`` (through the admin)."""
+        return await kafka_security.grant_prefix(self.kafka_settings(), prefix)
+
+    async def grant_influx_database(self, database: str) -> None:
+        """Create ``database`` and grant the writer WRITE and Grafana READ on it (through the admin)."""
+        await influx_security.grant_database(self.influx_settings(database), database)
 
 
 @dataclass(slots=True)
@@ -208,7 +244,8 @@ def _endpoints(state: dict[str, dict[str, Any]]) -> ServerEndpoints:
         mqtt_host=HOST,
         mqtt_port=int(state["mosquitto"]["ports"]["port"]),
         kafka_bootstrap=f"{HOST}:{state['kafka']['ports']['port']}",
-        influx_url=f"http://{HOST}:{state['influxdb']['ports']['port']}",
+        influx_url=f"https://{HOST}:{state['influxdb']['ports']['port']}",
+        secrets_dir=str(state_dir()),
     )
 
 
@@ -232,9 +269,12 @@ async def _probe(name: str, ports: dict[str, int]) -> None:
         await asyncio.to_thread(probes.mqtt_round_trip, HOST, port)
     elif name == "kafka":
         with _quiet_kafka_client():
-            await probes.kafka_round_trip(f"{HOST}:{port}")
+            await probes.kafka_round_trip(kafka_security.client_settings(state_dir(), f"{HOST}:{port}"))
     else:
-        await probes.influx_round_trip(f"http://{HOST}:{port}")
+        url = f"https://{HOST}:{port}"
+        await probes.influx_ping(influx_security.client_settings(state_dir(), url, None))
+        await influx_security.provision(state_dir(), url)  # the admin first, then the other users
+        await probes.influx_round_trip(influx_security.client_settings(state_dir(), url))
 
 
 async def _wait_healthy(name: str, entry: dict[str, Any], timeout_s: float) -> None:
@@ -271,10 +311,15 @@ def _start(name: str, paths: dict[str, str], ports: dict[str, int]) -> dict[str,
     if name == "mosquitto":
         launch = servers.prepare_mosquitto(root, paths["mosquitto"], ports["port"])
     elif name == "influxdb":
-        launch = servers.prepare_influxdb(root, paths["influxd"], ports["port"], ports["rpc_port"])
+        tls = influx_security.server_tls(state_dir())
+        launch = servers.prepare_influxdb(root, paths["influxd"], ports["port"], ports["rpc_port"], auth=True,
+                                          tls_cert=tls.cert, tls_key=tls.key)
     else:
-        launch, format_cmd = servers.prepare_kafka(root, paths["java"], paths["kafka_libs"], ports["port"],
-                                                   ports["controller_port"])
+        launch, format_cmd = servers.prepare_kafka(
+            root, paths["java"], paths["kafka_libs"], ports["port"], ports["controller_port"],
+            security=kafka_security.server_properties(state_dir(), ports["port"], ports["controller_port"]),
+            format_args=kafka_security.format_args(state_dir()),
+            formatted_as=kafka_security.formatted_marker(state_dir()))
         if format_cmd is not None:
             result = subprocess.run(format_cmd, capture_output=True, text=True, check=False)
             if result.returncode != 0:
@@ -350,6 +395,9 @@ def ensure_up_report(timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[ServerEndpoi
         for entry in state.values():
             taken.update(int(p) for p in entry.get("ports", {}).values())
         report: dict[str, ServerStatus] = {}
+        from bpstream.localservers import pki  # cryptography: not in the service images
+
+        pki.ensure_ca(state_dir() / "pki")  # once, before the servers are prepared side by side
 
         async def all_up() -> None:
             results = await asyncio.gather(

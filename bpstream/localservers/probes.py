@@ -1,8 +1,8 @@
 """Real round trips that prove a server works, not just that its port is open.
 
 * MQTT: subscribe, publish with QoS 1, receive the same payload (MQTT 5).
-* Kafka: an admin client bootstraps (ApiVersions + Metadata) and lists topics; the broker must be registered.
-* InfluxDB: ``/ping`` answers (with its version) and ``SHOW DATABASES`` runs, through influxdb-client.
+* Kafka: an admin client (SASL_SSL, the admin user) bootstraps and lists topics; the broker must be registered.
+* InfluxDB: ``/ping`` answers (with its version) and ``SHOW DATABASES`` runs as the admin, over HTTPS.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bpstream.shared.settings import InfluxSettings, KafkaSettings
 
 
 class ProbeFailed(Exception):
@@ -50,11 +54,12 @@ def mqtt_round_trip(host: str, port: int, timeout_s: float = 5.0) -> None:
         client.loop_stop()
 
 
-async def kafka_round_trip(bootstrap: str, timeout_s: float = 10.0) -> None:
+async def kafka_round_trip(settings: KafkaSettings, timeout_s: float = 10.0) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    bootstrap = settings.bootstrap_servers
+    admin = AIOKafkaAdminClient(**{**settings.client_kwargs(), "request_timeout_ms": int(timeout_s * 1000)})
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         await asyncio.wait_for(admin.list_topics(), timeout_s)
@@ -67,16 +72,30 @@ async def kafka_round_trip(bootstrap: str, timeout_s: float = 10.0) -> None:
         await admin.close()
 
 
-async def influx_round_trip(url: str, timeout_s: float = 5.0) -> str:
+async def influx_ping(settings: InfluxSettings, timeout_s: float = 5.0) -> str:
+    """``/ping`` (no credentials needed); returns the version the server reports."""
+    import aiohttp
+    from influxdb_client.rest import ApiException
+
+    from bpstream.shared import influx_api
+
+    try:
+        async with influx_api.async_client(settings, timeout_s=timeout_s) as client:
+            return str(await client.version())
+    except (ApiException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ProbeFailed(f"InfluxDB at {settings.url}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+async def influx_round_trip(settings: InfluxSettings, timeout_s: float = 5.0) -> str:
     """``/ping`` and ``SHOW DATABASES`` through influxdb-client; returns the version the server reports."""
     import aiohttp  # here, not at the top: only the writer's image has influxdb-client and aiohttp
     from influxdb_client.rest import ApiException
 
     from bpstream.shared import influx_api
-    from bpstream.shared.settings import InfluxSettings
 
+    url = settings.url
     try:
-        async with influx_api.async_client(InfluxSettings(url=url), timeout_s=timeout_s) as client:
+        async with influx_api.async_client(settings, timeout_s=timeout_s) as client:
             version = str(await client.version())
             await influx_api.influxql(client, "SHOW DATABASES", epoch=None)
             return version

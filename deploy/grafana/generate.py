@@ -483,14 +483,20 @@ def templates() -> dict[str, Any]:
             "templates": [{"orgId": 1, "name": "bpstream", "template": NOTIFICATION_TEMPLATE}]}
 
 
+#: Where Grafana finds the CA of InfluxDB's certificate (docker-compose mounts ${BPSTREAM_PKI_DIR}/ca.crt here).
+GRAFANA_CA_FILE = "/etc/grafana/pki/ca.crt"
+
+
 def datasource() -> dict[str, Any]:
     return {"apiVersion": 1, "datasources": [{
         "name": "bpstream InfluxDB", "uid": DATASOURCE_UID, "type": "influxdb", "access": "proxy",
         "url": "${BPSTREAM_INFLUX_URL}", "user": "${BPSTREAM_INFLUX_READ_USERNAME}", "isDefault": True,
         "editable": False,
+        # HTTPS, verified against the deployment's CA (mounted at GRAFANA_CA_FILE; Grafana reads $__file{})
         "jsonData": {"version": "InfluxQL", "dbName": "${BPSTREAM_INFLUX_DATABASE}", "httpMode": "POST",
-                     "timeInterval": "2s"},
-        "secureJsonData": {"password": "${BPSTREAM_INFLUX_READ_PASSWORD}"}}]}
+                     "timeInterval": "2s", "tlsAuthWithCACert": True, "tlsSkipVerify": False},
+        "secureJsonData": {"password": "${BPSTREAM_INFLUX_READ_PASSWORD}",
+                           "tlsCACert": "$__file{" + GRAFANA_CA_FILE + "}"}}]}
 
 
 def dashboard_provider() -> dict[str, Any]:

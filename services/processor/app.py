@@ -47,6 +47,7 @@ from bpstream.services.processor.stage import (
     decode_state,
     encode_state,
 )
+from bpstream.shared import faust_broker
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
 from bpstream.shared.kafka_tools import read_range, read_topic
@@ -217,7 +218,7 @@ class Processor:
         self.app = faust.App(
             f"{prefix}{settings.app_id}",
             broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
-            broker_credentials=broker_credentials(kafka),
+            broker_credentials=faust_broker.broker_credentials(kafka),  # SASL + TLS context from settings
             broker_request_timeout=kafka.request_timeout_ms / 1000,
             broker_session_timeout=kafka.session_timeout_ms / 1000,
             broker_heartbeat_interval=kafka.heartbeat_interval_ms / 1000,

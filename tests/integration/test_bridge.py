@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bpstream.localservers import ServerEndpoints
 from bpstream.shared.kafka import KafkaConsumer
 from bpstream.shared.messages import SignalChunk, decode_chunk, decode_cuff, decode_dead_letter, encode_chunk
 from bpstream.shared.settings import KafkaSettings
@@ -133,9 +134,9 @@ def clinic() -> str:
 
 
 @pytest.fixture
-def bridge_env(service_env: dict[str, str], clinic: str) -> dict[str, str]:
+def bridge_env(servers: ServerEndpoints, service_env: dict[str, str], clinic: str) -> dict[str, str]:
     tag = uuid.uuid4().hex[:8]
-    return {**os.environ, **service_env,
+    return {**os.environ, **service_env, **servers.env("bridge"),  # the bridge's own users
             "BPSTREAM_BRIDGE_CLINIC": clinic,
             "BPSTREAM_BRIDGE_CLIENT_ID": f"test-bridge-{tag}",
             "BPSTREAM_BRIDGE_SHARE_GROUP": f"test-{tag}",

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from conftest import run_sync
-from pipeline_support import SIMULATOR_MODEL
+from pipeline_support import pipeline_config
 
 from bpstream import localservers
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, free_port, stored_alerts, stored_estimates
@@ -83,17 +83,10 @@ async def _run(servers: ServerEndpoints, name: str, fault: Fault, *, duration_s:
     from bpstream.simulators.fleet import FleetConfig, run_fleet
 
     tag = f"bf{name[:6]}{uuid.uuid4().hex[:5]}"
-    prefix = f"{tag}."
     log_dir = LOG_ROOT / tag
-    per_service = {"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL)}}
-    for key, values in (service_env or {}).items():
-        per_service.setdefault(key, {}).update(values)
-    config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
-                            kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
-                            topic_prefix=prefix, database=f"bf_{uuid.uuid4().hex[:8]}",
-                            # A lost broker shows within 10 s instead of aiokafka's default 30 s.
-                            env={"BPSTREAM_KAFKA_REQUEST_TIMEOUT_MS": "10000", **(env or {})},
-                            service_env=per_service, log_dir=log_dir)
+    # A lost broker shows within 10 s instead of aiokafka's default 30 s.
+    config = pipeline_config(servers, tag, log_dir, env={"BPSTREAM_KAFKA_REQUEST_TIMEOUT_MS": "10000", **(env or {})},
+                             service_env=service_env)
     fleet_cfg = FleetConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=len(SCENARIOS),
                             duration_s=duration_s, speed=SPEED, scenarios=SCENARIOS, seed=14, clinic_id=tag,
                             device_prefix=f"{tag}-d", crisis_onset_s=30.0)
@@ -274,7 +267,7 @@ def test_influxdb_answering_slowly(servers: ServerEndpoints) -> None:
                 timings["broker_back_s"] = time.monotonic() - started
 
             return await _run(servers, "slow", fault, duration_s=140, watch=("writer",),
-                              service_env={"writer": {"BPSTREAM_INFLUX_URL": f"http://127.0.0.1:{proxy.port}"}})
+                              service_env={"writer": {"BPSTREAM_INFLUX_URL": f"https://127.0.0.1:{proxy.port}"}})
 
     run = run_sync(scenario)
     _assert_nothing_lost(run)

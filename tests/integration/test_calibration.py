@@ -73,9 +73,11 @@ def clinic() -> str:
 
 
 @pytest.fixture
-def bridge(service_env: dict[str, str], clinic: str, tmp_path: Path) -> Iterator[BridgeProcess]:
+def bridge(servers: ServerEndpoints, service_env: dict[str, str], clinic: str,
+           tmp_path: Path) -> Iterator[BridgeProcess]:
     tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, **service_env, "BPSTREAM_BRIDGE_CLINIC": clinic, "BPSTREAM_BRIDGE_CLIENT_ID": f"t-{tag}",
+    env = {**os.environ, **service_env, **servers.env("bridge"), "BPSTREAM_BRIDGE_CLINIC": clinic,
+           "BPSTREAM_BRIDGE_CLIENT_ID": f"t-{tag}",
            "BPSTREAM_BRIDGE_SHARE_GROUP": f"t-{tag}", "BPSTREAM_BRIDGE_METRICS_PORT": str(free_port())}
     process = BridgeProcess(env, tmp_path / "bridge.log")
     process.start()
@@ -86,10 +88,11 @@ def bridge(service_env: dict[str, str], clinic: str, tmp_path: Path) -> Iterator
 async def test_cuff_readings_via_mqtt_and_cli_calibrate_their_own_device_and_survive_a_restart(
         servers: ServerEndpoints, service_env: dict[str, str], kafka_topics: str, clinic: str,
         bridge: BridgeProcess) -> None:
-    kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=kafka_topics)
+    kafka = servers.kafka_settings(kafka_topics)  # the test's own reads and writes (admin)
     # Pinned to a model version without fitted calibration gains (gain 1: calibrated = cuff + change), so the
     # expected values below do not depend on the product model's gains (about 0, docs/MODEL_CARD.md).
-    settings = InferenceSettings(kafka=kafka, device="cpu", batch_max_size=32, batch_max_wait_ms=50,
+    settings = InferenceSettings(kafka=servers.kafka_settings(kafka_topics, "inference"), device="cpu",
+                                 batch_max_size=32, batch_max_wait_ms=50,
                                  calibration_window_s=10.0, reload_poll_s=0, model_path=SIMULATOR_MODEL)
     devices = ["dev-a", "dev-b"]
     await _produce(kafka, clinic, devices, range(30))
@@ -161,8 +164,8 @@ async def test_alerting_raises_crisis_on_a_cuff_reading_and_a_contradicting_one_
     from bpstream.shared.messages import CuffReading, decode_alert, encode_json
     from bpstream.shared.topics import ALERTS, CUFF, cuff_key
 
-    kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=kafka_topics)
-    settings = AlertingSettings(kafka=kafka, state_flush_s=0)
+    kafka = servers.kafka_settings(kafka_topics)  # the test's own reads and writes (admin)
+    settings = AlertingSettings(kafka=servers.kafka_settings(kafka_topics, "alerting"), state_flush_s=0)
     now = time.time_ns()
 
     async def send(sbp: float, dbp: float, at_ns: int, cuff_id: str) -> None:

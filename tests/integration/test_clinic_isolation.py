@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_sync
-from pipeline_support import SIMULATOR_MODEL
+from pipeline_support import pipeline_config
 
-from bpstream.demo.pipeline import Pipeline, PipelineConfig, stored_alerts, stored_estimates
+from bpstream.demo.pipeline import Pipeline, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
 from bpstream.shared import influx_api
 from bpstream.shared.modelspec import HOP_SECONDS
@@ -34,11 +34,7 @@ async def _run(servers: ServerEndpoints) -> dict[str, Any]:
 
     prefix = f"iso{uuid.uuid4().hex[:6]}."
     tag = prefix.rstrip(".")
-    config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
-                            kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
-                            topic_prefix=prefix, database=f"iso_{uuid.uuid4().hex[:8]}",
-                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL)}},
-                            log_dir=LOG_ROOT / "isolation" / tag)
+    config = pipeline_config(servers, tag, LOG_ROOT / "isolation" / tag)
     clinics = {"a": f"{tag}-a", "b": f"{tag}-b"}
     common = dict(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=1, duration_s=70.0, speed=2.0,
                   seed=11, start_time_ns=time.time_ns(), crisis_onset_s=10.0, device_prefix="dup")

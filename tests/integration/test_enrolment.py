@@ -57,9 +57,7 @@ async def _run(servers: ServerEndpoints) -> EnrolmentRun:
 
     prefix = f"enrol{uuid.uuid4().hex[:6]}."
     tag = prefix.rstrip(".")
-    config = PipelineConfig(
-        mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, kafka_bootstrap=servers.kafka_bootstrap,
-        influx_url=servers.influx_url, topic_prefix=prefix, database=f"enrol_{uuid.uuid4().hex[:8]}",
+    config = PipelineConfig(servers=servers, topic_prefix=prefix, database=f"enrol_{uuid.uuid4().hex[:8]}",
         log_dir=LOG_ROOT / tag,
         service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL),
                                    "BPSTREAM_INFERENCE_CALIBRATION_WINDOW_S": str(CALIBRATION_WINDOW_S),

@@ -29,9 +29,9 @@ import yaml
 from influxdb_client import WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 
+from bpstream.localservers import ServerEndpoints, influx_security
 from bpstream.shared import influx_api
 from bpstream.shared.influx import line
-from bpstream.shared.settings import InfluxSettings
 
 pytestmark = pytest.mark.integration
 
@@ -97,16 +97,19 @@ class Series:
 
 
 class Influx:
-    """The test clinic's database, written and queried through influxdb-client, as Grafana's datasource sees it."""
+    """The test clinic's database, written as the writer does (its WRITE-only user) and queried through
+    influxdb-client as Grafana's datasource sees it (the READ-only ``grafana`` user)."""
 
-    def __init__(self, url: str, database: str) -> None:
-        self.settings = InfluxSettings(url=url, database=database)
+    def __init__(self, servers: ServerEndpoints, database: str) -> None:
+        self.writer = servers.influx_settings(database, "writer")
+        self.settings = servers.influx_settings(database, "grafana")
         self.client = influx_api.sync_client(self.settings, timeout_s=30)
         self.database = database
 
     def write(self, lines: list[str]) -> None:
-        with self.client.write_api(write_options=SYNCHRONOUS) as api:
-            api.write(bucket=influx_api.bucket(self.settings), record="\n".join(lines),
+        with influx_api.sync_client(self.writer, timeout_s=30) as client, \
+                client.write_api(write_options=SYNCHRONOUS) as api:
+            api.write(bucket=influx_api.bucket(self.writer), record="\n".join(lines),
                       write_precision=WritePrecision.NS)
 
     def query(self, influxql: str) -> list[Series]:
@@ -254,8 +257,9 @@ def _cuff(device: str, clinic: str, at_ns: int, sbp: float, dbp: float) -> str:
 def clinic(servers: Any) -> Iterator[tuple[Influx, int]]:
     """A database filled with 40 minutes of the clinic, ending now; yields it with "now" in ms."""
     database = f"test_grafana_{int(time.time() * 1000)}"
-    influx = Influx(servers.influx_url, database)
-    influx.query(f'CREATE DATABASE "{database}"')
+    admin = servers.influx_settings(database)
+    influx_security.grant_database_sync(admin, database)  # the admin creates it, grants writer and Grafana
+    influx = Influx(servers, database)
     now_ns = time.time_ns()
     start = now_ns - 40 * MINUTE_NS
     points: list[str] = []
@@ -331,8 +335,9 @@ def clinic(servers: Any) -> Iterator[tuple[Influx, int]]:
     for offset in range(0, len(points), 5000):
         influx.write(points[offset:offset + 5000])
     yield influx, now_ns // 1_000_000
-    influx.query(f'DROP DATABASE "{database}"')
     influx.client.close()
+    with influx_api.sync_client(admin) as client:
+        influx_api.influxql_sync(client, f'DROP DATABASE "{database}"', epoch=None)
 
 
 # ------------------------------------------------------------------------------------------ dashboards
@@ -579,7 +584,7 @@ def test_dead_letter_rule_fires_for_the_stage_over_the_rate(clinic: tuple[Influx
 
 
 def test_no_rule_fires_on_an_empty_database(servers: Any, influx_db: str) -> None:
-    influx = Influx(servers.influx_url, influx_db)
+    influx = Influx(servers, influx_db)
     now_ms = int(time.time() * 1000)
     for group in RULES["groups"]:
         for candidate in group["rules"]:

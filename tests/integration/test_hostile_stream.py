@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_sync
-from pipeline_support import SIMULATOR_MODEL
+from pipeline_support import pipeline_config
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
@@ -90,11 +90,7 @@ async def _publish(host: str, port: int, clinic: str, device: str, start_ns: int
 async def _run(servers: ServerEndpoints) -> Hostile:
     prefix = f"hs{uuid.uuid4().hex[:6]}."
     tag = prefix.rstrip(".")
-    config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
-                            kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
-                            topic_prefix=prefix, database=f"hs_{uuid.uuid4().hex[:8]}",
-                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL)}},
-                            log_dir=LOG_ROOT / "hostile" / tag)
+    config = pipeline_config(servers, tag, LOG_ROOT / "hostile" / tag)
     clinic, device = f"{tag}-clinic", f"{tag}-dev-000"
     # Device time starts a minute in the past, so the accelerated stream never runs ahead of the wall clock
     # by more than the bridge's bound (the +1 h segment and the 2061 chunk do).

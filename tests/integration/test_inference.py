@@ -39,7 +39,7 @@ def _window(device: str, i: int, *, quality_ok: bool = True, n: int = 1000) -> W
 
 
 def _settings(servers: ServerEndpoints, prefix: str, **overrides: object) -> InferenceSettings:
-    return InferenceSettings(kafka=KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=prefix),
+    return InferenceSettings(kafka=servers.kafka_settings(prefix, "inference"),  # the service's own user
                              device="cpu", batch_max_size=16, batch_max_wait_ms=50, **overrides)  # type: ignore[arg-type]
 
 
@@ -58,16 +58,17 @@ def _count_at_least(kafka: KafkaSettings, n: int) -> Callable[[], object]:
 async def test_windows_are_scored_flagged_or_dead_lettered_and_never_rescored_after_restart(
         servers: ServerEndpoints, kafka_topics: str) -> None:
     settings = _settings(servers, kafka_topics)
+    admin = servers.kafka_settings(kafka_topics)  # the test's own reads and writes
     good = [_window(f"dev-{d}", i) for d in range(3) for i in range(10)]
     poor = [_window("dev-9", i, quality_ok=False) for i in range(3)]
     short = _window("dev-8", 0, n=900)
-    async with KafkaProducer(settings.kafka) as producer:
+    async with KafkaProducer(admin) as producer:
         await producer.send_many([(WINDOWS, encode_window(w), w.device_id) for w in good + poor + [short]])
         await producer.send(WINDOWS, b"\x93not a window", key="dev-7")
 
     stop = asyncio.Event()
     task = asyncio.create_task(run_inference(settings, stop))
-    estimates = await wait_until(_count_at_least(settings.kafka, 33), timeout_s=180, what="33 estimates")
+    estimates = await wait_until(_count_at_least(admin, 33), timeout_s=180, what="33 estimates")
     stop.set()
     await asyncio.wait_for(task, timeout=60)
 
@@ -79,19 +80,19 @@ async def test_windows_are_scored_flagged_or_dead_lettered_and_never_rescored_af
     flagged = [e for e in estimates if not e.quality_ok]
     assert sorted(e.window_end_ns for e in flagged) == [w.end_ns for w in poor]
     assert all(e.device_id == "dev-9" and e.inputs == "none" for e in flagged)
-    letters = {decode_dead_letter(r.value or b"").reason for r in await read_topic(settings.kafka, SIGNALS_DLQ)}
+    letters = {decode_dead_letter(r.value or b"").reason for r in await read_topic(admin, SIGNALS_DLQ)}
     assert letters == {"length_mismatch", "invalid_message"}
 
     # Restarted, the service resumes after the committed offsets: nothing is scored twice.
-    async with KafkaProducer(settings.kafka) as producer:
+    async with KafkaProducer(admin) as producer:
         await producer.send(WINDOWS, encode_window(_window("dev-0", 99)), key="dev-0")
     stop = asyncio.Event()
     task = asyncio.create_task(run_inference(settings, stop))
-    await wait_until(_count_at_least(settings.kafka, 34), timeout_s=180, what="the 34th estimate")
+    await wait_until(_count_at_least(admin, 34), timeout_s=180, what="the 34th estimate")
     await asyncio.sleep(3)
     stop.set()
     await asyncio.wait_for(task, timeout=60)
-    final = await _estimates(settings.kafka)
+    final = await _estimates(admin)
     assert len(final) == 34
     assert [e.device_id for e in final if e.window_end_ns == T0 + 99 * HOP] == ["dev-0"]
 
@@ -106,9 +107,10 @@ async def test_new_model_version_is_picked_up_without_dropping_or_double_scoring
     metadata.version = old.name
     (old / METADATA_FILE).write_bytes(metadata.to_json())
     settings = _settings(servers, kafka_topics, model_path=root, reload_poll_s=0.5)
+    admin = servers.kafka_settings(kafka_topics)  # the test's own reads and writes
     stop = asyncio.Event()
     task = asyncio.create_task(run_inference(settings, stop))
-    async with KafkaProducer(settings.kafka) as producer:
+    async with KafkaProducer(admin) as producer:
         for i in range(40):
             await producer.send(WINDOWS, encode_window(_window("dev-r", i)), key="dev-r")
             if i == 15:  # roll out a new version mid-stream; metadata.json is written last, as the exporter does
@@ -118,22 +120,22 @@ async def test_new_model_version_is_picked_up_without_dropping_or_double_scoring
                 metadata.version = "20300101-000000-new"
                 (new / METADATA_FILE).write_bytes(metadata.to_json())
             await asyncio.sleep(0.1)
-    estimates = await wait_until(_count_at_least(settings.kafka, 40), timeout_s=180, what="40 estimates")
+    estimates = await wait_until(_count_at_least(admin, 40), timeout_s=180, what="40 estimates")
 
     probe = iter(range(100, 1000))
 
     async def swapped() -> bool:
         i = next(probe)
-        async with KafkaProducer(settings.kafka) as producer:
+        async with KafkaProducer(admin) as producer:
             await producer.send(WINDOWS, encode_window(_window("dev-r", i)), key="dev-r")
         await asyncio.sleep(1)
-        found = await _estimates(settings.kafka)
+        found = await _estimates(admin)
         return any(e.window_end_ns >= T0 + 100 * HOP and e.model_version == "20300101-000000-new" for e in found)
 
     await wait_until(swapped, timeout_s=120, what="estimates from the new version", interval_s=2)
     stop.set()
     await asyncio.wait_for(task, timeout=60)
-    estimates = [e for e in await _estimates(settings.kafka) if e.window_end_ns < T0 + 100 * HOP]
+    estimates = [e for e in await _estimates(admin) if e.window_end_ns < T0 + 100 * HOP]
     ends = [e.window_end_ns for e in estimates]
     assert sorted(ends) == [T0 + i * HOP for i in range(40)]  # each window exactly once
     versions = [e.model_version for e in sorted(estimates, key=lambda e: e.window_end_ns)]

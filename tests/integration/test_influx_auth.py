@@ -1,19 +1,13 @@
 """InfluxDB with authentication on, as deployed: the v2 compatibility API's token ``username:password``.
 
-A second InfluxDB (the same built binary, config from ``bpstream.localservers.servers``, auth on) runs for this
-module only, with the users docker-compose creates: an admin, a writer with WRITE and a reader with READ on
-the one database.
+The default local server runs as deployed (HTTPS, auth on) with the users provisioning creates: an admin, a
+writer with WRITE and Grafana's reader with READ on each test's database (the ``influx_db`` fixture grants them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import run_sync
@@ -22,67 +16,18 @@ from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from pydantic import SecretStr
 
-from bpstream.localservers import servers as local_servers
-from bpstream.localservers.install import ensure_influxd
+from bpstream.localservers import ServerEndpoints
 from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
 from bpstream.shared import influx_api
 from bpstream.shared.influx import line
-from bpstream.shared.settings import InfluxSettings
 
 pytestmark = pytest.mark.integration
 
-DB = "bpstream"
 T0 = 1_760_000_000_000_000_000
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _user(url: str, name: str, password: str) -> InfluxSettings:
-    return InfluxSettings(url=url, database=DB, username=name, password=SecretStr(password))
-
-
-@pytest.fixture(scope="module")
-def auth_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root: Path = tmp_path_factory.mktemp("influx-auth")
-    port = _free_port()
-    launch = local_servers.prepare_influxdb(root, str(ensure_influxd()), port, _free_port(), auth=True)
-    with open(root / "server.log", "w") as log:
-        process = subprocess.Popen(launch.argv, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                run_sync(lambda: influx_api.server_version(InfluxSettings(url=url)))
-                break
-            except Exception:
-                assert process.poll() is None, (root / "server.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "InfluxDB with auth did not answer /ping"
-                time.sleep(0.25)
-        # With auth on and no user yet, InfluxDB accepts exactly one statement unauthenticated: the first admin.
-        run_sync(lambda: influx_api.execute(InfluxSettings(url=url),
-                                            "CREATE USER admin WITH PASSWORD 'admin-pw' WITH ALL PRIVILEGES"))
-        admin = _user(url, "admin", "admin-pw")
-        for statement in (f"CREATE DATABASE {DB}", "CREATE USER writer WITH PASSWORD 'writer-pw'",
-                          f"GRANT WRITE ON {DB} TO writer", "CREATE USER reader WITH PASSWORD 'reader-pw'",
-                          f"GRANT READ ON {DB} TO reader"):
-            run_sync(lambda statement=statement: influx_api.execute(admin, statement))  # type: ignore[misc]
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def test_writer_token_writes_and_reader_token_reads(auth_url: str) -> None:
-    writer, reader = _user(auth_url, "writer", "writer-pw"), _user(auth_url, "reader", "reader-pw")
+def test_writer_token_writes_and_reader_token_reads(servers: ServerEndpoints, influx_db: str) -> None:
+    writer, reader = servers.influx_settings(influx_db, "writer"), servers.influx_settings(influx_db, "grafana")
     point = line("bp_estimate", {"clinic": "c1", "device": "d1"}, {"sbp": 131.5, "quality_ok": 1}, T0)
 
     async def write_as_the_writer() -> None:
@@ -101,8 +46,9 @@ def test_writer_token_writes_and_reader_token_reads(auth_url: str) -> None:
 
 
 def test_a_wrong_password_is_401_and_the_writer_retries_without_acknowledging(
-        auth_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    wrong = _user(auth_url, "writer", "not-the-password")
+        servers: ServerEndpoints, influx_db: str, caplog: pytest.LogCaptureFixture) -> None:
+    wrong = servers.influx_settings(influx_db, "writer").model_copy(
+        update={"password": SecretStr("not-the-password")})
     with (influx_api.sync_client(wrong) as client, client.write_api(write_options=SYNCHRONOUS) as api,
           pytest.raises(ApiException) as denied):
         api.write(bucket=influx_api.bucket(wrong), record="m v=1 1", write_precision=WritePrecision.NS)
@@ -132,7 +78,7 @@ def test_a_wrong_password_is_401_and_the_writer_retries_without_acknowledging(
     finally:
         logging.getLogger("bpstream.services.writer.influx_client").removeHandler(handler)
     assert {getattr(r, "reason", None) for r in caplog.records if r.getMessage() == "influx retry"} == {"influx_401"}
-    admin = _user(auth_url, "admin", "admin-pw")
+    admin = servers.influx_settings(influx_db)
     assert run_sync(lambda: influx_api.query_rows(admin, 'SELECT * FROM "m"')) == []
     # the password appears in no log record
     assert not any("not-the-password" in f"{r.getMessage()} {r.__dict__}" for r in caplog.records)

@@ -68,9 +68,20 @@ def smtp() -> Iterator[SmtpReceiver]:
     receiver.stop()
 
 
+@pytest.fixture
+def notifier_kafka(servers: ServerEndpoints, kafka_settings: KafkaSettings) -> KafkaSettings:
+    """The notifier's own Kafka user (its ACLs under this test's prefix); the test itself uses the admin."""
+    return servers.kafka_settings(kafka_settings.topic_prefix, "notifier")
+
+
 def _env(kafka: KafkaSettings, webhook: WebhookReceiver, smtp: SmtpReceiver, **extra: str) -> dict[str, str]:
     return {
         "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "BPSTREAM_KAFKA_SECURITY_PROTOCOL": kafka.security_protocol,
+        "BPSTREAM_KAFKA_SASL_MECHANISM": kafka.sasl_mechanism or "",
+        "BPSTREAM_KAFKA_SASL_USERNAME": kafka.sasl_username or "",
+        "BPSTREAM_KAFKA_SASL_PASSWORD": kafka.sasl_password.get_secret_value() if kafka.sasl_password else "",
+        "BPSTREAM_KAFKA_SSL_CA_FILE": kafka.ssl_ca_file or "",
         "BPSTREAM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
         "BPSTREAM_KAFKA_SESSION_TIMEOUT_MS": "6000",
         "BPSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
@@ -171,11 +182,12 @@ def _assert_signed(webhook: WebhookReceiver) -> None:
 
 
 async def test_a_crisis_alert_reaches_webhook_and_email_exactly_once(
-        kafka_settings: KafkaSettings, kafka_topics: str, webhook: WebhookReceiver, smtp: SmtpReceiver,
+        kafka_settings: KafkaSettings, notifier_kafka: KafkaSettings, kafka_topics: str, webhook: WebhookReceiver,
+        smtp: SmtpReceiver,
         in_process: list[asyncio.Task[None]], monkeypatch: pytest.MonkeyPatch) -> None:
     webhook.start()
     smtp.start()
-    settings = _settings(_env(kafka_settings, webhook, smtp, BPSTREAM_NOTIFY_ESCALATION_EMAIL_TO=LEAD,
+    settings = _settings(_env(notifier_kafka, webhook, smtp, BPSTREAM_NOTIFY_ESCALATION_EMAIL_TO=LEAD,
                               BPSTREAM_NOTIFY_ESCALATE_AFTER_S="2"), monkeypatch)
     _start(in_process, settings)
     crisis = _alert("dev-crisis")
@@ -213,9 +225,10 @@ async def _episode_with(kafka: KafkaSettings, alert_id: str, *slots: str) -> Epi
 
 
 async def test_receivers_down_get_the_notification_when_they_return(
-        kafka_settings: KafkaSettings, kafka_topics: str, webhook: WebhookReceiver, smtp: SmtpReceiver,
+        kafka_settings: KafkaSettings, notifier_kafka: KafkaSettings, kafka_topics: str, webhook: WebhookReceiver,
+        smtp: SmtpReceiver,
         in_process: list[asyncio.Task[None]], monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = _settings(_env(kafka_settings, webhook, smtp), monkeypatch)
+    settings = _settings(_env(notifier_kafka, webhook, smtp), monkeypatch)
     _start(in_process, settings)
     await _produce(kafka_settings, _alert("dev-down"))
 
@@ -238,12 +251,13 @@ async def test_receivers_down_get_the_notification_when_they_return(
 
 
 async def test_acknowledging_stops_the_escalation(
-        kafka_settings: KafkaSettings, kafka_topics: str, servers: ServerEndpoints, webhook: WebhookReceiver,
+        kafka_settings: KafkaSettings, notifier_kafka: KafkaSettings, kafka_topics: str, servers: ServerEndpoints,
+        webhook: WebhookReceiver,
         smtp: SmtpReceiver, in_process: list[asyncio.Task[None]], monkeypatch: pytest.MonkeyPatch) -> None:
     webhook.start()
     smtp.start()
     escalation = f"http://127.0.0.1:{webhook.port}/escalation"
-    settings = _settings(_env(kafka_settings, webhook, smtp, BPSTREAM_NOTIFY_ESCALATION_WEBHOOK_URL=escalation,
+    settings = _settings(_env(notifier_kafka, webhook, smtp, BPSTREAM_NOTIFY_ESCALATION_WEBHOOK_URL=escalation,
                               BPSTREAM_NOTIFY_ESCALATE_AFTER_S="600"), monkeypatch)
     clock = Clock()
     _start(in_process, settings, clock)
@@ -316,10 +330,11 @@ class NotifierProcess:
 
 
 async def test_a_notifier_killed_mid_episode_neither_repeats_nor_loses(
-        kafka_settings: KafkaSettings, kafka_topics: str, webhook: WebhookReceiver, smtp: SmtpReceiver) -> None:
+        kafka_settings: KafkaSettings, notifier_kafka: KafkaSettings, kafka_topics: str, webhook: WebhookReceiver,
+        smtp: SmtpReceiver) -> None:
     webhook.start()
     smtp.start()
-    notifier = NotifierProcess(_env(kafka_settings, webhook, smtp), "notifier-sigkill")
+    notifier = NotifierProcess(_env(notifier_kafka, webhook, smtp), "notifier-sigkill")
     first, second = _alert("dev-k1"), _alert("dev-k2")
     try:
         notifier.start()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_sync
-from pipeline_support import SIMULATOR_MODEL
+from pipeline_support import SIMULATOR_MODEL, pipeline_config
 
 from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
@@ -79,12 +79,7 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
     from bpstream.simulators.fleet import FleetConfig, run_fleet
 
     prefix = f"e2e{uuid.uuid4().hex[:6]}."
-    config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
-                            kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
-                            topic_prefix=prefix, database=f"e2e_{uuid.uuid4().hex[:8]}",
-                            # Pinned: a version rolled out during the run must not change the results compared.
-                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL)}},
-                            log_dir=log_dir / prefix.rstrip("."))
+    config = pipeline_config(servers, prefix.rstrip("."), log_dir / prefix.rstrip("."))
     tag = prefix.rstrip(".")
     clinics = {"clean": f"{tag}-clean", "rough": f"{tag}-rough"}
     start_ns = time.time_ns()

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_sync
-from pipeline_support import SIMULATOR_MODEL
+from pipeline_support import pipeline_config
 
-from bpstream.demo.pipeline import Pipeline, PipelineConfig, by_device, stored_alerts, stored_estimates
+from bpstream.demo.pipeline import Pipeline, by_device, stored_alerts, stored_estimates
 from bpstream.localservers import ServerEndpoints
 from bpstream.shared import influx_api
 from bpstream.shared.kafka_tools import read_topic
@@ -68,12 +68,7 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> FaultRun:
 
     prefix = f"flt{uuid.uuid4().hex[:6]}."
     tag = prefix.rstrip(".")
-    config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
-                            kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
-                            topic_prefix=prefix, database=f"faults_{uuid.uuid4().hex[:8]}",
-                            # Pinned: a version rolled out during the run must not change the results compared.
-                            service_env={"inference": {"BPSTREAM_INFERENCE_MODEL_PATH": str(SIMULATOR_MODEL)}},
-                            log_dir=log_dir / tag)
+    config = pipeline_config(servers, tag, log_dir / tag)
     fleet_cfg = FleetConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=len(SCENARIOS),
                             duration_s=DURATION_S, speed=SPEED, scenarios=SCENARIOS, seed=5, clinic_id=tag,
                             device_prefix=f"{tag}-d", crisis_onset_s=40.0)

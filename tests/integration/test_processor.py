@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bpstream.localservers import ServerEndpoints
 from bpstream.shared.kafka import KafkaConsumer, KafkaProducer
 from bpstream.shared.messages import QualityRecord, SignalChunk, decode_dead_letter, decode_window, encode_chunk
 from bpstream.shared.settings import KafkaSettings
@@ -96,8 +97,8 @@ class ProcessorProcess:
 
 
 @pytest.fixture
-def processor(service_env: dict[str, str], tmp_path: Path) -> Iterator[ProcessorProcess]:
-    env = {**os.environ, **service_env,
+def processor(servers: ServerEndpoints, service_env: dict[str, str], tmp_path: Path) -> Iterator[ProcessorProcess]:
+    env = {**os.environ, **service_env, **servers.env("processor"),  # its own Kafka user, ACLs for the prefix
            "BPSTREAM_PROCESSOR_DATA_DIR": str(tmp_path / "faust"),
            "BPSTREAM_PROCESSOR_METRICS_PORT": str(free_port()),
            "BPSTREAM_KAFKA_SESSION_TIMEOUT_MS": "6000",

@@ -24,7 +24,7 @@ from bpstream.localservers import ServerEndpoints
 from bpstream.localservers.install import INFLUXDB_VERSION
 from bpstream.shared import influx_api
 from bpstream.shared.influx import line
-from bpstream.shared.settings import InfluxSettings
+from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_shared_subscription, mqtt_signals_topic, topic_name
 
 pytestmark = pytest.mark.integration
@@ -109,12 +109,12 @@ def test_mqtt5_shared_subscription_delivers_each_message_to_one_member(servers: 
     assert all(m.received for m in members)  # the load is split
 
 
-async def test_kafka_committed_offsets_survive_a_consumer_restart(servers: ServerEndpoints,
+async def test_kafka_committed_offsets_survive_a_consumer_restart(kafka_settings: KafkaSettings,
                                                                    kafka_topics: str) -> None:
     topic = topic_name(SIGNALS_DLQ, kafka_topics)  # one partition: offsets are the message order
     partition = TopicPartition(topic, 0)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=servers.kafka_bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(**kafka_settings.client_kwargs(), enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for i in range(10):
@@ -123,7 +123,7 @@ async def test_kafka_committed_offsets_survive_a_consumer_restart(servers: Serve
         await producer.stop()
 
     def consumer() -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(topic, bootstrap_servers=servers.kafka_bootstrap, group_id=group,
+        return AIOKafkaConsumer(topic, **kafka_settings.client_kwargs(), group_id=group,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 session_timeout_ms=6000, heartbeat_interval_ms=500)
 
@@ -163,7 +163,7 @@ def test_influx_write_query_and_overwrite(servers: ServerEndpoints, influx_db: s
         line("bp_estimate", {"clinic": "c 1", "device": "d,1"}, {"sbp": 121.0, "dbp": 80.0, "model_version": "v1",
                                                                  "quality_ok": 1}, t0),
     ]
-    settings = InfluxSettings(url=servers.influx_url, database=influx_db)
+    settings = servers.influx_settings(influx_db)
     with influx_api.sync_client(settings) as client:
         # the v2 compatibility API (/api/v2/write, bucket "database"), as the writer sends it
         with client.write_api(write_options=SYNCHRONOUS) as api:
@@ -180,7 +180,7 @@ def test_influx_reads_back_escaped_names_tags_and_strings_exactly(servers: Serve
     text = 'said "stop", then C:\\path\\ and more'
     point = line("bp alert,x", tags, {"message": text, "n": 5, "ok": True, "x": 1.5, "gone": float("nan")},
                  1_700_000_000_000_000_000)
-    settings = InfluxSettings(url=servers.influx_url, database=influx_db)
+    settings = servers.influx_settings(influx_db)
     with influx_api.sync_client(settings) as client:
         with client.write_api(write_options=SYNCHRONOUS) as api:
             api.write(bucket=influx_api.bucket(settings), record=point, write_precision=WritePrecision.NS)
@@ -198,19 +198,19 @@ def test_local_influxdb_is_the_version_deployed(servers: ServerEndpoints) -> Non
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     image = compose["services"]["influxdb"]["image"]
     assert image == f"influxdb:{INFLUXDB_VERSION}"
-    reported = run_sync(lambda: influx_api.server_version(InfluxSettings(url=servers.influx_url)))
+    reported = run_sync(lambda: influx_api.server_version(servers.influx_settings()))
     assert reported == image.split(":", 1)[1]
 
 
 def test_influx_v2_write_to_a_missing_database_is_404_and_a_bad_point_400(servers: ServerEndpoints,
                                                                         influx_db: str) -> None:
     """The answers the writer relies on: 404 "database not found" (it creates it), 400 for a bad point."""
-    missing = InfluxSettings(url=servers.influx_url, database=f"absent_{influx_db}")
+    missing = servers.influx_settings(f"absent_{influx_db}")
     with influx_api.sync_client(missing) as client, client.write_api(write_options=SYNCHRONOUS) as api:
         with pytest.raises(ApiException) as lost:
             api.write(bucket=influx_api.bucket(missing), record="m v=1 1", write_precision=WritePrecision.NS)
         assert lost.value.status == 404 and "database not found" in lost.value.body
-        present = InfluxSettings(url=servers.influx_url, database=influx_db)
+        present = servers.influx_settings(influx_db)
         api.write(bucket=influx_api.bucket(present), record="m v=1i 1", write_precision=WritePrecision.NS)
         with pytest.raises(ApiException) as bad:
             api.write(bucket=influx_api.bucket(present), record="m v=1.5 2", write_precision=WritePrecision.NS)

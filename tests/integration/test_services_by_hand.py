@@ -1,7 +1,9 @@
 """The five services started by hand, as the README documents: `bpstream <service>` processes configured only
-through BPSTREAM_* variables, on a fresh namespace of the running servers (a topic prefix and an InfluxDB
-database nobody created). No harness creates topics or the database: each service must ensure what it reads
-and writes. A simulated clinic streams through them and every window must be stored."""
+through BPSTREAM_* variables (each with its own Kafka user, the writer with its WRITE-only InfluxDB user), on a
+fresh namespace of the running servers (a topic prefix nobody created topics under). No harness creates the
+topics: each service must ensure what it reads and writes. The database is created by the InfluxDB admin, as
+provisioning does in a deployment (the writer may not create one). A simulated clinic streams through them and
+every window must be stored."""
 
 from __future__ import annotations
 
@@ -35,10 +37,12 @@ LOG_ROOT = Path("reports/logs/by-hand")
 @pytest.fixture
 def namespace(servers: ServerEndpoints) -> Iterator[tuple[PipelineConfig, dict[str, str]]]:
     tag = f"hand{uuid.uuid4().hex[:6]}"
-    config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
-                            kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
-                            topic_prefix=f"{tag}.", database=f"{tag}_db")
-    env = {**os.environ, **servers.env(), "BPSTREAM_KAFKA_TOPIC_PREFIX": config.topic_prefix,
+    config = PipelineConfig(servers=servers, topic_prefix=f"{tag}.", database=f"{tag}_db")
+    # Fresh topics: each service creates the ones it uses (its ACLs allow that under the prefix); the admin
+    # only grants the ACLs and creates the database, as a deployment's provisioning does.
+    run_sync(lambda: servers.grant_kafka_prefix(config.topic_prefix))
+    run_sync(lambda: servers.grant_influx_database(config.database))
+    env = {**os.environ, "BPSTREAM_KAFKA_TOPIC_PREFIX": config.topic_prefix,
            "BPSTREAM_INFLUX_DATABASE": config.database,
            "BPSTREAM_BRIDGE_SHARE_GROUP": f"{tag}-bridge", "BPSTREAM_BRIDGE_CLIENT_ID": f"{tag}-bridge-1",
            **{f"BPSTREAM_{name.upper()}_METRICS_PORT": str(free_port()) for name in SERVICES}}
@@ -56,7 +60,8 @@ def test_five_services_started_by_hand_on_fresh_topics_store_every_window(
     processes = {}
     for name in SERVICES:
         with (log_dir / f"{name}.log").open("wb") as log:
-            processes[name] = subprocess.Popen([sys.executable, "-m", "bpstream", name], env=env, stdout=log,
+            processes[name] = subprocess.Popen([sys.executable, "-m", "bpstream", name],
+                                               env={**env, **servers.env(name)}, stdout=log,
                                                stderr=subprocess.STDOUT)
     clinic = f"{config.topic_prefix.rstrip('.')}-clinic"
     try:

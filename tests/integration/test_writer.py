@@ -35,9 +35,9 @@ def _estimate(device: str, i: int, sbp: float = 120.0) -> Estimate:
 
 @pytest.fixture
 async def writer(servers: ServerEndpoints, kafka_topics: str, influx_db: str) -> AsyncIterator[WriterSettings]:
-    settings = WriterSettings(kafka=KafkaSettings(bootstrap_servers=servers.kafka_bootstrap,
-                                                  topic_prefix=kafka_topics),
-                              influx=InfluxSettings(url=servers.influx_url, database=influx_db),
+    # the writer's own users: Kafka ACLs for what it reads, InfluxDB WRITE only on its database
+    settings = WriterSettings(kafka=servers.kafka_settings(kafka_topics, "writer"),
+                              influx=servers.influx_settings(influx_db, "writer"),
                               batch_max_wait_ms=100, pipeline_interval_s=1.0)
     stop = asyncio.Event()
     task = asyncio.create_task(run_writer(settings, stop))
@@ -46,8 +46,15 @@ async def writer(servers: ServerEndpoints, kafka_topics: str, influx_db: str) ->
     await asyncio.wait_for(task, timeout=60)
 
 
-async def test_estimates_and_alerts_are_stored_once_even_when_replayed(writer: WriterSettings) -> None:
-    async with KafkaProducer(writer.kafka) as producer:
+@pytest.fixture
+def admin_influx(servers: ServerEndpoints, influx_db: str) -> InfluxSettings:
+    """The InfluxDB admin on this test's database: the test reads what the (WRITE-only) writer stored."""
+    return servers.influx_settings(influx_db)
+
+
+async def test_estimates_and_alerts_are_stored_once_even_when_replayed(
+        writer: WriterSettings, kafka_settings: KafkaSettings, admin_influx: InfluxSettings) -> None:
+    async with KafkaProducer(kafka_settings) as producer:
         records = [(ESTIMATES, encode_json(_estimate(d, i)), d) for d in ("dev-a", "dev-b") for i in range(20)]
         await producer.send_many(records)
         await producer.send_many(records[:10])  # a replay: same devices and window ends
@@ -57,54 +64,54 @@ async def test_estimates_and_alerts_are_stored_once_even_when_replayed(writer: W
         await producer.send_many([(ALERTS, encode_json(alert), "dev-a")] * 2)
 
     async def stored() -> list[dict[str, object]]:
-        rows = await influx_query(writer.influx.url, writer.influx.database,
-                                  "SELECT count(sbp) FROM bp_estimate GROUP BY device")
+        rows = await influx_query(admin_influx, "SELECT count(sbp) FROM bp_estimate GROUP BY device")
         return rows if sum(int(r["count"]) for r in rows) >= 40 else []
 
     rows = await wait_until(stored, timeout_s=120, what="40 estimate points")
     assert {r["device"]: r["count"] for r in rows} == {"dev-a": 20, "dev-b": 20}
-    alerts = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database,
-                                                   "SELECT * FROM bp_alert"), timeout_s=60, what="alert point")
+    alerts = await wait_until(lambda: influx_query(admin_influx, "SELECT * FROM bp_alert"), timeout_s=60,
+                              what="alert point")
     assert len(alerts) == 1
     assert alerts[0]["alert_id"] == "dev-a:crisis:1" and alerts[0]["active"] == 1
     assert alerts[0]["kind"] == "crisis" and alerts[0]["severity"] == "critical"
     # The writer also samples consumer lag of the pipeline's groups.
     query = "SELECT last(consumer_lag) FROM pipeline WHERE service = 'bpstream-writer'"
-    lag = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database, query),
+    lag = await wait_until(lambda: influx_query(admin_influx, query),
                            timeout_s=60, what="pipeline lag point")
     assert lag[0]["last"] == 0
 
 
-async def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(writer: WriterSettings) -> None:
-    async with KafkaProducer(writer.kafka) as producer:
+async def test_malformed_records_go_to_the_dlq_and_the_stream_goes_on(
+        writer: WriterSettings, kafka_settings: KafkaSettings, admin_influx: InfluxSettings) -> None:
+    async with KafkaProducer(kafka_settings) as producer:
         await producer.send(ESTIMATES, encode_json(_estimate("dev-c", 0)), key="dev-c")
         await producer.send(ESTIMATES, b'{"v": 1, "device_id": "dev-c"}', key="dev-c")  # missing fields
         await producer.send(ESTIMATES, b"\xff\x00 not json", key="dev-c")
         await producer.send(ESTIMATES, encode_json(_estimate("dev-c", 1)), key="dev-c")
 
     async def two_points() -> list[dict[str, object]]:
-        rows = await influx_query(writer.influx.url, writer.influx.database,
-                                  "SELECT sbp FROM bp_estimate WHERE device = 'dev-c'")
+        rows = await influx_query(admin_influx, "SELECT sbp FROM bp_estimate WHERE device = 'dev-c'")
         return rows if len(rows) == 2 else []
 
     await wait_until(two_points, timeout_s=120, what="both good estimates stored")
 
     async def dead_letters() -> list[object]:
-        records = [decode_dead_letter(r.value or b"") for r in await read_topic(writer.kafka, SIGNALS_DLQ)]
+        records = [decode_dead_letter(r.value or b"") for r in await read_topic(kafka_settings, SIGNALS_DLQ)]
         return [r for r in records if r.stage == "writer"] if len(records) >= 2 else []
 
     letters = await wait_until(dead_letters, timeout_s=60, what="two dead letters")
     assert {r.reason for r in letters} == {"invalid_message"}  # type: ignore[attr-defined]
     assert {r.payload for r in letters} == {b'{"v": 1, "device_id": "dev-c"}', b"\xff\x00 not json"}  # type: ignore[attr-defined]
     # ... and the writer stores the dead letters it reads back from the DLQ as countable points.
-    counted = await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database,
-                                                    "SELECT count(\"count\") FROM dead_letter WHERE stage = 'writer'"),
+    counted = await wait_until(lambda: influx_query(
+        admin_influx, "SELECT count(\"count\") FROM dead_letter WHERE stage = 'writer'"),
                                timeout_s=60, what="dead_letter points")
     assert counted[0]["count"] == 2
 
 
 async def test_points_influxdb_refuses_are_dead_lettered_and_skipped_without_blocking(
-        writer: WriterSettings, caplog: pytest.LogCaptureFixture) -> None:
+        writer: WriterSettings, kafka_settings: KafkaSettings, admin_influx: InfluxSettings,
+        caplog: pytest.LogCaptureFixture) -> None:
     from bpstream.shared.lag import LagProbe
 
     # A field-type conflict: model_version already exists as an integer in this database, so InfluxDB answers
@@ -117,25 +124,24 @@ async def test_points_influxdb_refuses_are_dead_lettered_and_skipped_without_blo
                   confidence=0.8, message="stage 2")
     estimates = [encode_json(_estimate("dev-e", i, sbp=171.25 + i)) for i in range(3)]
     caplog.set_level(logging.DEBUG)
-    async with KafkaProducer(writer.kafka) as producer:
+    async with KafkaProducer(kafka_settings) as producer:
         await producer.send_many([(ESTIMATES, payload, "dev-e") for payload in estimates]
                                  + [(ALERTS, encode_json(alert), "dev-e")])
     query = "SELECT * FROM bp_alert WHERE device = 'dev-e'"
-    await wait_until(lambda: influx_query(writer.influx.url, writer.influx.database, query), timeout_s=120,
+    await wait_until(lambda: influx_query(admin_influx, query), timeout_s=120,
                      what="the alert stored next to refused estimates")
-    rows = await influx_query(writer.influx.url, writer.influx.database,
-                              "SELECT * FROM bp_estimate WHERE device = 'dev-e'")
+    rows = await influx_query(admin_influx, "SELECT * FROM bp_estimate WHERE device = 'dev-e'")
     assert rows == []
 
     async def writer_caught_up() -> bool:
-        async with LagProbe(writer.kafka, {"bpstream-writer": WRITTEN}) as probe:
+        async with LagProbe(kafka_settings, {"bpstream-writer": WRITTEN}) as probe:
             return (await probe.lags())["bpstream-writer"] == 0
 
     await wait_until(writer_caught_up, timeout_s=60, what="the writer to commit past the refused points")
 
     # Each refused record is dead-lettered once, with our reason and its original bytes ...
     async def refused_letters() -> list[DeadLetter]:
-        records = [decode_dead_letter(r.value or b"") for r in await read_topic(writer.kafka, SIGNALS_DLQ)]
+        records = [decode_dead_letter(r.value or b"") for r in await read_topic(kafka_settings, SIGNALS_DLQ)]
         letters = [r for r in records if r.stage == "writer"]
         return letters if len(letters) >= 3 else []
 

@@ -95,7 +95,7 @@ def test_every_variable_the_compose_file_reads_is_in_env_example() -> None:
     assert used - documented == set()
     # No password in the compose file itself: each one must come from .env (":?" makes it mandatory).
     for name in used:
-        if name.endswith("PASSWORD") and name not in {"BPSTREAM_KAFKA_SASL_PASSWORD", "GF_SMTP_PASSWORD"}:
+        if name.endswith("PASSWORD") and name != "GF_SMTP_PASSWORD":
             assert re.search(r"\$\{" + name + r":\?", COMPOSE_FILE.read_text()), name
 
 
@@ -105,13 +105,14 @@ def test_pipeline_services_start_in_health_order(model: dict[str, Any]) -> None:
         depends = services[name]["depends_on"]
         assert depends["kafka-init"]["condition"] == "service_completed_successfully", name
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert services["kafka"]["depends_on"]["kafka-format"]["condition"] == "service_completed_successfully"
     assert services["bridge"]["depends_on"]["mosquitto"]["condition"] == "service_healthy"
     assert services["writer"]["depends_on"]["influxdb"]["condition"] == "service_healthy"
     assert services["grafana"]["depends_on"]["influxdb"]["condition"] == "service_healthy"
     mosquitto_needs = services["mosquitto"]["depends_on"]["mosquitto-auth"]
     assert mosquitto_needs["condition"] == "service_completed_successfully"
     for name, service in services.items():
-        if name not in {"mosquitto-auth", "kafka-init", "simulator"}:
+        if name not in {"mosquitto-auth", "kafka-format", "kafka-init", "simulator"}:
             assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
 
 
@@ -126,7 +127,7 @@ def test_bpstream_containers_are_hardened_and_limited(model: dict[str, Any]) -> 
         assert float(limits["cpus"]) > 0, name
         assert int(limits["memory"]) > 0, name
     for name, service in services.items():
-        if name not in {"mosquitto-auth", "kafka-init"}:
+        if name not in {"mosquitto-auth", "kafka-format", "kafka-init"}:
             assert service.get("deploy", {}).get("resources", {}).get("limits"), f"{name} has no limits"
 
 
@@ -291,3 +292,49 @@ def test_deployed_influxdb_is_the_version_the_tests_build(model: dict[str, Any])
     root = Path(__file__).resolve().parents[2]
     for doc in ("docs/INFLUX_SCHEMA.md", "docs/DEPLOY.md", "deploy/grafana/provisioning/datasources/influxdb.yaml"):
         assert f"InfluxDB {INFLUXDB_VERSION}" in (root / doc).read_text(), doc
+
+
+def test_kafka_is_sasl_ssl_only_with_acls_and_each_service_its_own_user(model: dict[str, Any]) -> None:
+    from bpstream.localservers.kafka_security import SERVICES, deployment_grant_lines
+
+    services = model["services"]
+    kafka = services["kafka"]["environment"]
+    assert "PLAINTEXT" not in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    assert kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"] == "CONTROLLER:SSL,SASL_SSL:SASL_SSL"
+    assert kafka["KAFKA_LISTENER_NAME_CONTROLLER_SSL_CLIENT_AUTH"] == "required"
+    assert kafka["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    assert kafka["KAFKA_SUPER_USERS"] == "User:admin;User:CN=kafka"
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    # every service's SCRAM user exists from the format on, and gets exactly the ACLs the local servers grant
+    format_script = "\n".join(services["kafka-format"]["command"])
+    assert {f"scram {name} " for name in ("admin", *SERVICES)} <= set(re.findall(r"scram [a-z]+ ", format_script))
+    init_script = "\n".join(services["kafka-init"]["command"])
+    assert re.findall(r"^grant .+$", init_script, re.M) == deployment_grant_lines()
+    assert re.search(r'--replication-factor "\$+REPLICATION"', init_script)  # BPSTREAM_KAFKA_REPLICATION_FACTOR
+    for name in (*BPSTREAM_SERVICES, "inference-gpu"):
+        env = services[name]["environment"]
+        user = "inference" if name == "inference-gpu" else name
+        assert (env["BPSTREAM_KAFKA_SECURITY_PROTOCOL"], env["BPSTREAM_KAFKA_SASL_MECHANISM"]) == \
+            ("SASL_SSL", "SCRAM-SHA-512"), name
+        assert env["BPSTREAM_KAFKA_SASL_USERNAME"] == user, name
+        assert env["BPSTREAM_KAFKA_SASL_PASSWORD"] == f"change-me-kafka-{user}", name
+        mounts = {m["target"]: m for m in services[name]["volumes"]}
+        assert env["BPSTREAM_KAFKA_SSL_CA_FILE"] in mounts and mounts[env["BPSTREAM_KAFKA_SSL_CA_FILE"]]["read_only"]
+        assert env["BPSTREAM_INFLUX_URL"].startswith("https://"), name
+        assert env["BPSTREAM_INFLUX_CA_FILE"] == env["BPSTREAM_KAFKA_SSL_CA_FILE"], name
+        # no key reaches a client container, only the CA certificate
+        assert not any(m["source"].endswith((".key", ".pem")) for m in services[name]["volumes"]), name
+    # and the CA's key reaches no container at all
+    for name, service in services.items():
+        assert not any(str(m.get("source", "")).endswith(("ca.key", "pki")) for m in service.get("volumes", [])), name
+
+
+def test_influxdb_serves_https_only_with_auth(model: dict[str, Any]) -> None:
+    influx = model["services"]["influxdb"]
+    env = influx["environment"]
+    assert env["INFLUXDB_HTTP_AUTH_ENABLED"] == "true" and env["INFLUXDB_HTTP_HTTPS_ENABLED"] == "true"
+    mounts = {m["target"] for m in influx["volumes"]}
+    assert any(env["INFLUXDB_HTTP_HTTPS_CERTIFICATE"].startswith(target) for target in mounts)
+    assert "https://" in " ".join(influx["healthcheck"]["test"])
+    assert model["services"]["grafana"]["environment"]["BPSTREAM_INFLUX_URL"].startswith("https://")

@@ -65,6 +65,11 @@ def test_datasource_is_influxql_with_credentials_from_the_environment() -> None:
     assert source["url"] == "${BPSTREAM_INFLUX_URL}"
     assert source["jsonData"]["dbName"] == "${BPSTREAM_INFLUX_DATABASE}"
     assert source["secureJsonData"]["password"] == "${BPSTREAM_INFLUX_READ_PASSWORD}"
+    # HTTPS verified against the CA that compose mounts for Grafana
+    assert source["jsonData"]["tlsAuthWithCACert"] is True and source["jsonData"]["tlsSkipVerify"] is False
+    ca_file = source["secureJsonData"]["tlsCACert"].removeprefix("$__file{").removesuffix("}")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert any(str(m).endswith(f"ca.crt:{ca_file}:ro") for m in compose["services"]["grafana"]["volumes"])
 
 
 def test_environment_references_are_given_to_grafana_by_compose() -> None:
@@ -78,7 +83,7 @@ def test_environment_references_are_given_to_grafana_by_compose() -> None:
         else:
             texts = [path.read_text()]
         for text in texts:
-            for match in re.finditer(r"\$(\{?)([A-Za-z_][A-Za-z0-9_]*)", text):
+            for match in re.finditer(r"\$(\{?)(?!__file\{)([A-Za-z_][A-Za-z0-9_]*)", text):  # $__file{}: a file
                 assert match.group(1) == "{", f"{path.name}: bare ${match.group(2)} would be expanded"
                 assert match.group(2) in grafana_env, f"{path.name}: {match.group(2)} not set for Grafana"
         assert data

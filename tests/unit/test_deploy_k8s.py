@@ -283,3 +283,28 @@ def test_production_talks_tls_to_kafka_and_mqtt() -> None:
         data = by_kind(overlay, "ConfigMap")["bpstream-config"]["data"]
         assert data["BPSTREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
         assert data["BPSTREAM_MQTT_TLS"] == "true"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_service_has_its_own_kafka_user_and_trusts_the_ca(overlay: str) -> None:
+    configmap = by_kind(overlay, "ConfigMap")["bpstream-config"]["data"]
+    assert (configmap["BPSTREAM_KAFKA_SECURITY_PROTOCOL"], configmap["BPSTREAM_KAFKA_SASL_MECHANISM"]) == \
+        ("SASL_SSL", "SCRAM-SHA-512")
+    assert configmap["BPSTREAM_INFLUX_URL"].startswith("https://")
+    for name, deployment in workloads(overlay).items():
+        env = env_of(deployment)
+        for field, key in (("USERNAME", "username"), ("PASSWORD", "password")):
+            ref = env[f"BPSTREAM_KAFKA_SASL_{field}"]["secretKeyRef"]
+            assert ref["key"] == f"kafka-{name}-{key}" and not ref.get("optional"), (overlay, name)
+        mounts = {m["mountPath"]: m for m in container(deployment)["volumeMounts"]}
+        ca_dir = configmap["BPSTREAM_KAFKA_SSL_CA_FILE"].rsplit("/", 1)[0]
+        assert mounts[ca_dir]["readOnly"] is True, (overlay, name)
+        assert configmap["BPSTREAM_INFLUX_CA_FILE"] == configmap["BPSTREAM_KAFKA_SSL_CA_FILE"]
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes[mounts[ca_dir]["name"]]["configMap"]["name"] == "bpstream-ca", (overlay, name)
+
+
+def test_production_replicates_every_topic_three_times() -> None:
+    for overlay in ("prod-gpu", "prod-hpa"):
+        assert by_kind(overlay, "ConfigMap")["bpstream-config"]["data"]["BPSTREAM_KAFKA_REPLICATION_FACTOR"] == "3"
+    assert by_kind("dev", "ConfigMap")["bpstream-config"]["data"]["BPSTREAM_KAFKA_REPLICATION_FACTOR"] == "1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -63,3 +64,31 @@ def test_defaults_point_at_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert KafkaSettings().bootstrap_servers.startswith("127.0.0.1:")
     assert MqttSettings().host == "127.0.0.1"
     assert InfluxSettings().url.startswith("http://127.0.0.1:")
+
+
+def test_sasl_ssl_clients_get_a_verifying_context_that_trusts_the_configured_ca(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bpstream.localservers.pki import ensure_ca
+    from bpstream.shared.faust_broker import broker_credentials
+
+    ca = ensure_ca(tmp_path)
+    for name, value in {"SECURITY_PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "SCRAM-SHA-512",
+                        "SASL_USERNAME": "processor", "SASL_PASSWORD": "pw", "SSL_CA_FILE": str(ca.cert)}.items():
+        monkeypatch.setenv(f"BPSTREAM_KAFKA_{name}", value)
+    kafka = KafkaSettings()
+    context = kafka.client_kwargs()["ssl_context"]
+    assert context.check_hostname and context.verify_mode.name == "CERT_REQUIRED"
+    assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "bpstream local CA"),),)]
+    # the Faust processor gets the same: SCRAM over TLS with the CA (aiokafka refuses SASL_SSL without one)
+    credentials = broker_credentials(kafka)
+    assert credentials is not None and credentials.protocol.value == "SASL_SSL"
+    assert credentials.mechanism.value == "SCRAM-SHA-512" and credentials.ssl_context is not None  # type: ignore[union-attr]
+    assert "ssl_context" not in KafkaSettings(security_protocol="PLAINTEXT").client_kwargs()
+
+
+def test_influx_https_verifies_by_default_with_the_configured_ca(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bpstream.shared import influx_api
+
+    monkeypatch.setenv("BPSTREAM_INFLUX_CA_FILE", "/etc/bpstream/ca.crt")
+    settings = InfluxSettings()
+    assert influx_api.tls_kwargs(settings) == {"verify_ssl": True, "ssl_ca_cert": "/etc/bpstream/ca.crt"}
