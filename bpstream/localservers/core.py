@@ -25,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bpstream.localservers import install, probes, servers
+from pydantic import SecretStr
+
+from bpstream.localservers import install, mqtt_security, probes, servers
+from bpstream.shared.mqtt import mqtt_env
+from bpstream.shared.settings import MqttSettings
 
 HOST = "127.0.0.1"
 SERVER_NAMES: tuple[str, ...] = ("mosquitto", "kafka", "influxdb")
@@ -47,15 +51,24 @@ class ServerEndpoints:
     mqtt_port: int
     kafka_bootstrap: str
     influx_url: str
+    #: Where the local servers keep their state (CA, generated accounts); "" for servers found elsewhere.
+    state: str = ""
 
-    def env(self) -> dict[str, str]:
-        """The ``BPSTREAM_*`` variables that point services and tools at these servers."""
+    def env(self, service: str | None = None) -> dict[str, str]:
+        """The ``BPSTREAM_*`` variables that point ``service`` (its own accounts) or a tool at these servers."""
         return {
-            "BPSTREAM_MQTT_HOST": self.mqtt_host,
-            "BPSTREAM_MQTT_PORT": str(self.mqtt_port),
+            **mqtt_env(self.mqtt_settings(service)),
             "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
             "BPSTREAM_INFLUX_URL": self.influx_url,
         }
+
+    def mqtt_settings(self, service: str | None = None) -> MqttSettings:
+        """MQTT settings for ``service``: TLS with the local CA and the service's account ("bridge",
+        "simulator", "cuff", "probe", "observer"; None: the cuff account tools such as calibrate use)."""
+        state = Path(self.state) if self.state else state_dir()
+        user, password = mqtt_security.password_for(state, service)
+        return MqttSettings(host=self.mqtt_host, port=self.mqtt_port, username=user,
+                            password=SecretStr(password), tls=True, ca_file=str(mqtt_security.ca_file(state)))
 
 
 @dataclass(slots=True)
@@ -209,6 +222,7 @@ def _endpoints(state: dict[str, dict[str, Any]]) -> ServerEndpoints:
         mqtt_port=int(state["mosquitto"]["ports"]["port"]),
         kafka_bootstrap=f"{HOST}:{state['kafka']['ports']['port']}",
         influx_url=f"http://{HOST}:{state['influxdb']['ports']['port']}",
+        state=str(state_dir()),
     )
 
 
@@ -229,7 +243,9 @@ async def _probe(name: str, ports: dict[str, int]) -> None:
     if not _port_open(port):
         raise probes.ProbeFailed(f"{name} is not listening on {HOST}:{port} yet")
     if name == "mosquitto":
-        await asyncio.to_thread(probes.mqtt_round_trip, HOST, port)
+        user, password = mqtt_security.password_for(state_dir(), "probe")
+        await asyncio.to_thread(probes.mqtt_round_trip, HOST, port, username=user, password=password,
+                                ca_file=str(mqtt_security.ca_file(state_dir())))
     elif name == "kafka":
         with _quiet_kafka_client():
             await probes.kafka_round_trip(f"{HOST}:{port}")
@@ -269,7 +285,7 @@ def _start(name: str, paths: dict[str, str], ports: dict[str, int]) -> dict[str,
     root.mkdir(parents=True, exist_ok=True)
     log_file = root / "server.log"
     if name == "mosquitto":
-        launch = servers.prepare_mosquitto(root, paths["mosquitto"], ports["port"])
+        launch = servers.prepare_mosquitto(root, paths["mosquitto"], ports["port"], state_dir())
     elif name == "influxdb":
         launch = servers.prepare_influxdb(root, paths["influxd"], ports["port"], ports["rpc_port"])
     else:
