@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import re
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -91,7 +92,8 @@ def load_sources(data: Path, device_prefix: str = "rec", limit: int | None = Non
 
 async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id: str = "replay",
                  speed: float = 1.0, truth_path: Path | None = None, start_time_ns: int | None = None,
-                 username: str | None = None, password: str | None = None) -> ReplayReport:
+                 username: str | None = None, password: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> ReplayReport:
     """Publish every source as a device, 1 s per chunk, one chunk every ``1/speed`` s."""
     if not (math.isfinite(speed) and speed > 0):
         raise InvalidParameterError(f"speed must be a positive number, got {speed}")
@@ -101,7 +103,7 @@ async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id
     tag = uuid.uuid4().hex[:6]
     conns = [AsyncMqttConnection(f"bpreplay-{tag}-{s.device_id}"[:64], host, port,
                                  will_topic=mqtt_status_topic(clinic_id, s.device_id), username=username,
-                                 password=password) for s in sources]
+                                 password=password, tls=tls) for s in sources]
     await asyncio.gather(*(c.connect() for c in conns))
     for c, s in zip(conns, sources, strict=True):
         c.publish(mqtt_status_topic(clinic_id, s.device_id), b"online", retain=True)

@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bpstream.shared.kafka import KafkaConsumer, ensure_topics
 from bpstream.shared.messages import SignalChunk, encode_chunk
+from bpstream.shared.mqtt import configure_client
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALL_TOPICS, SIGNALS_RAW, mqtt_signals_topic
 
@@ -63,7 +64,8 @@ def run(messages: int, devices: int) -> dict[str, float | int]:
     clinic = f"bench-{uuid.uuid4().hex[:6]}"
     kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=prefix)
     asyncio.run(ensure_topics(kafka, ALL_TOPICS))
-    env = {**os.environ, **servers.env(), "BPSTREAM_KAFKA_TOPIC_PREFIX": prefix, "BPSTREAM_BRIDGE_CLINIC": clinic,
+    env = {**os.environ, **servers.env("bridge"), "BPSTREAM_KAFKA_TOPIC_PREFIX": prefix,
+           "BPSTREAM_BRIDGE_CLINIC": clinic,
            "BPSTREAM_BRIDGE_CLIENT_ID": f"bench-{clinic}", "BPSTREAM_BRIDGE_SHARE_GROUP": clinic,
            "BPSTREAM_BRIDGE_SESSION_EXPIRY_S": "300", "BPSTREAM_BRIDGE_METRICS_PORT": str(_free_port()),
            "BPSTREAM_LOG_LEVEL": "WARNING"}
@@ -77,6 +79,7 @@ def run(messages: int, devices: int) -> dict[str, float | int]:
         pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         pub.max_queued_messages_set(0)
         pub.max_inflight_messages_set(1000)
+        configure_client(pub, servers.mqtt_settings("simulator"))
         pub.connect(servers.mqtt_host, servers.mqtt_port)
         pub.loop_start()
         started = time.perf_counter()

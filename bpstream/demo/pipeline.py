@@ -21,14 +21,15 @@ from bpstream.demo.supervisor import SERVICE_MODULES, ServiceSupervisor
 from bpstream.shared import influx_api
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
-from bpstream.shared.settings import InfluxSettings, KafkaSettings
+from bpstream.shared.mqtt import configure_client, mqtt_env
+from bpstream.shared.settings import InfluxSettings, KafkaSettings, MqttSettings
 from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
 
 ENV_PREFIX = {"bridge": "BPSTREAM_BRIDGE_", "processor": "BPSTREAM_PROCESSOR_",
               "inference": "BPSTREAM_INFERENCE_", "alerting": "BPSTREAM_ALERTING_", "writer": "BPSTREAM_WRITER_"}
 
 
-def end_mqtt_session(host: str, port: int, client_id: str, timeout_s: float = 10.0) -> bool:
+def end_mqtt_session(settings: MqttSettings, client_id: str, timeout_s: float = 10.0) -> bool:
     """Discard a stopped client's persistent MQTT session (connect with clean start and no expiry, leave).
 
     A bridge keeps its session for an hour so a restart loses nothing; after a run has ended for good, a
@@ -45,11 +46,12 @@ def end_mqtt_session(host: str, port: int, client_id: str, timeout_s: float = 10
     connected = threading.Event()
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5)
-    client.on_connect = lambda *_args: connected.set()
+    client.on_connect = lambda _c, _u, _f, reason, _p: None if reason.is_failure else connected.set()
+    configure_client(client, settings)  # the session's owner: the bridge's account
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 0
     try:
-        client.connect(host, port, clean_start=True, properties=props)
+        client.connect(settings.host, settings.port, clean_start=True, properties=props)
     except OSError:
         return False
     client.loop_start()
@@ -74,6 +76,8 @@ class PipelineConfig:
     mqtt_port: int
     kafka_bootstrap: str
     influx_url: str
+    #: The bridge's MQTT settings (account, TLS); ``ServerEndpoints.mqtt_settings("bridge")`` locally.
+    mqtt: MqttSettings | None = None
     topic_prefix: str = ""
     database: str = "bpstream"
     log_dir: Path = Path("reports/logs")
@@ -87,9 +91,14 @@ class PipelineConfig:
     def influx(self) -> InfluxSettings:
         return InfluxSettings(url=self.influx_url, database=self.database)
 
+    def bridge_mqtt(self) -> MqttSettings:
+        if self.mqtt is not None:
+            return self.mqtt
+        return MqttSettings(host=self.mqtt_host, port=self.mqtt_port)
+
     def base_env(self) -> dict[str, str]:
         return {
-            "BPSTREAM_MQTT_HOST": self.mqtt_host, "BPSTREAM_MQTT_PORT": str(self.mqtt_port),
+            **mqtt_env(self.bridge_mqtt()),
             "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap, "BPSTREAM_KAFKA_TOPIC_PREFIX": self.topic_prefix,
             "BPSTREAM_INFLUX_URL": self.influx_url, "BPSTREAM_INFLUX_DATABASE": self.database,
             # Faster group rebalances after a service restart (local, single broker).
@@ -252,7 +261,7 @@ class Pipeline:
         codes = self.supervisor.stop_all()
         client_id = self.supervisor.per_service_env.get("bridge", {}).get("BPSTREAM_BRIDGE_CLIENT_ID")
         if client_id:
-            end_mqtt_session(self.config.mqtt_host, self.config.mqtt_port, client_id)
+            end_mqtt_session(self.config.bridge_mqtt(), client_id)
         return codes
 
     async def __aenter__(self) -> Pipeline:

@@ -73,7 +73,7 @@ def run_demo(config: DemoConfig) -> Path:
 
 async def _demo(cfg: DemoConfig) -> Path:
     from bpstream import localservers
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
     from bpstream.simulators.scenarios import assign_scenarios
 
     console = Console()
@@ -90,6 +90,7 @@ async def _demo(cfg: DemoConfig) -> Path:
     if cfg.calibration_max_age_s is not None:
         inference_env["BPSTREAM_INFERENCE_CALIBRATION_MAX_AGE_S"] = str(cfg.calibration_max_age_s)
     pconf = PipelineConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port,
+                           mqtt=endpoints.mqtt_settings("bridge"),
                            kafka_bootstrap=endpoints.kafka_bootstrap, influx_url=endpoints.influx_url,
                            topic_prefix=cfg.topic_prefix, database=cfg.database, log_dir=out_dir / "logs",
                            service_env={"bridge": {"BPSTREAM_BRIDGE_SHARE_GROUP": f"demo-{uuid.uuid4().hex[:8]}",
@@ -101,7 +102,7 @@ async def _demo(cfg: DemoConfig) -> Path:
     # Device clocks start in the past by what the run gains on the wall clock (plus a margin).
     lead_s = cfg.duration_s * max(0.0, 1.0 - 1.0 / cfg.speed) + 5.0
     start_ns = time.time_ns() - round(lead_s * 1e9)
-    fleet_cfg = FleetConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port, devices=cfg.patients,
+    fleet_cfg = FleetConfig(**mqtt_connection(endpoints.mqtt_settings("simulator")), devices=cfg.patients,
                             duration_s=cfg.duration_s, speed=cfg.speed, clinic_id=clinic,
                             device_prefix=f"{clinic}-pt", scenario=cfg.scenario, seed=cfg.seed,
                             crisis_onset_s=onset, start_time_ns=start_ns, enrol=cfg.enrol,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from pathlib import Path
 
@@ -16,12 +17,14 @@ console = Console()
 
 
 def _print_endpoints(endpoints: core.ServerEndpoints) -> None:
-    console.print(f"MQTT      mqtt://{endpoints.mqtt_host}:{endpoints.mqtt_port}  (MQTT 5 and 3.1.1, anonymous)")
+    console.print(f"MQTT      mqtts://{endpoints.mqtt_host}:{endpoints.mqtt_port}  (MQTT 5 and 3.1.1, TLS only, "
+                  "per-account passwords and ACL; `bpstream devices`)")
     console.print(f"Kafka     {endpoints.kafka_bootstrap}  (Apache Kafka {install.KAFKA_VERSION}, KRaft, PLAINTEXT)")
     console.print(f"InfluxDB  {endpoints.influx_url}  (InfluxDB {install.INFLUXDB_VERSION}, v1 + v2 API, no auth)")
-    console.print("Environment for services and tools:")
+    console.print("Environment for services and tools (passwords masked; eval \"$(bpstream servers env)\"):")
     for key, value in endpoints.env().items():
-        console.print(f"  export {key}={value}", highlight=False)
+        shown = "**********" if key.endswith("PASSWORD") else value
+        console.print(f"  export {key}={shown}", highlight=False)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -89,10 +92,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         console.print(f"{name} restarted and answers ({time.monotonic() - began:.1f} s)")
 
     @group.command("env")
-    def env() -> None:
+    def env(service: str = typer.Option(None, help="Whose accounts: bridge, simulator, cuff, observer "
+                                                   "(default: the tools' account).")) -> None:
         """Print ``export BPSTREAM_...`` lines for the running servers (eval "$(bpstream servers env)")."""
         endpoints = core.endpoints()
         if endpoints is None:
             raise _fail(core.ServerError("servers were never started; run `bpstream servers up`"))
-        for key, value in endpoints.env().items():
-            typer.echo(f"export {key}={value}")
+        for key, value in endpoints.env(service).items():
+            typer.echo(f"export {key}={shlex.quote(value)}")

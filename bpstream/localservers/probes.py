@@ -57,7 +57,8 @@ def mqtt_round_trip(host: str, port: int, timeout_s: float = 5.0, *, username: s
     try:
         client.subscribe(topic, qos=1)
         if not subscribed.wait(timeout_s):
-            raise ProbeFailed(f"MQTT subscribe was not acknowledged{' (refused: ' + refused[0] + ')' if refused else ''}")
+            why = f" (connection refused: {refused[0]})" if refused else ""
+            raise ProbeFailed(f"MQTT subscribe was not acknowledged{why}")
         client.publish(topic, payload, qos=1)
         if not received.wait(timeout_s):
             raise ProbeFailed("MQTT message published was not received back")

@@ -38,6 +38,7 @@ from bpstream.services.bridge.stage import Rejection, validate_cuff, validate_pa
 from bpstream.shared.errors import BpstreamError
 from bpstream.shared.kafka import RecoveringProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, CuffReading, DeadLetter, SignalChunk, encode_json
+from bpstream.shared.mqtt import configure_client
 from bpstream.shared.retry import retry_async
 from bpstream.shared.service import Component
 from bpstream.shared.topics import (
@@ -185,11 +186,7 @@ class Bridge(Component):
             protocol=mqtt.MQTTv5,
             manual_ack=True,
         )
-        mq = self.settings.mqtt
-        if mq.username:
-            client.username_pw_set(mq.username, mq.password.get_secret_value() if mq.password else None)
-        if mq.tls:
-            client.tls_set()
+        configure_client(client, self.settings.mqtt)  # credentials and TLS (CA, client cert) from settings
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
         client.max_inflight_messages_set(self.settings.max_in_flight)
         client.on_connect = self._on_connect
