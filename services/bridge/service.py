@@ -33,8 +33,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.services.bridge.limits import RATE_LIMITED, LimitChecker
+from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.services.bridge.stage import Rejection, device_of, validate_cuff, validate_payload
 from bpstream.shared.errors import BpstreamError
 from bpstream.shared.kafka import RecoveringProducer, ensure_topics

@@ -33,7 +33,7 @@ def test_pruning_forgets_only_full_buckets() -> None:
 
 
 def test_bad_bucket_settings_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rate_per_s"):
         TokenBucket(rate_per_s=0.0, burst=5)
 
 
