@@ -19,10 +19,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bpstream.shared.messages import SignalChunk, encode_chunk
+from bpstream.shared.mqtt import ssl_context
+from bpstream.shared.settings import MqttSettings
 from bpstream.shared.topics import ID_PATTERN, mqtt_signals_topic, mqtt_status_topic
 from bpstream.simulators.dataset import load_dataset
 from bpstream.simulators.errors import DataFormatError, InvalidParameterError
@@ -159,3 +162,10 @@ async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id
             fh.close()
     return ReplayReport([s.device_id for s in sources], published, skipped, loop.time() - wall0, truth,
                         {s.device_id: s.origin for s in sources})
+
+
+def replay_connection(settings: MqttSettings) -> dict[str, Any]:
+    """:func:`replay` keyword arguments that connect as ``settings`` say (host, port, account, TLS)."""
+    return {"host": settings.host, "port": settings.port, "username": settings.username,
+            "password": settings.password.get_secret_value() if settings.password else None,
+            "tls": ssl_context(settings)}
