@@ -27,6 +27,7 @@ from bpstream.shared.kafka_tools import read_latest_by_key, read_topic
 from bpstream.shared.messages import Estimate, Window, decode_calibration, decode_estimate, encode_window
 from bpstream.shared.model.calibration import IntervalSpec
 from bpstream.shared.model.metadata import ModelMetadata
+from bpstream.shared.mqtt import mqtt_env
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import CALIBRATION_STATE, ESTIMATES, WINDOWS, mqtt_cuff_topic
 
@@ -73,9 +74,11 @@ def clinic() -> str:
 
 
 @pytest.fixture
-def bridge(service_env: dict[str, str], clinic: str, tmp_path: Path) -> Iterator[BridgeProcess]:
+def bridge(service_env: dict[str, str], clinic: str, tmp_path: Path,
+           servers: ServerEndpoints) -> Iterator[BridgeProcess]:
     tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, **service_env, "BPSTREAM_BRIDGE_CLINIC": clinic, "BPSTREAM_BRIDGE_CLIENT_ID": f"t-{tag}",
+    env = {**os.environ, **service_env, **mqtt_env(servers.mqtt_settings("bridge")),
+           "BPSTREAM_BRIDGE_CLINIC": clinic, "BPSTREAM_BRIDGE_CLIENT_ID": f"t-{tag}",
            "BPSTREAM_BRIDGE_SHARE_GROUP": f"t-{tag}", "BPSTREAM_BRIDGE_METRICS_PORT": str(free_port())}
     process = BridgeProcess(env, tmp_path / "bridge.log")
     process.start()
@@ -100,7 +103,7 @@ async def test_cuff_readings_via_mqtt_and_cli_calibrate_their_own_device_and_sur
 
     # dev-a: a cuff reading over MQTT at the time of window 10 (its windows are already scored: the
     # reference comes from the buffered outputs of windows 5..15).
-    publisher = Publisher(servers.mqtt_host, servers.mqtt_port)
+    publisher = Publisher(servers.mqtt_settings("cuff"))  # a clinic's cuff station
     try:
         body = {"sbp": 150.0, "dbp": 95.0, "time": (T0 + 10 * HOP) / 1e9, "cuff_id": "mqtt-cuff"}
         publisher.publish(mqtt_cuff_topic(clinic, "dev-a"), json.dumps(body).encode())
