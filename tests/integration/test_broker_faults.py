@@ -80,7 +80,7 @@ async def _watch_ready(pipeline: Pipeline, names: tuple[str, ...], out: dict[str
 async def _run(servers: ServerEndpoints, name: str, fault: Fault, *, duration_s: float,
                watch: tuple[str, ...] = (), service_env: dict[str, dict[str, str]] | None = None,
                env: dict[str, str] | None = None) -> Run:
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     tag = f"bf{name[:6]}{uuid.uuid4().hex[:5]}"
     prefix = f"{tag}."
@@ -89,12 +89,13 @@ async def _run(servers: ServerEndpoints, name: str, fault: Fault, *, duration_s:
     for key, values in (service_env or {}).items():
         per_service.setdefault(key, {}).update(values)
     config = PipelineConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port,
+                            mqtt=servers.mqtt_settings("bridge"),
                             kafka_bootstrap=servers.kafka_bootstrap, influx_url=servers.influx_url,
                             topic_prefix=prefix, database=f"bf_{uuid.uuid4().hex[:8]}",
                             # A lost broker shows within 10 s instead of aiokafka's default 30 s.
                             env={"BPSTREAM_KAFKA_REQUEST_TIMEOUT_MS": "10000", **(env or {})},
                             service_env=per_service, log_dir=log_dir)
-    fleet_cfg = FleetConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=len(SCENARIOS),
+    fleet_cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=len(SCENARIOS),
                             duration_s=duration_s, speed=SPEED, scenarios=SCENARIOS, seed=14, clinic_id=tag,
                             device_prefix=f"{tag}-d", crisis_onset_s=30.0)
     timings: dict[str, float] = {}
