@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from bpstream.devices.registry import RegistryError, write_private
+from bpstream.devices.registry import RegistryError, render_acl, render_passwd, write_private
 
 devices = typer.Typer(help="Per-device MQTT credentials: add, revoke, list (applied without a broker restart).",
                       no_args_is_help=True)
@@ -43,10 +43,18 @@ def reload_broker(state: Path) -> int | None:
 
 
 def apply(state: Path, *, reload: bool = True) -> int | None:
-    """Rewrite the broker's auth files from the registry and (locally) reload the broker."""
+    """Write the registry's fragments (``devices.passwd``, ``devices.acl``: what a deployed broker's auth is
+    assembled from, see docs/SECURITY.md); for the local servers also rewrite the broker's auth files and
+    reload it (SIGHUP). Returns the PID reloaded, if any."""
     from bpstream.localservers import mqtt_security
+    from bpstream.localservers.core import state_dir
 
-    mqtt_security.write_auth_files(state)
+    registry = mqtt_security.load_registry(state)
+    write_private(state / "devices.passwd", render_passwd({}, registry))
+    write_private(state / "devices.acl", render_acl(registry, services={}))
+    if state != state_dir():
+        return None
+    mqtt_security.write_auth_files(state, registry)
     return reload_broker(state) if reload else None
 
 
