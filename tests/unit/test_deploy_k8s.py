@@ -283,3 +283,16 @@ def test_production_talks_tls_to_kafka_and_mqtt() -> None:
         data = by_kind(overlay, "ConfigMap")["bpstream-config"]["data"]
         assert data["BPSTREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
         assert data["BPSTREAM_MQTT_TLS"] == "true"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_bridges_reach_mqtt_over_tls_only_with_the_broker_ca(overlay: str) -> None:
+    data = by_kind(overlay, "ConfigMap")["bpstream-config"]["data"]
+    assert (data["BPSTREAM_MQTT_TLS"], data["BPSTREAM_MQTT_PORT"]) == ("true", "8883")
+    bridge = by_kind(overlay, "StatefulSet")["bridge"]
+    mounts = {m["name"]: m["mountPath"] for m in container(bridge)["volumeMounts"]}
+    volumes = {v["name"]: v for v in bridge["spec"]["template"]["spec"]["volumes"]}
+    assert data["BPSTREAM_MQTT_CA_FILE"] == f"{mounts['mqtt-ca']}/ca.crt"
+    assert volumes["mqtt-ca"]["secret"]["secretName"] == "bpstream-mqtt-ca"
+    policy = by_kind(overlay, "NetworkPolicy")["allow-mqtt-egress-bridge"]
+    assert [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]] == [8883]  # no plaintext
