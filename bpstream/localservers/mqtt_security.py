@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bpstream.devices.registry import (
     SERVICE_ACLS,
@@ -27,7 +28,9 @@ from bpstream.devices.registry import (
     render_passwd,
     write_private,
 )
-from bpstream.localservers import pki
+
+if TYPE_CHECKING:
+    from bpstream.localservers import pki
 
 #: As deployed (deploy/mosquitto/mosquitto.conf): larger PUBLISH packets are refused by the broker.
 MESSAGE_SIZE_LIMIT = 262144
@@ -115,6 +118,7 @@ def write_auth_files(state: Path, registry: Registry | None = None) -> tuple[Pat
 
 def broker_certificate(state: Path, root: Path) -> pki.TlsFiles:
     """The broker's server certificate from the local CA, copied where the broker's user can read it."""
+    from bpstream.localservers import pki  # here: `cryptography` is not in the services' images
     ca = pki.ensure_ca(state / "pki")
     issued = pki.issue(ca, "mosquitto")
     certs = root / "certs"
