@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bpstream.shared.errors import BpstreamError
+from bpstream.shared.mqtt import configure_client
 from bpstream.shared.settings import MqttSettings
 from bpstream.shared.topics import ID_PATTERN, mqtt_cuff_topic
 
@@ -52,18 +53,25 @@ def publish_cuff(settings: MqttSettings, clinic_id: str, device_id: str, message
     topic = mqtt_cuff_topic(clinic_id, device_id)
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                          client_id=f"bpstream-calibrate-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
-    if settings.username:
-        client.username_pw_set(settings.username,
-                               settings.password.get_secret_value() if settings.password else None)
-    if settings.tls:
-        client.tls_set()
+    configure_client(client, settings)
+    answers: dict[str, Any] = {}
+    client.on_connect = lambda _c, _u, _f, reason, _p: answers.setdefault("connect", reason)
+    client.on_publish = lambda _c, _u, _mid, reason, _p: answers.setdefault("puback", reason)
     client.connect(settings.host, settings.port, keepalive=settings.keepalive_s)
     client.loop_start()
     try:
         info = client.publish(topic, json.dumps(message).encode(), qos=1)
-        info.wait_for_publish(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not info.is_published() and time.monotonic() < deadline:
+            refused = answers.get("connect")
+            if refused is not None and refused.is_failure:
+                raise PublishError(f"the broker refused the connection: {refused}")
+            time.sleep(0.05)
         if not info.is_published():
             raise PublishError(f"the broker did not acknowledge the cuff reading within {timeout_s:g} s")
+        puback = answers.get("puback")
+        if puback is not None and puback.is_failure and puback.value != 0x10:  # 0x10: no subscriber yet
+            raise PublishError(f"the broker refused the cuff reading: {puback}")
     finally:
         client.disconnect()
         client.loop_stop()

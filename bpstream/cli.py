@@ -11,6 +11,7 @@ import typer
 from bpstream import alerts_cli, calibrate_cli
 from bpstream.bench import cli as bench_cli
 from bpstream.demo import cli as demo_cli
+from bpstream.devices import cli as devices_cli
 from bpstream.localservers import cli as servers_cli
 from bpstream.services import cli as services_cli
 from bpstream.simulators import cli as simulators_cli
@@ -27,7 +28,7 @@ bench = typer.Typer(help="Benchmarks that print ratios against a baseline run in
 app.add_typer(bench, name="bench")
 
 for area in (servers_cli, simulators_cli, training_cli, services_cli, calibrate_cli, alerts_cli, demo_cli,
-             bench_cli):
+             devices_cli, bench_cli):
     area.register(app, bench)
 
 

@@ -73,10 +73,16 @@ class MqttSettings(_Frozen):
     model_config = SettingsConfigDict(env_prefix="BPSTREAM_MQTT_", frozen=True, extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    #: The broker's TLS listener (8883); plaintext MQTT is not offered by the local or the deployed broker.
+    port: int = 8883
     username: str | None = None
     password: SecretStr | None = None
-    tls: bool = False
+    #: TLS on by default; ``ca_file`` is the CA that signed the broker's certificate (None: the system store).
+    tls: bool = True
+    ca_file: str | None = None
+    #: A client certificate and its key, for brokers that require mutual TLS.
+    cert_file: str | None = None
+    key_file: str | None = None
     keepalive_s: int = 30
 
 

@@ -12,11 +12,15 @@ import asyncio
 import os
 import platform
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bpstream.shared.messages import SignalChunk, encode_chunk
 from bpstream.simulators.cohort import build_cohort
+
+if TYPE_CHECKING:
+    from bpstream.shared.settings import MqttSettings
 
 
 def machine() -> str:
@@ -58,19 +62,19 @@ def measure_one_at_a_time(n: int, seconds: int) -> float:
     return time.process_time() - cpu0
 
 
-def measure_publish(n: int, seconds: int, host: str, port: int,
+def measure_publish(n: int, seconds: int, mqtt: MqttSettings,
                     speed: float = 1000.0) -> tuple[float, float, int, float]:
     """(CPU s, wall s, chunks acknowledged, max lag behind schedule in s) of one fleet run."""
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
-    cfg = FleetConfig(host, port, devices=n, duration_s=seconds, speed=speed, clinic_id="bench",
+    cfg = FleetConfig(**mqtt_connection(mqtt), devices=n, duration_s=seconds, speed=speed, clinic_id="bench",
                       device_prefix=f"b{n}", scenario="mixed")
     cpu0 = time.process_time()
     report = asyncio.run(run_fleet(cfg))
     return time.process_time() - cpu0, report.wall_s, report.published, report.max_lag_s
 
 
-def run_bench(devices: list[int], seconds: int, host: str | None, port: int | None,
+def run_bench(devices: list[int], seconds: int, mqtt: MqttSettings | None,
               publish_devices: list[int], realtime_devices: list[int] | None = None) -> None:
     print(f"machine: {machine()}")
     print(f"generation, {seconds} device-seconds per device, one thread:")
@@ -85,18 +89,19 @@ def run_bench(devices: list[int], seconds: int, host: str | None, port: int | No
     vec, _ = measure_generation(base_n, seconds, encode=False)
     print(f"baseline: {base_n} one-device engines {base:.2f} CPU s vs one {base_n}-device engine {vec:.2f} CPU s: "
           f"vectorised is {base / vec:.1f}x faster")
-    if host is None or port is None:
+    if mqtt is None:
         return
-    print(f"publishing to mqtt://{host}:{port} (QoS 1, acknowledged, as fast as possible):")
+    print(f"publishing to {mqtt.host}:{mqtt.port} (TLS {'on' if mqtt.tls else 'off'}, QoS 1, acknowledged, "
+          "as fast as possible):")
     print("| devices | wall s | process CPU s | device-s per wall s | device-s per CPU s | chunks acked |")
     print("|---|---|---|---|---|---|")
     for n in publish_devices:
-        cpu, wall, published, _ = measure_publish(n, seconds, host, port)
+        cpu, wall, published, _ = measure_publish(n, seconds, mqtt)
         print(f"| {n} | {wall:.2f} | {cpu:.2f} | {n * seconds / wall:,.0f} | {n * seconds / cpu:,.0f} | {published} |")
     if realtime_devices:
         print(f"real time (speed 1, {seconds} s): does the fleet keep its schedule?")
         print("| devices | wall s | process CPU s | CPU use of one core | max lag behind schedule s | chunks acked |")
         print("|---|---|---|---|---|---|")
         for n in realtime_devices:
-            cpu, wall, published, lag = measure_publish(n, seconds, host, port, speed=1.0)
+            cpu, wall, published, lag = measure_publish(n, seconds, mqtt, speed=1.0)
             print(f"| {n} | {wall:.2f} | {cpu:.2f} | {cpu / wall:.0%} | {lag:.3f} | {published} |")

@@ -5,29 +5,38 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import typer
 
 from bpstream.shared.errors import BpstreamError
 
+if TYPE_CHECKING:
+    from bpstream.shared.settings import MqttSettings
+
 simulate = typer.Typer(help="The wearable simulator: MQTT fleets, replays of recordings, training datasets.",
                        no_args_is_help=True)
 
 
-def _broker(url: str | None) -> tuple[str, int, str | None, str | None]:
-    """``mqtt://[user:pass@]host[:port]``; without a URL, the BPSTREAM_MQTT_* settings."""
+def _broker(url: str | None) -> MqttSettings:
+    """``mqtts://[user:pass@]host[:port]`` (or mqtt:// with TLS off); without a URL, the BPSTREAM_MQTT_* settings
+    (TLS, CA file, account)."""
+    from pydantic import SecretStr
+
     from bpstream.shared.settings import MqttSettings
 
     settings = MqttSettings()
     if not url:
-        password = settings.password.get_secret_value() if settings.password else None
-        return settings.host, settings.port, settings.username, password
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
-        raise typer.BadParameter(f"broker URL must look like mqtt://host:port, got {url!r}")
-    password = parsed.password or (settings.password.get_secret_value() if settings.password else None)
-    return parsed.hostname, parsed.port or 1883, parsed.username or settings.username, password
+        return settings
+    parsed = urlparse(url if "://" in url else f"mqtts://{url}")
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+        raise typer.BadParameter(f"broker URL must look like mqtts://host:port, got {url!r}")
+    tls = parsed.scheme in ("mqtts", "ssl")
+    password = SecretStr(parsed.password) if parsed.password else settings.password
+    return settings.model_copy(update={"host": parsed.hostname, "port": parsed.port or (8883 if tls else 1883),
+                                       "username": parsed.username or settings.username, "password": password,
+                                       "tls": tls})
 
 
 def _fail(exc: BpstreamError) -> None:
@@ -38,7 +47,7 @@ def _fail(exc: BpstreamError) -> None:
 @simulate.command("fleet")
 def fleet_cmd(
     devices: int = typer.Option(10, help="Number of devices."),
-    broker: str = typer.Option(None, help="mqtt://host:port (default: BPSTREAM_MQTT_HOST/PORT)."),
+    broker: str = typer.Option(None, help="mqtts://[user:pass@]host:port (default: the BPSTREAM_MQTT_* settings)."),
     speed: float = typer.Option(1.0, help="Chunks of 1 s published every 1/speed s."),
     duration: float = typer.Option(120.0, help="Device seconds to simulate."),
     scenario: str = typer.Option("mixed", help="Scenario or mix (see `bpstream simulate scenarios`)."),
@@ -60,16 +69,16 @@ def fleet_cmd(
     cuff_sd: float = typer.Option(5.0, help="SD of the simulated cuff's error (mmHg)."),
 ) -> None:
     """Publish a simulated fleet over MQTT v5, QoS 1 (and its cuff readings: enrolment, re-calibration)."""
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
-    host, port, user, password = _broker(broker)
+    connection = mqtt_connection(_broker(broker))
     try:
-        cfg = FleetConfig(host, port, devices=devices, duration_s=duration, speed=speed, clinic_id=clinic,
+        cfg = FleetConfig(**connection, devices=devices, duration_s=duration, speed=speed, clinic_id=clinic,
                           device_prefix=prefix, scenario=scenario, seed=seed, loss_rate=loss_rate,
                           duplicate_rate=duplicate_rate, reorder_rate=reorder_rate, clock_drift_ppm=clock_drift_ppm,
                           reconnect_every_s=reconnect_every, burst_every_s=burst_every, burst_len_s=burst_len,
-                          crisis_onset_s=crisis_onset, connections=connections, truth_path=truth, username=user,
-                          password=password, enrol=enrol, enrol_at_s=enrol_at, recalibrate_every_s=recalibrate_every,
+                          crisis_onset_s=crisis_onset, connections=connections, truth_path=truth,
+                          enrol=enrol, enrol_at_s=enrol_at, recalibrate_every_s=recalibrate_every,
                           cuff_sd_mmhg=cuff_sd)
         report = asyncio.run(run_fleet(cfg))
     except BpstreamError as exc:
@@ -91,7 +100,7 @@ def fleet_cmd(
 @simulate.command("replay")
 def replay_cmd(
     data: Path = typer.Option(..., help="MIMIC windows folder (CSV) or a simulator dataset folder."),
-    broker: str = typer.Option(None, help="mqtt://host:port (default: BPSTREAM_MQTT_HOST/PORT)."),
+    broker: str = typer.Option(None, help="mqtts://[user:pass@]host:port (default: the BPSTREAM_MQTT_* settings)."),
     speed: float = typer.Option(1.0),
     clinic: str = typer.Option("replay"),
     prefix: str = typer.Option("rec"),
@@ -99,13 +108,16 @@ def replay_cmd(
     truth: Path = typer.Option(None, help="Write the recorded reference (JSON lines) here."),
 ) -> None:
     """Publish recordings as devices so the live pipeline can be compared with the recorded reference."""
+    from bpstream.shared.mqtt import ssl_context
     from bpstream.simulators.replay import load_sources, replay
 
-    host, port, user, password = _broker(broker)
+    settings = _broker(broker)
     try:
         sources = load_sources(data, prefix, limit)
-        report = asyncio.run(replay(sources, host, port, clinic_id=clinic, speed=speed, truth_path=truth,
-                                    username=user, password=password))
+        report = asyncio.run(replay(sources, settings.host, settings.port, clinic_id=clinic, speed=speed,
+                                    truth_path=truth, username=settings.username,
+                                    password=settings.password.get_secret_value() if settings.password else None,
+                                    tls=ssl_context(settings)))
     except BpstreamError as exc:
         _fail(exc)
         return
@@ -178,16 +190,15 @@ def bench_simulator(
     """Devices generated (and published) in real time per core."""
     from bpstream.simulators.bench import run_bench
 
-    host = port = None
+    mqtt = None
     if not no_publish:
         if broker:
-            host, port, _, _ = _broker(broker)
+            mqtt = _broker(broker)
         else:
             from bpstream.localservers import ensure_up
 
-            eps = ensure_up()
-            host, port = eps.mqtt_host, eps.mqtt_port
-    run_bench([int(x) for x in devices.split(",")], seconds, host, port,
+            mqtt = ensure_up().mqtt_settings("simulator")
+    run_bench([int(x) for x in devices.split(",")], seconds, mqtt,
               [int(x) for x in publish_devices.split(",")], [int(x) for x in realtime_devices.split(",") if x])
 
 

@@ -21,16 +21,19 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
 from bpstream.shared.errors import TransientError
 from bpstream.shared.messages import SignalChunk, encode_chunk
+from bpstream.shared.settings import MqttSettings
+from bpstream.shared.tls import client_ssl_context
 from bpstream.shared.topics import ID_PATTERN, mqtt_cuff_topic, mqtt_signals_topic, mqtt_status_topic
 from bpstream.simulators.cohort import build_cohort
 from bpstream.simulators.errors import InvalidParameterError
@@ -85,6 +88,9 @@ class FleetConfig:
     connections: int | None = None
     username: str | None = None
     password: str | None = None
+    #: TLS to the broker, trusting ``ca_file`` (None: the system store); see :func:`mqtt_connection`.
+    tls: bool = False
+    ca_file: str | None = None
     qos: int = 1
     #: Enrol patients with simulated cuff readings (see the module docstring); off keeps a signals-only fleet.
     enrol: bool = False
@@ -95,6 +101,9 @@ class FleetConfig:
     #: SD of the simulated cuff's error (mmHg), the same for SBP and DBP, drawn independently.
     cuff_sd_mmhg: float = 5.0
     cuff_id: str = "sim-cuff"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return client_ssl_context(self.ca_file) if self.tls else None
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
@@ -331,7 +340,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         owner = ids[j] if dedicated else f"{cfg.device_prefix}-gw{j:03d}"
         conn = AsyncMqttConnection(f"bpsim-{run_tag}-{owner}"[:64], cfg.mqtt_host, cfg.mqtt_port,
                                    will_topic=mqtt_status_topic(cfg.clinic_id, owner), username=cfg.username,
-                                   password=cfg.password)
+                                   password=cfg.password, tls=cfg.ssl_context())
         gw = _Gateway(conn, list(range(j, n, n_conn)))
         if cfg.reconnect_every_s:
             gw.next_drop_s = float(net.uniform(0.2, 1.0) * cfg.reconnect_every_s)
@@ -349,7 +358,8 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             cuff_due += [(at, i, number) for number, at in enumerate(times)]
         cuff_due.sort()
         cuff_conn = AsyncMqttConnection(f"bpsim-{run_tag}-{cfg.device_prefix}-cuff"[:64], cfg.mqtt_host,
-                                        cfg.mqtt_port, username=cfg.username, password=cfg.password)
+                                        cfg.mqtt_port, username=cfg.username, password=cfg.password,
+                                        tls=cfg.ssl_context())
     cuff_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 11]))
     cuff_published = 0
 
@@ -559,3 +569,11 @@ def _cuff_reading(cfg: FleetConfig, truth: FleetTruth, device_id: str, time_ns: 
     sbp, dbp = simulated_cuff(true_sbp, true_dbp, float(err[0]), float(err[1]))
     return CuffTruth(device_id, time_ns, sbp, dbp, round(true_sbp, 2), round(true_dbp, 2), cfg.cuff_id, number)
 
+
+
+def mqtt_connection(settings: MqttSettings) -> dict[str, Any]:
+    """``FleetConfig`` keyword arguments that connect as ``settings`` say (host, port, account, TLS):
+    ``FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=...)``."""
+    return {"mqtt_host": settings.host, "mqtt_port": settings.port, "username": settings.username,
+            "password": settings.password.get_secret_value() if settings.password else None,
+            "tls": settings.tls, "ca_file": settings.ca_file}

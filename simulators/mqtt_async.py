@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -31,7 +32,7 @@ class AsyncMqttConnection:
 
     def __init__(self, client_id: str, host: str, port: int, *, will_topic: str | None = None,
                  will_payload: bytes = b"offline", username: str | None = None, password: str | None = None,
-                 keepalive: int = 30, max_inflight: int = 32) -> None:
+                 keepalive: int = 30, max_inflight: int = 32, tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5, reconnect_on_failure=False)
@@ -39,6 +40,8 @@ class AsyncMqttConnection:
         self.client.max_queued_messages_set(0)
         if username:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls)
         if will_topic:
             self.client.will_set(will_topic, will_payload, qos=1, retain=True)
         self.client.on_socket_open = self._on_socket_open
@@ -72,8 +75,16 @@ class AsyncMqttConnection:
     # ---- paho callbacks (run on the loop thread) -------------------------------------------------
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
-        self._loop.add_reader(sock, client.loop_read)
+        self._loop.add_reader(sock, self._read, client, sock)
         self._misc = self._loop.create_task(self._misc_loop())
+
+    @staticmethod
+    def _read(client: mqtt.Client, sock: Any) -> None:
+        # A TLS socket may hold decrypted bytes the OS no longer reports as readable: read them too.
+        client.loop_read()
+        pending = getattr(sock, "pending", None)
+        while pending is not None and pending() > 0 and client.loop_read() == mqtt.MQTT_ERR_SUCCESS:
+            pass
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None

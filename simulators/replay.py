@@ -14,14 +14,18 @@ import asyncio
 import json
 import math
 import re
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bpstream.shared.messages import SignalChunk, encode_chunk
+from bpstream.shared.mqtt import ssl_context
+from bpstream.shared.settings import MqttSettings
 from bpstream.shared.topics import ID_PATTERN, mqtt_signals_topic, mqtt_status_topic
 from bpstream.simulators.dataset import load_dataset
 from bpstream.simulators.errors import DataFormatError, InvalidParameterError
@@ -91,7 +95,8 @@ def load_sources(data: Path, device_prefix: str = "rec", limit: int | None = Non
 
 async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id: str = "replay",
                  speed: float = 1.0, truth_path: Path | None = None, start_time_ns: int | None = None,
-                 username: str | None = None, password: str | None = None) -> ReplayReport:
+                 username: str | None = None, password: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> ReplayReport:
     """Publish every source as a device, 1 s per chunk, one chunk every ``1/speed`` s."""
     if not (math.isfinite(speed) and speed > 0):
         raise InvalidParameterError(f"speed must be a positive number, got {speed}")
@@ -101,7 +106,7 @@ async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id
     tag = uuid.uuid4().hex[:6]
     conns = [AsyncMqttConnection(f"bpreplay-{tag}-{s.device_id}"[:64], host, port,
                                  will_topic=mqtt_status_topic(clinic_id, s.device_id), username=username,
-                                 password=password) for s in sources]
+                                 password=password, tls=tls) for s in sources]
     await asyncio.gather(*(c.connect() for c in conns))
     for c, s in zip(conns, sources, strict=True):
         c.publish(mqtt_status_topic(clinic_id, s.device_id), b"online", retain=True)
@@ -157,3 +162,10 @@ async def replay(sources: list[ReplaySource], host: str, port: int, *, clinic_id
             fh.close()
     return ReplayReport([s.device_id for s in sources], published, skipped, loop.time() - wall0, truth,
                         {s.device_id: s.origin for s in sources})
+
+
+def replay_connection(settings: MqttSettings) -> dict[str, Any]:
+    """:func:`replay` keyword arguments that connect as ``settings`` say (host, port, account, TLS)."""
+    return {"host": settings.host, "port": settings.port, "username": settings.username,
+            "password": settings.password.get_secret_value() if settings.password else None,
+            "tls": ssl_context(settings)}

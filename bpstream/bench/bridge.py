@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bpstream.shared.kafka import KafkaConsumer, ensure_topics
 from bpstream.shared.messages import SignalChunk, encode_chunk
+from bpstream.shared.mqtt import configure_client
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import ALL_TOPICS, SIGNALS_RAW, mqtt_signals_topic
 
@@ -79,6 +80,7 @@ def run(messages: int, devices: int) -> dict[str, float | int]:
         pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         pub.max_queued_messages_set(0)
         pub.max_inflight_messages_set(1000)
+        configure_client(pub, servers.mqtt_settings("simulator"))
         pub.connect(servers.mqtt_host, servers.mqtt_port)
         pub.loop_start()
         started = time.perf_counter()

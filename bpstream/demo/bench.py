@@ -143,7 +143,7 @@ def expected_windows(chunk_t0: list[int]) -> int:
 async def _bench(cfg: BenchConfig) -> BenchResult:
     from bpstream import localservers
     from bpstream.shared.lag import LagProbe
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     endpoints = await asyncio.to_thread(localservers.ensure_up)
     tag = f"bench{uuid.uuid4().hex[:6]}"
@@ -154,7 +154,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
                                 **({"BPSTREAM_PROFILE_DIR": str(profile_dir.resolve())} if cfg.profile else {})},
                            service_env={"inference": {"BPSTREAM_INFERENCE_BATCH_MAX_SIZE": "128",
                                                       "BPSTREAM_INFERENCE_LOG_LEVEL": "WARNING"}})
-    fleet_cfg = FleetConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port, devices=cfg.devices,
+    fleet_cfg = FleetConfig(**mqtt_connection(endpoints.mqtt_settings("simulator")), devices=cfg.devices,
                             duration_s=cfg.duration_s, speed=1.0, clinic_id=tag, device_prefix=f"{tag}-d",
                             scenario="mixed", seed=1)
     max_lag: dict[str, int] = {}

@@ -22,14 +22,15 @@ from bpstream.localservers.core import ServerEndpoints
 from bpstream.shared import influx_api
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
-from bpstream.shared.settings import InfluxSettings, KafkaSettings
+from bpstream.shared.mqtt import configure_client
+from bpstream.shared.settings import InfluxSettings, KafkaSettings, MqttSettings
 from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
 
 ENV_PREFIX = {"bridge": "BPSTREAM_BRIDGE_", "processor": "BPSTREAM_PROCESSOR_",
               "inference": "BPSTREAM_INFERENCE_", "alerting": "BPSTREAM_ALERTING_", "writer": "BPSTREAM_WRITER_"}
 
 
-def end_mqtt_session(host: str, port: int, client_id: str, timeout_s: float = 10.0) -> bool:
+def end_mqtt_session(settings: MqttSettings, client_id: str, timeout_s: float = 10.0) -> bool:
     """Discard a stopped client's persistent MQTT session (connect with clean start and no expiry, leave).
 
     A bridge keeps its session for an hour so a restart loses nothing; after a run has ended for good, a
@@ -46,11 +47,12 @@ def end_mqtt_session(host: str, port: int, client_id: str, timeout_s: float = 10
     connected = threading.Event()
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5)
-    client.on_connect = lambda *_args: connected.set()
+    client.on_connect = lambda _c, _u, _f, reason, _p: None if reason.is_failure else connected.set()
+    configure_client(client, settings)  # the session's owner: the bridge's account
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 0
     try:
-        client.connect(host, port, clean_start=True, properties=props)
+        client.connect(settings.host, settings.port, clean_start=True, properties=props)
     except OSError:
         return False
     client.loop_start()
@@ -98,6 +100,10 @@ class PipelineConfig:
     def influx(self) -> InfluxSettings:
         """The admin's InfluxDB settings for this run's database."""
         return self.servers.influx_settings(self.database)
+
+    def bridge_mqtt(self) -> MqttSettings:
+        """The bridge's MQTT settings (its account, TLS with the local CA)."""
+        return self.servers.mqtt_settings("bridge")
 
     def base_env(self) -> dict[str, str]:
         """What every service shares (no credentials: those are per service, ``service_connection_env``)."""
@@ -267,7 +273,7 @@ class Pipeline:
         codes = self.supervisor.stop_all()
         client_id = self.supervisor.per_service_env.get("bridge", {}).get("BPSTREAM_BRIDGE_CLIENT_ID")
         if client_id:
-            end_mqtt_session(self.config.mqtt_host, self.config.mqtt_port, client_id)
+            end_mqtt_session(self.config.bridge_mqtt(), client_id)
         return codes
 
     async def __aenter__(self) -> Pipeline:

@@ -73,7 +73,7 @@ def run_demo(config: DemoConfig) -> Path:
 
 async def _demo(cfg: DemoConfig) -> Path:
     from bpstream import localservers
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
     from bpstream.simulators.scenarios import assign_scenarios
 
     console = Console()
@@ -100,7 +100,7 @@ async def _demo(cfg: DemoConfig) -> Path:
     # Device clocks start in the past by what the run gains on the wall clock (plus a margin).
     lead_s = cfg.duration_s * max(0.0, 1.0 - 1.0 / cfg.speed) + 5.0
     start_ns = time.time_ns() - round(lead_s * 1e9)
-    fleet_cfg = FleetConfig(mqtt_host=endpoints.mqtt_host, mqtt_port=endpoints.mqtt_port, devices=cfg.patients,
+    fleet_cfg = FleetConfig(**mqtt_connection(endpoints.mqtt_settings("simulator")), devices=cfg.patients,
                             duration_s=cfg.duration_s, speed=cfg.speed, clinic_id=clinic,
                             device_prefix=f"{clinic}-pt", scenario=cfg.scenario, seed=cfg.seed,
                             crisis_onset_s=onset, start_time_ns=start_ns, enrol=cfg.enrol,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from pathlib import Path
 
@@ -16,14 +17,15 @@ console = Console()
 
 
 def _print_endpoints(endpoints: core.ServerEndpoints) -> None:
-    console.print(f"MQTT      mqtt://{endpoints.mqtt_host}:{endpoints.mqtt_port}  (MQTT 5 and 3.1.1, anonymous)")
+    console.print(f"MQTT      mqtts://{endpoints.mqtt_host}:{endpoints.mqtt_port}  (MQTT 5 and 3.1.1, TLS only, "
+                  "per-account passwords and ACL; `bpstream devices`)")
     console.print(f"Kafka     {endpoints.kafka_bootstrap}  (Apache Kafka {install.KAFKA_VERSION}, KRaft, "
                   "SASL_SSL SCRAM-SHA-512, ACLs)")
     console.print(f"InfluxDB  {endpoints.influx_url}  (InfluxDB {install.INFLUXDB_VERSION}, v1 + v2 API, HTTPS, auth)")
     console.print(f"CA        {endpoints.ca_file}; credentials in {endpoints.secrets_dir} (mode 0600)")
-    console.print("Environment for tools (admin users; `bpstream servers env` prints the passwords):")
+    console.print("Environment for tools (passwords masked; eval \"$(bpstream servers env)\" sets them):")
     for key, value in endpoints.env().items():
-        shown = "********" if key.endswith("PASSWORD") else value
+        shown = "**********" if key.endswith("PASSWORD") else value
         console.print(f"  export {key}={shown}", highlight=False)
 
 
@@ -108,11 +110,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         console.print(f"CA: {ca.cert} (its key {ca.key} signs new certificates: keep it off the servers)")
 
     @group.command("env")
-    def env(service: str = typer.Option(None, help="a service's own users (bridge, processor, ...); "
-                                                "default: the admin users for tools")) -> None:
+    def env(service: str = typer.Option(None, help="a service's own accounts (bridge, processor, ..., "
+                                                "simulator, cuff, observer); default: the tools' accounts")) -> None:
         """Print ``export BPSTREAM_...`` lines for the running servers (eval "$(bpstream servers env)")."""
         endpoints = core.endpoints()
         if endpoints is None:
             raise _fail(core.ServerError("servers were never started; run `bpstream servers up`"))
         for key, value in endpoints.env(service).items():
-            typer.echo(f"export {key}={value}")
+            typer.echo(f"export {key}={shlex.quote(value)}")

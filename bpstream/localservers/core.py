@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bpstream.localservers import influx_security, install, kafka_security, probes, servers
-from bpstream.shared.settings import InfluxSettings, KafkaSettings
+from pydantic import SecretStr
+
+from bpstream.localservers import influx_security, install, kafka_security, mqtt_security, probes, servers
+from bpstream.shared.mqtt import mqtt_env
+from bpstream.shared.settings import InfluxSettings, KafkaSettings, MqttSettings
 
 HOST = "127.0.0.1"
 SERVER_NAMES: tuple[str, ...] = ("mosquitto", "kafka", "influxdb")
@@ -76,9 +79,10 @@ class ServerEndpoints:
         state = Path(self.secrets_dir)
         influx_user = influx_security.SERVICE_USERS.get(service) if service else influx_security.ADMIN
         kafka_user = service if service in kafka_security.SERVICES else kafka_security.ADMIN
+        # Only the services that speak MQTT (and tools) get an MQTT account.
+        mqtt = mqtt_env(self.mqtt_settings(service)) if service in mqtt_security.SERVICE_ACCOUNTS else {}
         return {
-            "BPSTREAM_MQTT_HOST": self.mqtt_host,
-            "BPSTREAM_MQTT_PORT": str(self.mqtt_port),
+            **mqtt,
             "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
             **kafka_security.client_env(state, kafka_user),
             "BPSTREAM_INFLUX_URL": self.influx_url,
@@ -92,6 +96,14 @@ class ServerEndpoints:
     async def grant_influx_database(self, database: str) -> None:
         """Create ``database`` and grant the writer WRITE and Grafana READ on it (through the admin)."""
         await influx_security.grant_database(self.influx_settings(database), database)
+
+    def mqtt_settings(self, service: str | None = None) -> MqttSettings:
+        """MQTT settings for ``service``: TLS with the local CA and the service's account ("bridge",
+        "simulator", "cuff", "probe", "observer"; None: the cuff account tools such as calibrate use)."""
+        state = Path(self.secrets_dir) if self.secrets_dir else state_dir()
+        user, password = mqtt_security.password_for(state, service)
+        return MqttSettings(host=self.mqtt_host, port=self.mqtt_port, username=user,
+                            password=SecretStr(password), tls=True, ca_file=str(mqtt_security.ca_file(state)))
 
 
 @dataclass(slots=True)
@@ -266,7 +278,9 @@ async def _probe(name: str, ports: dict[str, int]) -> None:
     if not _port_open(port):
         raise probes.ProbeFailed(f"{name} is not listening on {HOST}:{port} yet")
     if name == "mosquitto":
-        await asyncio.to_thread(probes.mqtt_round_trip, HOST, port)
+        user, password = mqtt_security.password_for(state_dir(), "probe")
+        await asyncio.to_thread(probes.mqtt_round_trip, HOST, port, username=user, password=password,
+                                ca_file=str(mqtt_security.ca_file(state_dir())))
     elif name == "kafka":
         with _quiet_kafka_client():
             await probes.kafka_round_trip(kafka_security.client_settings(state_dir(), f"{HOST}:{port}"))
@@ -309,7 +323,7 @@ def _start(name: str, paths: dict[str, str], ports: dict[str, int]) -> dict[str,
     root.mkdir(parents=True, exist_ok=True)
     log_file = root / "server.log"
     if name == "mosquitto":
-        launch = servers.prepare_mosquitto(root, paths["mosquitto"], ports["port"])
+        launch = servers.prepare_mosquitto(root, paths["mosquitto"], ports["port"], state_dir())
     elif name == "influxdb":
         tls = influx_security.server_tls(state_dir())
         launch = servers.prepare_influxdb(root, paths["influxd"], ports["port"], ports["rpc_port"], auth=True,

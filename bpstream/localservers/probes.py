@@ -20,9 +20,13 @@ class ProbeFailed(Exception):
     """The server did not answer a round trip (yet)."""
 
 
-def mqtt_round_trip(host: str, port: int, timeout_s: float = 5.0) -> None:
+def mqtt_round_trip(host: str, port: int, timeout_s: float = 5.0, *, username: str | None = None,
+                    password: str | None = None, ca_file: str | None = None) -> None:
+    """Over TLS (``ca_file``) with the probe account when given; the connection must be accepted."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
+
+    from bpstream.shared.tls import client_ssl_context
 
     topic = f"bpstream-probe/{uuid.uuid4().hex}"
     payload = uuid.uuid4().bytes
@@ -31,6 +35,18 @@ def mqtt_round_trip(host: str, port: int, timeout_s: float = 5.0) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:12]}",
                          protocol=mqtt.MQTTv5)
     client.on_subscribe = lambda *args: subscribed.set()
+    refused: list[str] = []
+
+    def on_connect(_client: mqtt.Client, _userdata: object, _flags: object, reason: object,
+                   _props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            refused.append(str(reason))
+
+    client.on_connect = on_connect
+    if username:
+        client.username_pw_set(username, password)
+    if ca_file:
+        client.tls_set_context(client_ssl_context(ca_file))
 
     def on_message(_client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.payload == payload:
@@ -39,13 +55,14 @@ def mqtt_round_trip(host: str, port: int, timeout_s: float = 5.0) -> None:
     client.on_message = on_message
     try:
         client.connect(host, port, keepalive=10)
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError is an OSError too
         raise ProbeFailed(f"MQTT connect to {host}:{port}: {exc}") from exc
     client.loop_start()
     try:
         client.subscribe(topic, qos=1)
         if not subscribed.wait(timeout_s):
-            raise ProbeFailed("MQTT subscribe was not acknowledged")
+            why = f" (connection refused: {refused[0]})" if refused else ""
+            raise ProbeFailed(f"MQTT subscribe was not acknowledged{why}")
         client.publish(topic, payload, qos=1)
         if not received.wait(timeout_s):
             raise ProbeFailed("MQTT message published was not received back")

@@ -33,11 +33,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from bpstream.services.bridge.limits import RATE_LIMITED, LimitChecker
 from bpstream.services.bridge.settings import BridgeSettings
-from bpstream.services.bridge.stage import Rejection, validate_cuff, validate_payload
+from bpstream.services.bridge.stage import Rejection, device_of, validate_cuff, validate_payload
 from bpstream.shared.errors import BpstreamError
 from bpstream.shared.kafka import RecoveringProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, CuffReading, DeadLetter, SignalChunk, encode_json
+from bpstream.shared.mqtt import configure_client
 from bpstream.shared.retry import retry_async
 from bpstream.shared.service import Component
 from bpstream.shared.topics import (
@@ -122,6 +124,7 @@ class Bridge(Component):
         #: Retire mode: set once the broker confirmed the unsubscription; monotonic time of the last message.
         self._unsubscribed = threading.Event()
         self._last_message_at = time.monotonic()
+        self._limits = LimitChecker(settings.device_limits())
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -185,11 +188,7 @@ class Bridge(Component):
             protocol=mqtt.MQTTv5,
             manual_ack=True,
         )
-        mq = self.settings.mqtt
-        if mq.username:
-            client.username_pw_set(mq.username, mq.password.get_secret_value() if mq.password else None)
-        if mq.tls:
-            client.tls_set()
+        configure_client(client, self.settings.mqtt)  # credentials and TLS (CA, client cert) from settings
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
         client.max_inflight_messages_set(self.settings.max_in_flight)
         client.on_connect = self._on_connect
@@ -315,11 +314,14 @@ class Bridge(Component):
         now = time.time_ns()
         limits = self.settings.cuff_limits()
         time_limits = self.settings.device_time_limits()
+        mono = time.monotonic()
         for item in batch:
             try:
-                if item.topic.endswith("/cuff"):
-                    verdict: CuffReading | Rejection | SignalChunk = validate_cuff(item.topic, item.payload, now,
-                                                                                   limits)
+                limited = self._limits.check(device_of(item.topic), len(item.payload), mono)
+                if limited is not None:
+                    verdict: CuffReading | Rejection | SignalChunk = limited
+                elif item.topic.endswith("/cuff"):
+                    verdict = validate_cuff(item.topic, item.payload, now, limits)
                 else:
                     verdict = validate_payload(item.topic, item.payload, self.settings.allowed_sample_rates,
                                                now_ns=now, time_limits=time_limits)
@@ -375,7 +377,9 @@ class Bridge(Component):
     def _dead_letter(item: Incoming, rejection: Rejection, now_ns: int) -> bytes:
         payload = item.payload
         detail = rejection.detail
-        if len(payload) > MAX_CHUNK_BYTES:
+        if rejection.reason == RATE_LIMITED:
+            payload = b""  # a flood must not fill the dead-letter topic: the reason and the source suffice
+        elif len(payload) > MAX_CHUNK_BYTES:
             # Keep the record under Kafka's message size limit: the head is enough to diagnose it.
             detail = f"{detail} (payload truncated from {len(payload)} bytes)"
             payload = payload[:MAX_CHUNK_BYTES]

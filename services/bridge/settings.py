@@ -7,7 +7,9 @@ import socket
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from bpstream.services.bridge.limits import DeviceLimits
 from bpstream.services.bridge.stage import CuffLimits, DeviceTimeLimits
+from bpstream.shared.messages import MAX_CHUNK_BYTES
 from bpstream.shared.settings import ServiceSettings
 
 
@@ -58,6 +60,18 @@ class BridgeSettings(ServiceSettings):
     #: Likewise for chunks dated this far behind the bridge's clock (``device_time_behind``); unset: no bound
     #: (devices on poor links send old data legitimately, and old data cannot freeze a window clock).
     max_device_behind_s: float | None = Field(default=None, gt=0)
+
+    #: Largest payload a device may publish (bytes); larger ones are dead-lettered (``payload_too_large``)
+    #: with their head only. The broker refuses packets over its own ``message_size_limit`` (256 KiB) first.
+    max_payload_bytes: int = Field(default=MAX_CHUNK_BYTES, ge=1024, le=MAX_CHUNK_BYTES)
+    #: Per-device token bucket: sustained messages per second (None: no limit) and burst. A device sends
+    #: 1 chunk/s; the burst absorbs backlogs after a link, bridge or Kafka outage (20 min at 1 chunk/s).
+    #: Beyond it, messages are dead-lettered (``rate_limited``) without their payload.
+    rate_limit_per_s: float | None = Field(default=10.0, gt=0)
+    rate_limit_burst: float = Field(default=1200.0, ge=1)
+
+    def device_limits(self) -> DeviceLimits:
+        return DeviceLimits(self.max_payload_bytes, self.rate_limit_per_s, self.rate_limit_burst)
 
     def device_time_limits(self) -> DeviceTimeLimits:
         return DeviceTimeLimits(self.max_device_ahead_s, self.max_device_behind_s)

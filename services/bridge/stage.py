@@ -45,6 +45,14 @@ class Rejection:
     detail: str
 
 
+def device_of(topic: str) -> tuple[str, str] | None:
+    """``(clinic, device)`` of a ``bpstream/<clinic>/<device>/<leaf>`` topic (None for any other topic)."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "bpstream" or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceTimeLimits:
     """How far a chunk's device time may lie from the bridge's clock at receipt (None: unbounded)."""

@@ -29,7 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bpstream.localservers import ServerEndpoints
 from bpstream.shared.kafka import KafkaConsumer
 from bpstream.shared.messages import SignalChunk, decode_chunk, decode_cuff, decode_dead_letter, encode_chunk
-from bpstream.shared.settings import KafkaSettings
+from bpstream.shared.mqtt import configure_client, mqtt_env
+from bpstream.shared.settings import KafkaSettings, MqttSettings
 from bpstream.shared.topics import CUFF, SIGNALS_DLQ, SIGNALS_RAW, mqtt_cuff_topic, mqtt_signals_topic
 
 T0 = 1_700_000_000_000_000_000
@@ -60,11 +61,12 @@ def nan_scale_payload(clinic: str, device: str) -> bytes:
 class Publisher:
     """A wearable gateway: an MQTT 5 client publishing QoS 1 and waiting for the broker's acknowledgements."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, settings: MqttSettings) -> None:
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                   client_id=f"test-pub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.max_queued_messages_set(0)
-        self.client.connect(host, port)
+        configure_client(self.client, settings)  # TLS and the simulator's account (any device of any clinic)
+        self.client.connect(settings.host, settings.port)
         self.client.loop_start()
         self.pending: list[mqtt.MQTTMessageInfo] = []
 
@@ -153,8 +155,8 @@ def bridge(bridge_env: dict[str, str], tmp_path: Path) -> Iterator[BridgeProcess
 
 
 @pytest.fixture
-def publisher(servers: object) -> Iterator[Publisher]:
-    pub = Publisher(servers.mqtt_host, servers.mqtt_port)  # type: ignore[attr-defined]
+def publisher(servers: ServerEndpoints) -> Iterator[Publisher]:
+    pub = Publisher(servers.mqtt_settings("simulator"))
     yield pub
     pub.client.disconnect()
     pub.client.loop_stop()
@@ -184,7 +186,7 @@ async def test_valid_chunks_arrive_byte_identical_and_bad_ones_are_dead_lettered
         (mqtt_signals_topic(clinic, "dev-2"), nan_scale_payload(clinic, "dev-2"), "non_finite"),
         (mqtt_signals_topic(clinic, "dev-3"), chunk_payload(clinic, "dev-3", 901, rate=500.0), "bad_sample_rate"),
         (mqtt_signals_topic(clinic, "dev-3"), chunk_payload(clinic, "dev-0", 902), "topic_mismatch"),
-        (mqtt_signals_topic(clinic, "dev-1"), b"BP" + os.urandom(70_000), "oversize"),
+        (mqtt_signals_topic(clinic, "dev-1"), b"BP" + os.urandom(70_000), "payload_too_large"),
         (mqtt_signals_topic(clinic, "dev-2"), chunk_payload(clinic, "dev-2", 903)[:-11], "truncated"),
     ]
     for seq in range(50):
@@ -215,7 +217,7 @@ async def test_valid_chunks_arrive_byte_identical_and_bad_ones_are_dead_lettered
     for topic, payload, reason in bad:
         matching = [d for d in letters if d.reason == reason and d.source == topic]
         assert matching, reason
-        if reason == "oversize":
+        if reason == "payload_too_large":
             assert matching[0].payload == payload[: len(matching[0].payload)] and "truncated" in matching[0].detail
         else:
             assert payload in {d.payload for d in matching}
@@ -230,7 +232,7 @@ async def test_valid_chunks_arrive_byte_identical_and_bad_ones_are_dead_lettered
 
 async def test_cuff_readings_from_mqtt_and_the_cli_reach_the_compacted_topic_and_bad_ones_the_dlq(
         bridge: BridgeProcess, publisher: Publisher, kafka_settings: KafkaSettings, clinic: str,
-        bridge_env: dict[str, str]) -> None:
+        bridge_env: dict[str, str], servers: ServerEndpoints) -> None:
     import json
 
     bridge.start()
@@ -246,7 +248,8 @@ async def test_cuff_readings_from_mqtt_and_the_cli_reach_the_compacted_topic_and
     publisher.flush()
     command = [sys.executable, "-m", "bpstream", "calibrate", "--clinic", clinic, "--device", "dev-3", "--sbp", "150",
                "--dbp", "95", "--time", str(now - 10), "--cuff-id", "nurse-1", "--confirmation"]
-    cli = await asyncio.to_thread(subprocess.run, command, env=bridge_env, capture_output=True, text=True,
+    cli_env = {**bridge_env, **mqtt_env(servers.mqtt_settings())}  # a tool: the cuff account
+    cli = await asyncio.to_thread(subprocess.run, command, env=cli_env, capture_output=True, text=True,
                                   timeout=60)
     assert cli.returncode == 0, cli.stderr
 
@@ -313,3 +316,35 @@ async def test_bridge_killed_mid_stream_loses_no_qos1_message(
     await consume(kafka_settings, SIGNALS_RAW, all_seen, timeout_s=120)
     assert seen == expected, f"missing {len(expected - seen)}: {sorted(expected - seen)[:10]}"
     assert bridge.terminate() == 0
+
+
+async def test_a_flooding_device_is_rate_limited_and_dead_lettered_without_its_payload(
+        bridge_env: dict[str, str], publisher: Publisher, kafka_settings: KafkaSettings, clinic: str,
+        tmp_path: Path) -> None:
+    # A bucket of 5 refilled at one message per 10 s: 40 messages in a row cannot all pass.
+    env = {**bridge_env, "BPSTREAM_BRIDGE_RATE_LIMIT_PER_S": "0.1", "BPSTREAM_BRIDGE_RATE_LIMIT_BURST": "5"}
+    process = BridgeProcess(env, tmp_path / "bridge-limited.log")
+    try:
+        process.start()
+        flood, calm = "dev-flood", "dev-calm"
+        for seq in range(40):
+            publisher.publish(mqtt_signals_topic(clinic, flood), chunk_payload(clinic, flood, seq))
+        for seq in range(3):
+            publisher.publish(mqtt_signals_topic(clinic, calm), chunk_payload(clinic, calm, seq))
+        publisher.flush()
+        raw = await consume(kafka_settings, SIGNALS_RAW, lambda rs: len(rs) >= 8, timeout_s=60)
+        dlq = await consume(kafka_settings, SIGNALS_DLQ, lambda rs: len(raw) + len(rs) >= 43, timeout_s=60)
+        assert len(raw) + len(dlq) == 43  # every message either forwarded or dead-lettered
+        forwarded = [decode_chunk(v) for _, v in raw]
+        assert sorted(c.seq for c in forwarded if c.device_id == calm) == [0, 1, 2]  # its own bucket
+        passed = [c.seq for c in forwarded if c.device_id == flood]
+        assert passed[:5] == [0, 1, 2, 3, 4] and len(passed) < 40
+        letters = [decode_dead_letter(v) for _, v in dlq]
+        assert len(letters) == 40 - len(passed)
+        assert {d.reason for d in letters} == {"rate_limited"}
+        assert all(d.source == mqtt_signals_topic(clinic, flood) and d.payload == b"" and d.detail for d in letters)
+        metrics = process.metrics()
+        assert f'bpstream_bridge_rejected_total{{reason="rate_limited"}} {float(len(letters))}' in metrics
+        assert process.terminate() == 0
+    finally:
+        process.ensure_stopped()

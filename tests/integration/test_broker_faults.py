@@ -80,14 +80,14 @@ async def _watch_ready(pipeline: Pipeline, names: tuple[str, ...], out: dict[str
 async def _run(servers: ServerEndpoints, name: str, fault: Fault, *, duration_s: float,
                watch: tuple[str, ...] = (), service_env: dict[str, dict[str, str]] | None = None,
                env: dict[str, str] | None = None) -> Run:
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     tag = f"bf{name[:6]}{uuid.uuid4().hex[:5]}"
     log_dir = LOG_ROOT / tag
     # A lost broker shows within 10 s instead of aiokafka's default 30 s.
     config = pipeline_config(servers, tag, log_dir, env={"BPSTREAM_KAFKA_REQUEST_TIMEOUT_MS": "10000", **(env or {})},
                              service_env=service_env)
-    fleet_cfg = FleetConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=len(SCENARIOS),
+    fleet_cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=len(SCENARIOS),
                             duration_s=duration_s, speed=SPEED, scenarios=SCENARIOS, seed=14, clinic_id=tag,
                             device_prefix=f"{tag}-d", crisis_onset_s=30.0)
     timings: dict[str, float] = {}

@@ -103,7 +103,7 @@ async def test_cuff_readings_via_mqtt_and_cli_calibrate_their_own_device_and_sur
 
     # dev-a: a cuff reading over MQTT at the time of window 10 (its windows are already scored: the
     # reference comes from the buffered outputs of windows 5..15).
-    publisher = Publisher(servers.mqtt_host, servers.mqtt_port)
+    publisher = Publisher(servers.mqtt_settings("cuff"))  # a clinic's cuff station
     try:
         body = {"sbp": 150.0, "dbp": 95.0, "time": (T0 + 10 * HOP) / 1e9, "cuff_id": "mqtt-cuff"}
         publisher.publish(mqtt_cuff_topic(clinic, "dev-a"), json.dumps(body).encode())

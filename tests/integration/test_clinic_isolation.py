@@ -30,13 +30,13 @@ LOG_ROOT = Path(__file__).resolve().parents[2] / "reports" / "test-logs"
 
 
 async def _run(servers: ServerEndpoints) -> dict[str, Any]:
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     prefix = f"iso{uuid.uuid4().hex[:6]}."
     tag = prefix.rstrip(".")
     config = pipeline_config(servers, tag, LOG_ROOT / "isolation" / tag)
     clinics = {"a": f"{tag}-a", "b": f"{tag}-b"}
-    common = dict(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=1, duration_s=70.0, speed=2.0,
+    common = dict(**mqtt_connection(servers.mqtt_settings("simulator")), devices=1, duration_s=70.0, speed=2.0,
                   seed=11, start_time_ns=time.time_ns(), crisis_onset_s=10.0, device_prefix="dup")
     async with Pipeline(config) as pipeline:
         await pipeline.start()

@@ -1,10 +1,12 @@
 """deploy/mosquitto: the compose stack's broker configuration and per-device ACL, on a real Mosquitto.
 
 The test starts Debian's Mosquitto 2.x with deploy/mosquitto/mosquitto.conf and acl (only the paths and
-the listener moved to a temporary folder and a free loopback port), creates the password file the way the
-compose service `mosquitto-auth` does (mosquitto_passwd -b), and checks with MQTT 5 clients what the
-deployment relies on: no anonymous or wrongly authenticated client, a device publishes only its own
-topics, and the bridges' shared subscription receives what devices publish.
+the TLS listener moved to a temporary folder and a free loopback port, its certificate from a test CA),
+assembles the password file and the ACL the way the compose service `mosquitto-auth` does (mosquitto_passwd -b
+for the service accounts, then the device registry's fragments written by `bpstream devices`), and checks with
+MQTT 5 clients over TLS what the deployment relies on: no anonymous, plaintext or wrongly authenticated client,
+a device publishes only its own topics of its own clinic, and the bridges' shared subscription receives what
+devices publish.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bpstream.localservers import pki
+from bpstream.shared.tls import client_ssl_context
 from bpstream.shared.topics import (
     MQTT_CUFF_WILDCARD,
     mqtt_cuff_topic,
@@ -36,8 +42,11 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNTS = {"bpstream-bridge": "bridge-secret", "bpstream-simulator": "simulator-secret",
-            "bpstream-cuff": "cuff-secret",
-            "dev-a": "device-a-secret", "dev-b": "device-b-secret"}
+            "bpstream-cuff": "cuff-secret"}
+#: Devices (clinic, device) registered with `bpstream devices add --state <registry>`; passwords kept here.
+DEVICES = (("clinic-1", "dev-a"), ("clinic-1", "dev-b"), ("clinic-2", "dev-a"))
+DEV_A, DEV_B, OTHER_CLINIC_DEV_A = (f"{c}/{d}" for c, d in DEVICES)
+TLS: dict[str, ssl.SSLContext] = {}
 WAIT_S = 10.0
 
 
@@ -58,21 +67,37 @@ def _free_port() -> int:
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     folder = tmp_path_factory.mktemp("mosquitto")
     (folder / "data").mkdir()
+    ca = pki.ensure_ca(folder / "pki")
+    server = pki.issue(ca, "server", hosts=("127.0.0.1", "localhost", "mosquitto"))
+    TLS["context"] = client_ssl_context(ca.cert)
+    # The registry, as `bpstream devices add --state` leaves it: passwords printed once, fragments written.
+    registry = folder / "registry"
+    for clinic, device in DEVICES:
+        result = subprocess.run([sys.executable, "-m", "bpstream", "devices", "add", "--clinic", clinic, "--device",
+                                 device, "--state", str(registry), "--no-reload"],
+                                capture_output=True, text=True, timeout=60, check=True)
+        ACCOUNTS[f"{clinic}/{device}"] = result.stdout.split("password: ")[1].split()[0]
+    # What the compose service mosquitto-auth does: service accounts from .env, then the registry's fragments.
     passwd = folder / "passwd"
     passwd.touch()
     mosquitto_passwd = _binary("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
-    for user, password in ACCOUNTS.items():
-        command = [mosquitto_passwd, "-b", str(passwd), user, password]
+    for user in ("bpstream-bridge", "bpstream-simulator", "bpstream-cuff"):
+        command = [mosquitto_passwd, "-b", str(passwd), user, ACCOUNTS[user]]
         subprocess.run(command, check=True, capture_output=True, timeout=30)
-    shutil.copy(ROOT / "deploy" / "mosquitto" / "acl", folder / "acl")
+    with passwd.open("a") as out:
+        out.write((registry / "devices.passwd").read_text())
+    acl = folder / "acl"
+    acl.write_text((ROOT / "deploy" / "mosquitto" / "acl").read_text() + (registry / "devices.acl").read_text())
     port = _free_port()
     config = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
-    moves = (("/mosquitto/auth/passwd", str(passwd)), ("/mosquitto/config/acl", str(folder / "acl")),
-             ("/mosquitto/data/", f"{folder / 'data'}/"),
-             ("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1"))
+    moves = (("/mosquitto/auth/passwd", str(passwd)), ("/mosquitto/auth/acl", str(acl)),
+             ("/mosquitto/data/", f"{folder / 'data'}/"), ("/mosquitto/certs/ca.crt", str(ca.cert)),
+             ("/mosquitto/certs/server.crt", str(server.cert)), ("/mosquitto/certs/server.key", str(server.key)),
+             ("listener 8883 0.0.0.0", f"listener {port} 127.0.0.1"))
     for original, moved in moves:
         assert original in config, original
         config = config.replace(original, moved)
+    assert "listener 1883" not in config and config.count("\nlistener ") == 1  # TLS is the only listener
     if os.geteuid() == 0:
         config += "\nuser root\n"  # the temporary files belong to root; don't drop to the mosquitto user
     (folder / "mosquitto.conf").write_text(config)
@@ -99,7 +124,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 class Client:
     """A connected MQTT 5 client that records what it receives and the broker's answers."""
 
-    def __init__(self, port: int, username: str | None, password: str | None) -> None:
+    def __init__(self, port: int, username: str | None, password: str | None, *, tls: bool = True) -> None:
         self.connected = threading.Event()
         self.connect_code: ReasonCode | None = None
         self.messages: list[tuple[str, bytes]] = []
@@ -110,6 +135,8 @@ class Client:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if username is not None:
             self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set_context(TLS["context"])
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
@@ -162,7 +189,8 @@ def _connect(port: int, username: str | None, password: str | None) -> Client:
 
 
 def test_anonymous_and_wrong_passwords_are_refused(broker: int) -> None:
-    for username, password in ((None, None), ("dev-a", "not-the-password"), ("stranger", "whatever")):
+    for username, password in ((None, None), (DEV_A, "not-the-password"), ("dev-a", ACCOUNTS[DEV_A]),
+                               ("stranger", "whatever")):
         client = _connect(broker, username, password)
         try:
             assert client.connect_code is not None
@@ -173,7 +201,7 @@ def test_anonymous_and_wrong_passwords_are_refused(broker: int) -> None:
 
 def test_a_device_publishes_its_own_topics_only_and_the_bridges_receive_them(broker: int) -> None:
     bridge = _connect(broker, "bpstream-bridge", ACCOUNTS["bpstream-bridge"])
-    device = _connect(broker, "dev-a", ACCOUNTS["dev-a"])
+    device = _connect(broker, DEV_A, ACCOUNTS[DEV_A])
     try:
         assert bridge.connect_code is not None
         assert not bridge.connect_code.is_failure
@@ -186,6 +214,11 @@ def test_a_device_publishes_its_own_topics_only_and_the_bridges_receive_them(bro
         forged = device.publish(mqtt_signals_topic("clinic-1", "dev-b"))
         assert forged.is_failure
         assert forged.value == 0x87
+        # The same device id in another clinic is another device: no escape across clinics.
+        for topic in (mqtt_signals_topic("clinic-2", "dev-a"), mqtt_status_topic("clinic-2", "dev-a"),
+                      mqtt_cuff_topic("clinic-2", "dev-a")):
+            escaped = device.publish(topic)
+            assert escaped.is_failure and escaped.value == 0x87, topic
         # A marker from the simulator account (allowed for any device) proves delivery has caught up.
         simulator = _connect(broker, "bpstream-simulator", ACCOUNTS["bpstream-simulator"])
         try:
@@ -204,8 +237,8 @@ def test_a_device_publishes_its_own_topics_only_and_the_bridges_receive_them(bro
 
 
 def test_a_device_cannot_read_other_devices(broker: int) -> None:
-    snooper = _connect(broker, "dev-b", ACCOUNTS["dev-b"])
-    device = _connect(broker, "dev-a", ACCOUNTS["dev-a"])
+    snooper = _connect(broker, DEV_B, ACCOUNTS[DEV_B])
+    device = _connect(broker, DEV_A, ACCOUNTS[DEV_A])
     try:
         snooper.subscribe("bpstream/+/+/signals")
         own_status = mqtt_status_topic("clinic-1", "dev-b")
@@ -228,7 +261,7 @@ def test_a_device_cannot_read_other_devices(broker: int) -> None:
 def test_cuff_readings_from_the_cuff_account_and_the_own_device_reach_the_bridges(broker: int) -> None:
     bridge = _connect(broker, "bpstream-bridge", ACCOUNTS["bpstream-bridge"])
     cuff = _connect(broker, "bpstream-cuff", ACCOUNTS["bpstream-cuff"])
-    device = _connect(broker, "dev-a", ACCOUNTS["dev-a"])
+    device = _connect(broker, DEV_A, ACCOUNTS[DEV_A])
     try:
         (granted,) = bridge.subscribe(mqtt_shared_subscription("bpstream-bridge", MQTT_CUFF_WILDCARD))
         assert not granted.is_failure, granted
@@ -249,3 +282,15 @@ def test_cuff_readings_from_the_cuff_account_and_the_own_device_reach_the_bridge
         bridge.close()
         cuff.close()
         device.close()
+
+
+def test_plaintext_connections_are_refused(broker: int) -> None:
+    # An MQTT 5 CONNECT in plaintext to the only listener (TLS): the broker closes without a CONNACK (0x20).
+    connect = bytes([0x10, 13, 0, 4]) + b"MQTT" + bytes([5, 0x02, 0, 30, 0, 0, 0])
+    with socket.create_connection(("127.0.0.1", broker), timeout=WAIT_S) as sock:
+        sock.sendall(connect)
+        try:
+            answer = sock.recv(16)
+        except ConnectionResetError:
+            answer = b""
+    assert not answer.startswith(b"\x20"), answer

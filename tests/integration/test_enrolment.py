@@ -53,7 +53,7 @@ class EnrolmentRun:
 
 
 async def _run(servers: ServerEndpoints) -> EnrolmentRun:
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     prefix = f"enrol{uuid.uuid4().hex[:6]}."
     tag = prefix.rstrip(".")
@@ -64,7 +64,8 @@ async def _run(servers: ServerEndpoints) -> EnrolmentRun:
                                    "BPSTREAM_INFERENCE_CALIBRATION_MAX_AGE_S": str(MAX_AGE_S)}})
     # Device clocks in the past: at 4x the device time would otherwise run ahead of the bridge's clock, which
     # refuses cuff readings from the future.
-    fleet_cfg = FleetConfig(servers.mqtt_host, servers.mqtt_port, devices=len(SCENARIOS), duration_s=DURATION_S,
+    fleet_cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")),
+                            devices=len(SCENARIOS), duration_s=DURATION_S,
                             speed=SPEED, scenarios=SCENARIOS, seed=5, clinic_id=tag, device_prefix=f"{tag}-d",
                             start_time_ns=time.time_ns() - round(DURATION_S * NS), enrol=True,
                             enrol_at_s=ENROL_AT_S, recalibrate_every_s=RECALIBRATE_EVERY_S)

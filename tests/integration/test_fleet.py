@@ -15,7 +15,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from bpstream.shared.messages import decode_chunk
-from bpstream.simulators.fleet import FleetConfig, load_truth, run_fleet, truth_between
+from bpstream.shared.mqtt import configure_client
+from bpstream.shared.settings import MqttSettings
+from bpstream.simulators.fleet import FleetConfig, load_truth, mqtt_connection, run_fleet, truth_between
 from bpstream.simulators.realdata import mimic_dir
 
 pytestmark = pytest.mark.integration
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.integration
 class Recorder:
     """A plain paho subscriber that keeps every signal chunk and status message of one clinic."""
 
-    def __init__(self, host: str, port: int, clinic: str) -> None:
+    def __init__(self, settings: MqttSettings, clinic: str) -> None:
         self.chunks: dict[str, list[Any]] = collections.defaultdict(list)
         self.status: dict[str, list[bytes]] = collections.defaultdict(list)
         self.lock = threading.Lock()
@@ -32,7 +34,8 @@ class Recorder:
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.connect(host, port)
+        configure_client(self.client, settings)  # TLS, the observer account (reads every clinic)
+        self.client.connect(settings.host, settings.port)
         self.client.subscribe(f"bpstream/{clinic}/#", qos=1)
         self.client.loop_start()
         assert subscribed.wait(10), "subscription was not acknowledged"
@@ -62,9 +65,9 @@ class Recorder:
 
 async def test_fleet_of_50_delivers_every_chunk_except_injected_losses(servers: Any, tmp_path: Path) -> None:
     clinic = f"t{uuid.uuid4().hex[:8]}"
-    rec = Recorder(servers.mqtt_host, servers.mqtt_port, clinic)
+    rec = Recorder(servers.mqtt_settings("observer"), clinic)
     try:
-        cfg = FleetConfig(servers.mqtt_host, servers.mqtt_port, devices=50, duration_s=20, speed=10.0,
+        cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=50, duration_s=20, speed=10.0,
                           clinic_id=clinic, scenario="mixed", seed=3, loss_rate=0.05, duplicate_rate=0.05,
                           reorder_rate=0.05, clock_drift_ppm=200, reconnect_every_s=8,
                           truth_path=tmp_path / "truth.jsonl")
@@ -104,9 +107,9 @@ async def test_fleet_of_50_delivers_every_chunk_except_injected_losses(servers: 
 
 async def test_shared_gateway_connections_deliver_everything(servers: Any) -> None:
     clinic = f"t{uuid.uuid4().hex[:8]}"
-    rec = Recorder(servers.mqtt_host, servers.mqtt_port, clinic)
+    rec = Recorder(servers.mqtt_settings("observer"), clinic)
     try:
-        cfg = FleetConfig(servers.mqtt_host, servers.mqtt_port, devices=120, duration_s=5, speed=5.0,
+        cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=120, duration_s=5, speed=5.0,
                           clinic_id=clinic, scenario="clinic", connections=3, burst_every_s=2, burst_len_s=2)
         report = await run_fleet(cfg)
         rec.wait_for(report.expected_delivered)
@@ -117,16 +120,16 @@ async def test_shared_gateway_connections_deliver_everything(servers: Any) -> No
 
 
 async def test_replay_of_mimic_windows_publishes_every_gap_free_second(servers: Any, tmp_path: Path) -> None:
-    from bpstream.simulators.replay import load_sources, replay
+    from bpstream.simulators.replay import load_sources, replay, replay_connection
 
     if not mimic_dir().exists():
         pytest.skip(f"real recordings not found at {mimic_dir()} (../shared/data is outside the repository)")
     clinic = f"t{uuid.uuid4().hex[:8]}"
     sources = load_sources(mimic_dir(), limit=3)
-    rec = Recorder(servers.mqtt_host, servers.mqtt_port, clinic)
+    rec = Recorder(servers.mqtt_settings("observer"), clinic)
     try:
-        report = await replay(sources, servers.mqtt_host, servers.mqtt_port, clinic_id=clinic, speed=60.0,
-                              truth_path=tmp_path / "ref.jsonl")
+        report = await replay(sources, **replay_connection(servers.mqtt_settings("simulator")), clinic_id=clinic,
+                              speed=60.0, truth_path=tmp_path / "ref.jsonl")
         rec.wait_for(report.published)
     finally:
         rec.close()
@@ -143,9 +146,9 @@ async def test_cancelled_fleet_leaves_devices_offline(servers: Any) -> None:
     import asyncio
 
     clinic = f"t{uuid.uuid4().hex[:8]}"
-    rec = Recorder(servers.mqtt_host, servers.mqtt_port, clinic)
+    rec = Recorder(servers.mqtt_settings("observer"), clinic)
     try:
-        cfg = FleetConfig(servers.mqtt_host, servers.mqtt_port, devices=3, duration_s=600, speed=2.0,
+        cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=3, duration_s=600, speed=2.0,
                           clinic_id=clinic, scenario="normotensive")
         task = asyncio.create_task(run_fleet(cfg))
         deadline = time.monotonic() + 30
@@ -164,14 +167,15 @@ async def test_cancelled_fleet_leaves_devices_offline(servers: Any) -> None:
 
 async def test_replay_of_a_simulated_dataset_publishes_its_samples(servers: Any, tmp_path: Path) -> None:
     from bpstream.simulators.dataset import simulate_cohort, write_dataset
-    from bpstream.simulators.replay import load_sources, replay
+    from bpstream.simulators.replay import load_sources, replay, replay_connection
 
     write_dataset(simulate_cohort(2, 0.25, seed=9), tmp_path / "ds")
     sources = load_sources(tmp_path / "ds")
     clinic = f"t{uuid.uuid4().hex[:8]}"
-    rec = Recorder(servers.mqtt_host, servers.mqtt_port, clinic)
+    rec = Recorder(servers.mqtt_settings("observer"), clinic)
     try:
-        report = await replay(sources, servers.mqtt_host, servers.mqtt_port, clinic_id=clinic, speed=50.0)
+        report = await replay(sources, **replay_connection(servers.mqtt_settings("simulator")), clinic_id=clinic,
+                              speed=50.0)
         rec.wait_for(report.published)
     finally:
         rec.close()

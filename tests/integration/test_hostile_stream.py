@@ -27,6 +27,8 @@ from bpstream.shared.devicetime import DEVICE_TIME_AHEAD
 from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import SignalChunk, decode_dead_letter, encode_chunk
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
+from bpstream.shared.mqtt import ssl_context
+from bpstream.shared.settings import MqttSettings
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_signals_topic
 from bpstream.simulators.cohort import build_cohort
 from bpstream.simulators.mqtt_async import AsyncMqttConnection
@@ -53,11 +55,13 @@ class Hostile:
     dead: list[Any]
 
 
-async def _publish(host: str, port: int, clinic: str, device: str, start_ns: int) -> tuple[int, int]:
+async def _publish(settings: MqttSettings, clinic: str, device: str, start_ns: int) -> tuple[int, int]:
     """Publish the hostile stream in (accelerated) real time; return (chunks sent, first crisis chunk time)."""
+    password = settings.password.get_secret_value() if settings.password else None
     total = NORMAL_S + JUMP_S + CRISIS_S
     engine = build_cohort(["crisis"], 1, 11, float(total + 5), crisis_onset_s=float(NORMAL_S + JUMP_S)).engine
-    conn = AsyncMqttConnection(f"hostile-{uuid.uuid4().hex[:6]}", host, port)
+    conn = AsyncMqttConnection(f"hostile-{uuid.uuid4().hex[:6]}", settings.host, settings.port,
+                               username=settings.username, password=password, tls=ssl_context(settings))
     await conn.connect()
     topic = mqtt_signals_topic(clinic, device)
     loop = asyncio.get_running_loop()
@@ -97,7 +101,7 @@ async def _run(servers: ServerEndpoints) -> Hostile:
     start_ns = time.time_ns() - 60 * NS
     async with Pipeline(config) as pipeline:
         await pipeline.start()
-        sent, crossed_ns = await _publish(servers.mqtt_host, servers.mqtt_port, clinic, device, start_ns)
+        sent, crossed_ns = await _publish(servers.mqtt_settings("simulator"), clinic, device, start_ns)
         await pipeline.wait_drained(min_raw=sent - 1 - JUMP_S, key_prefixes=(device,), timeout_s=600)
         await asyncio.sleep(3)  # the writer's last batch
         estimates = await stored_estimates(config, clinic)

@@ -31,6 +31,8 @@ from bpstream.shared.kafka_tools import read_topic
 from bpstream.shared.messages import decode_dead_letter
 from bpstream.shared.model.metadata import ModelMetadata
 from bpstream.shared.modelspec import HOP_SECONDS, WINDOW_SECONDS
+from bpstream.shared.mqtt import configure_client
+from bpstream.shared.settings import MqttSettings
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_signals_topic
 
 pytestmark = pytest.mark.integration
@@ -56,13 +58,14 @@ class RunResult:
     start_ns: int
 
 
-async def _publish_malformed(host: str, port: int, clinic: str) -> None:
+async def _publish_malformed(settings: MqttSettings, clinic: str) -> None:
     import paho.mqtt.client as mqtt
 
     def publish() -> None:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"malformed-{uuid.uuid4().hex[:6]}",
                              protocol=mqtt.MQTTv5)
-        client.connect(host, port)
+        configure_client(client, settings)
+        client.connect(settings.host, settings.port)
         client.loop_start()
         try:
             for payload in MALFORMED:
@@ -76,14 +79,14 @@ async def _publish_malformed(host: str, port: int, clinic: str) -> None:
 
 
 async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     prefix = f"e2e{uuid.uuid4().hex[:6]}."
     config = pipeline_config(servers, prefix.rstrip("."), log_dir / prefix.rstrip("."))
     tag = prefix.rstrip(".")
     clinics = {"clean": f"{tag}-clean", "rough": f"{tag}-rough"}
     start_ns = time.time_ns()
-    common = dict(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=len(SCENARIOS),
+    common = dict(**mqtt_connection(servers.mqtt_settings("simulator")), devices=len(SCENARIOS),
                   duration_s=DURATION_S, speed=SPEED, scenarios=SCENARIOS, seed=11, start_time_ns=start_ns,
                   crisis_onset_s=CRISIS_ONSET_S)
     clean = FleetConfig(**common, clinic_id=clinics["clean"], device_prefix=f"{tag}-c")  # type: ignore[arg-type]
@@ -92,7 +95,7 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
     async with Pipeline(config) as pipeline:
         await pipeline.start()
         reports = await asyncio.gather(run_fleet(clean), run_fleet(rough),
-                                       _publish_malformed(servers.mqtt_host, servers.mqtt_port, clinics["clean"]))
+                                       _publish_malformed(servers.mqtt_settings("simulator"), clinics["clean"]))
         fleets = {"clean": reports[0], "rough": reports[1]}
         published = sum(f.published for f in fleets.values())
         await pipeline.wait_drained(min_raw=published, key_prefixes=(f"{tag}-c", f"{tag}-r"), timeout_s=600)

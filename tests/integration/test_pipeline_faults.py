@@ -64,12 +64,12 @@ async def _inject(pipeline: Pipeline, done: list[tuple[str, float]], started: fl
 
 
 async def _run(servers: ServerEndpoints, log_dir: Path) -> FaultRun:
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     prefix = f"flt{uuid.uuid4().hex[:6]}."
     tag = prefix.rstrip(".")
     config = pipeline_config(servers, tag, log_dir / tag)
-    fleet_cfg = FleetConfig(mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=len(SCENARIOS),
+    fleet_cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=len(SCENARIOS),
                             duration_s=DURATION_S, speed=SPEED, scenarios=SCENARIOS, seed=5, clinic_id=tag,
                             device_prefix=f"{tag}-d", crisis_onset_s=40.0)
     done: list[tuple[str, float]] = []

@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 
 from bpstream.demo.pipeline import end_mqtt_session
 from bpstream.localservers import ServerEndpoints
+from bpstream.shared.mqtt import configure_client
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,7 @@ def connect(servers: ServerEndpoints, client_id: str, *, clean_start: bool,
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5)
     client.on_connect = on_connect
+    configure_client(client, servers.mqtt_settings("probe"))
     if received is not None:
         client.on_message = lambda _c, _u, message: received.append(message.payload)
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -47,6 +49,7 @@ def connect(servers: ServerEndpoints, client_id: str, *, clean_start: bool,
 
 def publish(servers: ServerEndpoints, topic: str, payload: bytes) -> None:
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    configure_client(client, servers.mqtt_settings("probe"))
     client.connect(servers.mqtt_host, servers.mqtt_port)
     client.loop_start()
     client.publish(topic, payload, qos=1).wait_for_publish(10)
@@ -55,7 +58,7 @@ def publish(servers: ServerEndpoints, topic: str, payload: bytes) -> None:
 
 
 def test_a_finished_runs_bridge_session_is_discarded(servers: ServerEndpoints) -> None:
-    client_id, topic = f"harness-{uuid.uuid4().hex[:8]}", f"harness/{uuid.uuid4().hex[:8]}"
+    client_id, topic = f"harness-{uuid.uuid4().hex[:8]}", f"bpstream-probe/harness-{uuid.uuid4().hex[:8]}"
     client, _ = connect(servers, client_id, clean_start=True)
     client.subscribe(topic, qos=1)
     client.disconnect()
@@ -68,7 +71,7 @@ def test_a_finished_runs_bridge_session_is_discarded(servers: ServerEndpoints) -
     client.disconnect()
     client.loop_stop()
 
-    assert end_mqtt_session(servers.mqtt_host, servers.mqtt_port, client_id)
+    assert end_mqtt_session(servers.mqtt_settings("probe"), client_id)
     publish(servers, topic, b"nobody should keep this")
     client, present = connect(servers, client_id, clean_start=False, received=received)
     try:

@@ -24,6 +24,7 @@ from bpstream.localservers import ServerEndpoints
 from bpstream.localservers.install import INFLUXDB_VERSION
 from bpstream.shared import influx_api
 from bpstream.shared.influx import line
+from bpstream.shared.mqtt import configure_client
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import SIGNALS_DLQ, mqtt_shared_subscription, mqtt_signals_topic, topic_name
 
@@ -43,6 +44,7 @@ class _Subscriber:
                                   protocol=mqtt.MQTTv5)
         self.client.on_subscribe = lambda *args: self.ready.set()
         self.client.on_message = self._on_message
+        configure_client(self.client, endpoints.mqtt_settings("observer"))
         self.client.connect(endpoints.mqtt_host, endpoints.mqtt_port)
         self.client.loop_start()
         self.client.subscribe(topic_filter, qos=1)
@@ -60,6 +62,7 @@ class _Subscriber:
 def _publish_all(endpoints: ServerEndpoints, topic: str, payloads: list[bytes]) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:10]}",
                          protocol=mqtt.MQTTv5)
+    configure_client(client, endpoints.mqtt_settings("simulator"))
     client.connect(endpoints.mqtt_host, endpoints.mqtt_port)
     client.loop_start()
     try:
@@ -229,6 +232,7 @@ def test_mosquitto_restart_keeps_its_port_and_persisted_messages(servers: Server
     topic = f"bpstream/c{uuid.uuid4().hex[:8]}/dev-1/status"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:10]}",
                          protocol=mqtt.MQTTv5)
+    configure_client(client, servers.mqtt_settings("simulator"))
     client.connect(servers.mqtt_host, servers.mqtt_port)
     client.loop_start()
     client.publish(topic, b"online", qos=1, retain=True).wait_for_publish(10)

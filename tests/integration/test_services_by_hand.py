@@ -47,12 +47,12 @@ def namespace(servers: ServerEndpoints) -> Iterator[tuple[PipelineConfig, dict[s
            "BPSTREAM_BRIDGE_SHARE_GROUP": f"{tag}-bridge", "BPSTREAM_BRIDGE_CLIENT_ID": f"{tag}-bridge-1",
            **{f"BPSTREAM_{name.upper()}_METRICS_PORT": str(free_port()) for name in SERVICES}}
     yield config, env
-    end_mqtt_session(servers.mqtt_host, servers.mqtt_port, f"{tag}-bridge-1")
+    end_mqtt_session(servers.mqtt_settings("bridge"), f"{tag}-bridge-1")
 
 
 def test_five_services_started_by_hand_on_fresh_topics_store_every_window(
         servers: ServerEndpoints, namespace: tuple[PipelineConfig, dict[str, str]]) -> None:
-    from bpstream.simulators.fleet import FleetConfig, run_fleet
+    from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
     config, env = namespace
     log_dir = LOG_ROOT / config.topic_prefix.rstrip(".")
@@ -68,7 +68,7 @@ def test_five_services_started_by_hand_on_fresh_topics_store_every_window(
         # The bridge subscribes once it has ensured its topics; give it the time to, then stream.
         time.sleep(15)
         fleet = run_sync(lambda: run_fleet(FleetConfig(
-            mqtt_host=servers.mqtt_host, mqtt_port=servers.mqtt_port, devices=DEVICES, duration_s=DURATION_S,
+            **mqtt_connection(servers.mqtt_settings("simulator")), devices=DEVICES, duration_s=DURATION_S,
             speed=2.0, seed=5, scenarios=("normotensive",) * DEVICES, clinic_id=clinic,
             device_prefix=f"{clinic}-d")))
         expected = {d: int((DURATION_S - WINDOW_SECONDS) / HOP_SECONDS) for d in fleet.device_ids}

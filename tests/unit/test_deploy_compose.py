@@ -338,3 +338,21 @@ def test_influxdb_serves_https_only_with_auth(model: dict[str, Any]) -> None:
     assert any(env["INFLUXDB_HTTP_HTTPS_CERTIFICATE"].startswith(target) for target in mounts)
     assert "https://" in " ".join(influx["healthcheck"]["test"])
     assert model["services"]["grafana"]["environment"]["BPSTREAM_INFLUX_URL"].startswith("https://")
+
+
+def test_mqtt_is_tls_only_and_the_acl_comes_from_the_registry(model: dict[str, Any]) -> None:
+    services = model["services"]
+    assert [p["target"] for p in services["mosquitto"]["ports"]] == [8883]
+    config = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    listeners = re.findall(r"^listener (\d+)", config, re.M)
+    assert listeners == ["8883"] and "certfile /mosquitto/certs/server.crt" in config
+    assert "acl_file /mosquitto/auth/acl" in config and "allow_anonymous false" in config
+    acl = (ROOT / "deploy" / "mosquitto" / "acl").read_text()
+    assert not re.search(r"^pattern ", acl, re.M)  # no rule that applies to every device
+    script = "\n".join(services["mosquitto-auth"]["command"])
+    assert "devices.passwd" in script and "devices.acl" in script
+    for name in ("bridge", "simulator"):
+        env = services[name]["environment"]
+        assert env["BPSTREAM_MQTT_CA_FILE"] in {m["target"] for m in services[name]["volumes"]}, name
+    assert services["bridge"]["environment"]["BPSTREAM_MQTT_TLS"] == "true"
+    assert "mqtts://mosquitto:8883" in services["simulator"]["command"]

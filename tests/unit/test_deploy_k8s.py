@@ -308,3 +308,16 @@ def test_production_replicates_every_topic_three_times() -> None:
     for overlay in ("prod-gpu", "prod-hpa"):
         assert by_kind(overlay, "ConfigMap")["bpstream-config"]["data"]["BPSTREAM_KAFKA_REPLICATION_FACTOR"] == "3"
     assert by_kind("dev", "ConfigMap")["bpstream-config"]["data"]["BPSTREAM_KAFKA_REPLICATION_FACTOR"] == "1"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_bridges_reach_mqtt_over_tls_only_with_the_broker_ca(overlay: str) -> None:
+    data = by_kind(overlay, "ConfigMap")["bpstream-config"]["data"]
+    assert (data["BPSTREAM_MQTT_TLS"], data["BPSTREAM_MQTT_PORT"]) == ("true", "8883")
+    bridge = by_kind(overlay, "StatefulSet")["bridge"]
+    mounts = {m["name"]: m["mountPath"] for m in container(bridge)["volumeMounts"]}
+    volumes = {v["name"]: v for v in bridge["spec"]["template"]["spec"]["volumes"]}
+    assert data["BPSTREAM_MQTT_CA_FILE"] == f"{mounts['mqtt-ca']}/ca.crt"
+    assert volumes["mqtt-ca"]["secret"]["secretName"] == "bpstream-mqtt-ca"
+    policy = by_kind(overlay, "NetworkPolicy")["allow-mqtt-egress-bridge"]
+    assert [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]] == [8883]  # no plaintext

@@ -1,0 +1,101 @@
+"""The device registry's pure parts: Mosquitto-compatible password hashes, the password file and the ACL."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from bpstream.devices.registry import (
+    SERVICE_ACLS,
+    Registry,
+    RegistryError,
+    device_acl,
+    hash_password,
+    render_acl,
+    render_passwd,
+    verify_password,
+    write_private,
+)
+
+# Written by Debian's `mosquitto_passwd -b file u1 secret` (Mosquitto 2.0.11).
+MOSQUITTO_PASSWD_LINE = ("u1:$7$101$66Qda8am0PGDf+Gx$gv8+gXYkC/la3Iq5f6h+Q/gf8IpS9ZI+GPRiPdYqADZgZSuZkGvhUcgzcbBRnkuI"
+                         "VxTIBo5xKVKyzWoJ99Gr3g==")
+
+
+def test_hashes_are_mosquitto_passwd_compatible() -> None:
+    hashed = MOSQUITTO_PASSWD_LINE.split(":", 1)[1]
+    assert verify_password("secret", hashed)
+    assert not verify_password("Secret", hashed)
+    ours = hash_password("secret")
+    assert ours.startswith("$7$101$") and verify_password("secret", ours) and ours != hashed  # fresh salt
+
+
+def test_add_revoke_rotate_and_readmit() -> None:
+    reg = Registry()
+    first = reg.add("clinic-a", "dev-1", now=1.0)
+    with pytest.raises(RegistryError, match="already registered"):
+        reg.add("clinic-a", "dev-1", now=2.0)
+    rotated = reg.add("clinic-a", "dev-1", now=3.0, rotate=True)
+    assert rotated != first and verify_password(rotated, reg.get("clinic-a", "dev-1").password_hash)
+    assert not verify_password(first, reg.get("clinic-a", "dev-1").password_hash)
+    reg.add("clinic-b", "dev-1", now=4.0)  # the same device id in another clinic is another device
+    assert [d.username for d in reg.active()] == ["clinic-a/dev-1", "clinic-b/dev-1"]
+    revoked = reg.revoke("clinic-a", "dev-1", now=5.0)
+    assert revoked.revoked_at == 5.0 and [d.username for d in reg.active()] == ["clinic-b/dev-1"]
+    assert [d.active for d in reg.listing()] == [False, True]  # revoked devices stay listed
+    reg.add("clinic-a", "dev-1", now=6.0)  # re-admitted with a new password
+    assert len(reg.active()) == 2
+    with pytest.raises(RegistryError, match="no device"):
+        reg.revoke("clinic-a", "nope", now=7.0)
+    for clinic, device in (("clinic/a", "d"), ("c", "+"), ("c", "#"), ("", "d")):
+        with pytest.raises(RegistryError, match="must match"):
+            reg.add(clinic, device, now=8.0)
+
+
+def test_registry_round_trips_through_json_without_passwords() -> None:
+    reg = Registry()
+    secret = reg.add("clinic-a", "dev-1", now=1.0)
+    reg.add("clinic-a", "dev-2", now=2.0)
+    reg.revoke("clinic-a", "dev-2", now=3.0)
+    text = reg.to_json()
+    assert secret not in text
+    assert Registry.from_json(text) == reg
+
+
+def test_acl_pins_each_device_to_its_own_clinic_and_id() -> None:
+    reg = Registry()
+    reg.add("clinic-a", "dev-1", now=1.0)
+    reg.add("clinic-b", "dev-1", now=1.0)
+    reg.add("clinic-a", "gone", now=1.0)
+    reg.revoke("clinic-a", "gone", now=2.0)
+    acl = render_acl(reg)
+    lines = [line for line in acl.splitlines() if line and not line.startswith("#")]
+    assert not [line for line in lines if line.startswith("pattern")]  # nothing applies to every account
+    block = lines[lines.index("user clinic-a/dev-1") + 1: lines.index("user clinic-a/dev-1") + 4]
+    assert block == ["topic write bpstream/clinic-a/dev-1/signals", "topic readwrite bpstream/clinic-a/dev-1/status",
+                     "topic write bpstream/clinic-a/dev-1/cuff"]
+    assert "user clinic-b/dev-1" in lines and "user clinic-a/gone" not in lines
+    device_topics = [line for line in lines if line.startswith("topic") and "clinic-" in line]
+    assert all("+" not in line and "#" not in line for line in device_topics)  # no wildcard for a device
+    for user in SERVICE_ACLS:
+        assert f"user {user}" in lines
+    assert device_acl("c", "d")[0] == "user c/d"
+
+
+def test_password_file_lists_services_and_active_devices_only() -> None:
+    reg = Registry()
+    reg.add("clinic-a", "dev-1", now=1.0)
+    reg.add("clinic-a", "dev-2", now=1.0)
+    reg.revoke("clinic-a", "dev-2", now=2.0)
+    text = render_passwd({"bpstream-bridge": hash_password("x")}, reg)
+    users = [line.split(":", 1)[0] for line in text.splitlines()]
+    assert users == ["bpstream-bridge", "clinic-a/dev-1"]
+
+
+def test_private_files_are_0600(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "secret"
+    write_private(path, "x\n")
+    write_private(path, "y\n")
+    assert path.read_text() == "y\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
