@@ -24,8 +24,9 @@ from pydantic import SecretStr
 
 from bpstream.localservers import servers as local_servers
 from bpstream.localservers.install import ensure_influxd
-from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
+from bpstream.services.writer.influx_client import InfluxWriter
 from bpstream.shared import influx_api
+from bpstream.shared.errors import StoppedError
 from bpstream.shared.influx import line
 from bpstream.shared.settings import InfluxSettings
 
