@@ -22,7 +22,7 @@ from bpstream.shared import influx_api
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
 from bpstream.shared.settings import InfluxSettings, KafkaSettings
-from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
+from bpstream.shared.topics import ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
 
 ENV_PREFIX = {"bridge": "BPSTREAM_BRIDGE_", "processor": "BPSTREAM_PROCESSOR_",
               "inference": "BPSTREAM_INFERENCE_", "alerting": "BPSTREAM_ALERTING_", "writer": "BPSTREAM_WRITER_"}
@@ -123,7 +123,7 @@ class Pipeline:
 
     async def prepare(self) -> None:
         """Create every topic (and alerting's state topic) and the InfluxDB database."""
-        await ensure_topics(self.config.kafka(), [*ALL_TOPICS, ALERTING_STATE])
+        await ensure_topics(self.config.kafka(), ALL_TOPICS)
         await influx_api.execute(self.config.influx(),
                                  f"CREATE DATABASE {influx_api.quote_identifier(self.config.database)}",
                                  timeout_s=30)
