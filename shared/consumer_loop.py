@@ -113,6 +113,45 @@ class LoopConfig:
     probe_interval_s: float = 2.0
 
 
+class KafkaWatch(Component):
+    """Asks Kafka for metadata through a started consumer every ``interval_s``: ``reachable`` turns false on an
+    error or no answer within the request timeout (capped at 10 s), true again at the next answer. A consumer
+    that only waits for records sees no error while the broker is gone; this makes the loss visible."""
+
+    def __init__(self, kafka: KafkaSettings, consumer: KafkaConsumer, service: str, interval_s: float = 2.0) -> None:
+        self.consumer, self.service, self.interval_s = consumer, service, interval_s
+        self.timeout_s = min(kafka.request_timeout_ms / 1000, 10.0)
+        self.reachable = True
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.consumer.client.topics(), self.timeout_s)
+                reachable = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure to answer is "not reachable"; the probe keeps going
+                reachable = False
+                if self.reachable:
+                    log.warning("kafka unreachable", extra={"service": self.service, "error": repr(exc)[:200]})
+            if reachable and not self.reachable:
+                log.info("kafka reachable again", extra={"service": self.service})
+            self.reachable = reachable
+            KAFKA_UP.labels(self.service).set(1 if reachable else 0)
+            await asyncio.sleep(self.interval_s)
+
+
 class ConsumerLoop(Component):
     """The shared batch loop of one service: consumer, producer, dead-lettering, commits and readiness."""
 
@@ -124,16 +163,15 @@ class ConsumerLoop(Component):
                                       max_poll_records=config.batch_max_size)
         self.dlq_topic = topic_name(SIGNALS_DLQ, kafka.topic_prefix)
         self.running = False
-        self.kafka_reachable = True
+        self.watch = KafkaWatch(kafka, self.consumer, config.service, config.probe_interval_s)
         self.uncommitted: list[Record] = []
         self.processed = 0
         self._last_commit = time.monotonic()
-        self._probe: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
         """True while the loop runs, Kafka answers and the producer is not failing (and ``ready_when``)."""
-        return self.running and self.kafka_reachable and self.producer.available and self.ready_when()
+        return self.running and self.watch.reachable and self.producer.available and self.ready_when()
 
     async def start(self) -> None:
         await self.producer.start()
@@ -142,39 +180,15 @@ class ConsumerLoop(Component):
         except BaseException:
             await self.producer.stop()
             raise
-        self._probe = asyncio.create_task(self._watch_kafka())
+        await self.watch.start()
 
     async def stop(self) -> None:
         self.running = False
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        await self.watch.stop()
         try:
             await self.consumer.stop()
         finally:
             await self.producer.stop()
-
-    async def _watch_kafka(self) -> None:
-        """Ask Kafka for metadata every ``probe_interval_s``; no answer within the request timeout (capped at
-        10 s) or an error marks Kafka unreachable until an answer comes."""
-        timeout = min(self.kafka.request_timeout_ms / 1000, 10.0)
-        while True:
-            try:
-                await asyncio.wait_for(self.consumer.client.topics(), timeout)
-                reachable = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure to answer is "not reachable"; the probe keeps going
-                reachable = False
-                if self.kafka_reachable:
-                    log.warning("kafka unreachable", extra={"service": self.config.service,
-                                                            "error": repr(exc)[:200]})
-            if reachable and not self.kafka_reachable:
-                log.info("kafka reachable again", extra={"service": self.config.service})
-            self.kafka_reachable = reachable
-            KAFKA_UP.labels(self.config.service).set(1 if reachable else 0)
-            await asyncio.sleep(self.config.probe_interval_s)
 
     async def _fetch(self, timeout_s: float, max_items: int) -> list[Record]:
         return await self.consumer.getmany(int(timeout_s * 1000), max_items)
