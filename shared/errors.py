@@ -51,3 +51,10 @@ class ModelError(BpstreamError):
     """A model artefact that cannot be loaded or does not match the expected contract."""
 
     reason = "model"
+
+
+class StoppedError(BpstreamError):
+    """The service was asked to stop while an operation was still being retried; nothing was acknowledged, so
+    the batch in hand stays uncommitted and is replayed."""
+
+    reason = "stopped"

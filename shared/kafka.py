@@ -29,10 +29,11 @@ from bpstream.shared.topics import SIGNALS_DLQ, KafkaTopic, topic_name
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-#: A record to send: topic, value, key (the partition follows from the key), or the same with an explicit
-#: partition for records whose place is not their key's (the processor's per-partition offset marks).
-OutgoingRecord = (tuple[KafkaTopic, bytes, str | bytes | None]
-                  | tuple[KafkaTopic, bytes, str | bytes | None, int])
+#: A record to send: topic, value (None: a tombstone for a compacted topic), key (the partition follows from
+#: the key), or the same with an explicit partition for records whose place is not their key's (the
+#: processor's per-partition offset marks).
+OutgoingRecord = (tuple[KafkaTopic, bytes | None, str | bytes | None]
+                  | tuple[KafkaTopic, bytes | None, str | bytes | None, int])
 
 
 class KafkaClientError(BpstreamError):

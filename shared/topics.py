@@ -82,8 +82,8 @@ ALERTS = KafkaTopic("alerts", partitions=3, retention_ms=90 * 24 * 3600 * 1000)
 #: Signal quality and gap events from the processor (for InfluxDB), keyed by ``clinic/device`` (``device_key``).
 QUALITY = KafkaTopic("quality", partitions=3)
 
-#: The alerting service's per-patient detector state, keyed by ``clinic/device`` (compacted: latest state per device).
-#: Created by the alerting service at start (it is that service's private state, not part of ALL_TOPICS).
+#: The alerting service's per-patient detector state, keyed by ``clinic/device`` (compacted: latest state per device;
+#: a silent device's state is deleted by a tombstone). Created by the alerting service at start (its private state).
 ALERTING_STATE = KafkaTopic("alerting.state", partitions=3, retention_ms=-1, compacted=True)
 
 #: Validated cuff readings from the bridge, keyed by ``clinic/device`` (``cuff_key``); compacted, so the latest
@@ -103,8 +103,28 @@ ALERT_ACKS = KafkaTopic("alerts.acks", partitions=3, retention_ms=-1, compacted=
 #: as the ``bp_notification`` measurement.
 NOTIFICATIONS = KafkaTopic("notifications", partitions=3, retention_ms=90 * 24 * 3600 * 1000)
 
+#: The processor's Faust application id (its consumer group, and the prefix of its state table's changelog).
+PROCESSOR_APP_ID = "bpstream-processor"
+#: The processor's per-device state table.
+PROCESSOR_STATE_TABLE = "device-state"
+
+
+def processor_changelog(app_id: str = PROCESSOR_APP_ID) -> KafkaTopic:
+    """The processor's state-table changelog: Faust names it ``<app id>-<table>-changelog`` (the topic prefix goes
+    in front of the app id, i.e. of the whole name); co-partitioned with ``signals.raw``, compacted."""
+    return KafkaTopic(f"{app_id}-{PROCESSOR_STATE_TABLE}-changelog", partitions=SIGNALS_RAW.partitions,
+                      retention_ms=-1, compacted=True)
+
+
+#: The processor's changelog under the default app id (deployments create it with the other topics).
+PROCESSOR_CHANGELOG = processor_changelog()
+
+#: Every topic the system creates: the pipeline's, the cuff and notification topics, and each service's private
+#: state (alerting.state, calibration.state, notify.state, alerts.acks, the processor's changelog). Services
+#: ensure the ones they use at start; a unit test checks that each of those is listed here.
 ALL_TOPICS: tuple[KafkaTopic, ...] = (SIGNALS_RAW, SIGNALS_DLQ, WINDOWS, ESTIMATES, ALERTS, QUALITY, CUFF,
-                                      NOTIFY_STATE, ALERT_ACKS, NOTIFICATIONS)
+                                      NOTIFY_STATE, ALERT_ACKS, NOTIFICATIONS, ALERTING_STATE, CALIBRATION_STATE,
+                                      PROCESSOR_CHANGELOG)
 
 
 def device_key(clinic_id: str, device_id: str) -> str:

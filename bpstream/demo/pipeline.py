@@ -24,7 +24,7 @@ from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
 from bpstream.shared.mqtt import configure_client
 from bpstream.shared.settings import InfluxSettings, KafkaSettings, MqttSettings
-from bpstream.shared.topics import ALERTING_STATE, ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
+from bpstream.shared.topics import ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
 
 ENV_PREFIX = {"bridge": "BPSTREAM_BRIDGE_", "processor": "BPSTREAM_PROCESSOR_",
               "inference": "BPSTREAM_INFERENCE_", "alerting": "BPSTREAM_ALERTING_", "writer": "BPSTREAM_WRITER_"}
@@ -143,10 +143,10 @@ class Pipeline:
         self._count_lock = asyncio.Lock()
 
     async def prepare(self) -> None:
-        """Grant every service its Kafka ACLs under the prefix, create every topic (and alerting's state topic),
+        """Grant every service its Kafka ACLs under the prefix, create every topic (``ALL_TOPICS``),
         create the InfluxDB database and grant the writer WRITE and Grafana READ on it (as the admins)."""
         await self.config.servers.grant_kafka_prefix(self.config.topic_prefix)
-        await ensure_topics(self.config.kafka(), [*ALL_TOPICS, ALERTING_STATE])
+        await ensure_topics(self.config.kafka(), ALL_TOPICS)
         await self.config.servers.grant_influx_database(self.config.database)
 
     async def ready(self, name: str) -> bool:

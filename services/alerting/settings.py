@@ -24,6 +24,10 @@ class AlertingSettings(ServiceSettings):
     #: Cuff readings older than this (by the bridge's receipt time) when alerting starts are remembered but
     #: raise nothing: a backlog in the compacted ``cuff`` topic, not news.
     cuff_backlog_max_age_s: float = Field(default=3600.0, ge=0)
+    #: A device whose newest window (or cuff reading) lies this far behind the newest window seen (record
+    #: time, not the wall clock) loses its detector state, and a tombstone is written to ``alerting.state``
+    #: (0 keeps every device forever).
+    evict_after_s: float = Field(default=24 * 3600.0, ge=0)
     #: Overrides of ``bpstream.shared.anomaly.AlertConfig`` fields, as JSON, e.g. ``{"persistence": 3}``.
     detector: dict[str, float | int] = Field(default_factory=dict)
 

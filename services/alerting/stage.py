@@ -2,8 +2,9 @@
 
 The alert logic itself is ``bpstream.shared.anomaly.AlertDetector`` (the same logic the model's evaluation
 uses); this module only keeps one detector per device, remembers which ones changed since the last state
-flush, and merges state restored from the compacted ``alerting.state`` topic.
-Nothing here does I/O.
+flush, merges state restored from the compacted ``alerting.state`` topic, and evicts the detectors of
+devices that fell silent (``evict_silent``). Nothing here does I/O and nothing reads a wall clock: silence is
+measured in record time, the newest window end any detector here accepted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class AlertingState:
         self.dirty: set[str] = set()
         #: Estimates ignored because they were dated too far ahead of their receipt (all detectors, ever).
         self.future_ignored = 0
+        #: Record-time clock: the newest window end any detector here accepted (restored states included).
+        self.newest_ns = 0
+        #: Device time of each device's newest cuff reading (a detector fed only by cuff readings has no window).
+        self.cuff_seen: dict[str, int] = {}
 
     def apply(self, estimates: Iterable[Estimate]) -> list[Alert]:
         """Feed estimates (in Kafka order per device); return the alerts they raise or resolve."""
@@ -37,6 +42,7 @@ class AlertingState:
             before = detector.state.future_windows
             alerts.extend(detector.update(estimate))
             self.future_ignored += detector.state.future_windows - before
+            self.newest_ns = max(self.newest_ns, detector.state.last_ns)
             self.dirty.add(key)
         return alerts
 
@@ -49,6 +55,7 @@ class AlertingState:
             if detector is None:
                 detector = self.detectors[key] = AlertDetector(self.config)
             alerts.extend(detector.cuff(reading, raise_alerts=raise_alerts))
+            self.cuff_seen[key] = max(self.cuff_seen.get(key, 0), reading.time_ns)
             self.dirty.add(key)
         return alerts
 
@@ -74,7 +81,24 @@ class AlertingState:
             current = self.detectors.get(device)
             if current is None or restored.state.last_ns > current.state.last_ns:
                 self.detectors[device] = restored
+                self.newest_ns = max(self.newest_ns, restored.state.last_ns)
         return bad
+
+    def evict_silent(self, max_silence_ns: int) -> list[str]:
+        """Drop the detectors of devices silent for more than ``max_silence_ns`` of record time (newest window
+        or cuff reading older than ``newest_ns - max_silence_ns``); return their keys, for the caller to write
+        tombstones. ``max_silence_ns <= 0`` evicts nothing. An evicted device that comes back starts afresh
+        (new baseline; an episode still open when it fell silent is not resumed)."""
+        if max_silence_ns <= 0 or self.newest_ns <= 0:
+            return []
+        horizon = self.newest_ns - max_silence_ns
+        gone = [key for key, det in self.detectors.items()
+                if max(det.state.last_ns, self.cuff_seen.get(key, -1)) < horizon]
+        for key in gone:
+            del self.detectors[key]
+            self.dirty.discard(key)
+            self.cuff_seen.pop(key, None)
+        return gone
 
     def active_alerts(self) -> dict[str, tuple[str, ...]]:
         """Kinds with an active episode, per device (for the demo and health output)."""

@@ -1,10 +1,10 @@
 """The inference service's wiring: Kafka ``windows`` -> batched model -> Kafka ``estimates``.
 
-Loop: collect a batch (bounded by size and wait) -> decode and check each window (bad ones to the DLQ with
-the reason) -> score the batch in a worker thread with the model in service -> produce every estimate and
-wait until Kafka acknowledged all of them -> commit the batch's offsets. A crash anywhere replays the
-batch; estimates are identified by device and window end, so the replay overwrites downstream.
-Between batches a newer model version, loaded in the background, is swapped in.
+Built on the shared loop (``bpstream.shared.consumer_loop``): collect a batch (bounded by size and wait) ->
+decode and check each window (bad ones to the DLQ with the reason) -> score the batch in a worker thread with
+the model in service -> produce every estimate and wait until Kafka acknowledged all of them -> commit the
+batch's offsets. A crash anywhere replays the batch; estimates are identified by device and window end, so the
+replay overwrites downstream. Between batches a newer model version, loaded in the background, is swapped in.
 
 Calibration (``calibration.CalibrationBook``): at start the compacted ``calibration.state`` (finished
 calibrations) and ``cuff`` (latest reading per device) topics are read whole; the ``cuff`` topic is then
@@ -21,7 +21,6 @@ import logging
 import time
 from pathlib import Path
 
-from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -29,9 +28,9 @@ from bpstream.services.inference.calibration import CalibrationBook, Calibration
 from bpstream.services.inference.reload import ModelManager
 from bpstream.services.inference.settings import InferenceSettings
 from bpstream.services.inference.stage import InputSpec, estimates_for, prepare_batch
-from bpstream.shared.batching import collect_batch
+from bpstream.shared.consumer_loop import BatchServiceBase, ConsumerLoop, LoopConfig, Outcome, Record, Rejected
 from bpstream.shared.errors import DecodeError, TransientError
-from bpstream.shared.kafka import KafkaConsumer, OutgoingRecord, RecoveringProducer, ensure_topics
+from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
 from bpstream.shared.kafka_tools import CuffFollower, read_latest_by_key
 from bpstream.shared.messages import (
     CalibrationRecord,
@@ -54,7 +53,6 @@ from bpstream.shared.topics import (
     WINDOWS,
     cuff_key,
     device_key,
-    group_name,
 )
 
 log = logging.getLogger(__name__)
@@ -110,12 +108,12 @@ def calibration_policy(settings: InferenceSettings, model: BpModel) -> Calibrati
                              input_ranges=dict(model.metadata.input_ranges))
 
 
-class InferenceService:
-    """Scores one batch at a time with the model in service."""
+class InferenceService(BatchServiceBase):
+    """Scores one batch at a time with the model in service (a ``BatchService`` of the shared loop)."""
 
-    def __init__(self, settings: InferenceSettings, consumer: KafkaConsumer, producer: RecoveringProducer,
-                 models: ModelManager, book: CalibrationBook | None = None) -> None:
-        self.settings, self.consumer, self.producer, self.models = settings, consumer, producer, models
+    def __init__(self, settings: InferenceSettings, producer: RecoveringProducer, models: ModelManager,
+                 book: CalibrationBook | None = None, follower: CuffFollower | None = None) -> None:
+        self.settings, self.producer, self.models, self.follower = settings, producer, models, follower
         self.book = book or CalibrationBook(calibration_policy(settings, models.model))
         self.scored = 0
 
@@ -129,50 +127,64 @@ class InferenceService:
         shape = model.metadata.input_shape
         return InputSpec(tuple(model.metadata.channels), float(model.metadata.sample_rate), int(shape[2]))
 
-    async def handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        started = time.monotonic()
-        if self.models.swap_if_ready():  # between batches, never inside one
+    def swap_model_if_ready(self) -> None:
+        """Between batches, never inside one: a newer model version loaded in the background goes in service."""
+        if self.models.swap_if_ready():
             RELOADS.inc()
-            self._model_info()
+            self.model_info()
             self.book.policy = calibration_policy(self.settings, self.models.model)
+
+    async def tick(self) -> None:
+        """Between batches: look for a newer model, take new cuff readings and finish late calibrations."""
+        self.models.poll()
+        if self.follower is not None:
+            try:
+                new_cuffs = await self.follower.poll()
+            except KafkaError as exc:  # Kafka restarting: the readings wait in the topic
+                log.warning("cuff poll failed", extra={"error": repr(exc)[:200]})
+                new_cuffs = []
+            if new_cuffs:
+                self.take_cuff(new_cuffs)
+                await self.finish_late_calibrations()
+        self.swap_model_if_ready()
+
+    async def handle(self, records: list[Record]) -> Outcome:
+        started = time.monotonic()
+        self.swap_model_if_ready()
         model = self.models.model
+        outcome = Outcome()
         windows: list[Window] = []
-        origins: list[ConsumerRecord[bytes, bytes]] = []
+        origins: list[Record] = []
         for record in records:
             try:
                 windows.append(decode_window(record.value or b""))
                 origins.append(record)
             except DecodeError as exc:
-                await self._dead_letter(record, exc.reason, str(exc))
+                outcome.rejected.append(Rejected(record, exc.reason, str(exc)))
         batch = prepare_batch(windows, self.spec(model))
-        for rejected in batch.rejected:
-            await self._dead_letter(origins[rejected.index], rejected.reason, rejected.detail)
-        if batch.inputs is not None:
-            BATCH_SIZE.observe(len(batch.scored))
+        outcome.rejected.extend(Rejected(origins[r.index], r.reason, r.detail) for r in batch.rejected)
+        for rejected in outcome.rejected:
+            ERRORS.labels(rejected.reason).inc()
+        WINDOWS_IN.labels("rejected").inc(len(outcome.rejected))
         predictions = None
         if batch.inputs is not None:
+            BATCH_SIZE.observe(len(batch.scored))
             t0 = time.monotonic()
             predictions = await asyncio.to_thread(model.predict, batch.inputs)  # the loop keeps heartbeating
             INFER_SECONDS.observe(time.monotonic() - t0)
         raw = estimates_for(batch, predictions, model.version, time.time_ns)
         features = {(w.clinic_id, w.device_id, w.end_ns): {"heart_rate_bpm": w.heart_rate_bpm} for w in batch.scored}
         estimates, finished = self.book.process(raw, features)
-        outgoing: list[OutgoingRecord] = [self._calibration_record(r) for r in finished]
-        outgoing.extend((ESTIMATES, encode_json(e), device_key(e.clinic_id, e.device_id)) for e in estimates)
-        if outgoing:
-            await self.producer.send_many(outgoing)
+        outcome.outgoing.extend(self._calibration_record(r) for r in finished)
+        outcome.outgoing.extend((ESTIMATES, encode_json(e), device_key(e.clinic_id, e.device_id)) for e in estimates)
         CALIBRATIONS.inc(len(finished))
         for e in estimates:
             ESTIMATE_MODES.labels(e.mode, e.withheld or "none").inc()
         WINDOWS_IN.labels("scored").inc(len(batch.scored))
         WINDOWS_IN.labels("unscored").inc(len(batch.unscored))
         self.scored += len(batch.scored)
-        try:
-            await retry_async(lambda: self.consumer.commit_records(records), attempts=10, cap_s=5.0,
-                              what="commit")
-        except Exception as exc:  # rebalanced away: the new owner rescored the batch, estimates overwrite
-            log.warning("commit failed; windows will be rescored", extra={"error": repr(exc)[:300]})
         BATCH_SECONDS.observe(time.monotonic() - started)
+        return outcome
 
     @staticmethod
     def _calibration_record(record: CalibrationRecord) -> OutgoingRecord:
@@ -185,25 +197,21 @@ class InferenceService:
             await self.producer.send_many([self._calibration_record(r) for r in finished])
             CALIBRATIONS.inc(len(finished))
 
-    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str, detail: str) -> None:
-        ERRORS.labels(reason).inc()
-        WINDOWS_IN.labels("rejected").inc()
-        key = record.key.decode(errors="replace") if record.key else None
-
-        await self.producer.dead_letter(stage="inference", reason=reason, detail=detail, source=record.topic,
-                                        payload=record.value or b"", key=key, partition=record.partition,
-                                        offset=record.offset)
-
-    def _model_info(self) -> None:
+    def model_info(self) -> None:
         MODEL_INFO.clear()
         model = self.models.model
         MODEL_INFO.labels(model.version, model.runtime, model.device).set(1)
 
 
+def loop_config(settings: InferenceSettings) -> LoopConfig:
+    """The shared loop's settings: ``windows`` in, batches bounded by ``batch_max_size``/``batch_max_wait_ms``."""
+    return LoopConfig(service="inference", topics=[WINDOWS], group_id=settings.group_id,
+                      batch_max_size=settings.batch_max_size, batch_max_wait_ms=settings.batch_max_wait_ms)
+
+
 async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set, finishing (and committing) the batch in hand."""
     log_settings(settings, "inference")
-    ready = False
     source = settings.model_path or DEFAULT_MODELS_ROOT
     loader = make_loader(settings)
     models = await asyncio.to_thread(ModelManager, Path(source), loader, poll_s=settings.reload_poll_s)
@@ -235,36 +243,13 @@ async def run_inference(settings: InferenceSettings, stop: asyncio.Event) -> Non
     for reading in readings:
         book.add_cuff(reading)
     log.info("calibrations restored", extra={"calibrations": len(restored), "cuff_readings": len(readings)})
-    async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
-            RecoveringProducer(settings.kafka) as producer, \
-            KafkaConsumer(settings.kafka, [WINDOWS], group_name(settings.group_id, settings.kafka),
-                          max_poll_records=settings.batch_max_size) as consumer:
-        service = InferenceService(settings, consumer, producer, models, book)
-        service._model_info()
-
-        async def fetch(timeout_s: float, max_items: int) -> list[ConsumerRecord[bytes, bytes]]:
-            return await consumer.getmany(int(timeout_s * 1000), max_items)
-
-        ready = True
-        try:
-            while not stop.is_set():
-                models.poll()
-                try:
-                    new_cuffs = await follower.poll()
-                except KafkaError as exc:  # Kafka restarting: the readings wait in the topic
-                    log.warning("cuff poll failed", extra={"error": repr(exc)[:200]})
-                    new_cuffs = []
-                if new_cuffs:
-                    service.take_cuff(new_cuffs)
-                    await service.finish_late_calibrations()
-                records = await collect_batch(fetch, max_size=settings.batch_max_size,
-                                              max_wait_s=settings.batch_max_wait_ms / 1000, stop=stop)
-                if records:
-                    await service.handle(records)
-                elif models.swap_if_ready():
-                    RELOADS.inc()
-                    service._model_info()
-        finally:
-            ready = False
-            await follower.stop()
-    log.info("inference stopped", extra={"scored": service.scored})
+    loop = ConsumerLoop(settings.kafka, loop_config(settings))
+    service: InferenceService | None = None
+    try:
+        async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: loop.ready), loop:
+            service = InferenceService(settings, loop.producer, models, book, follower)
+            service.model_info()
+            await loop.run(service, stop)
+    finally:
+        await follower.stop()
+    log.info("inference stopped", extra={"scored": service.scored if service else 0})

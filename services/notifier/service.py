@@ -45,6 +45,7 @@ from bpstream.services.notifier.stage import (
     webhook_body,
 )
 from bpstream.shared.batching import collect_batch
+from bpstream.shared.consumer_loop import KafkaWatch
 from bpstream.shared.errors import BpstreamError, DecodeError
 from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
 from bpstream.shared.kafka_tools import read_latest_by_key, topic_partitions
@@ -283,12 +284,16 @@ async def run_notifier(settings: NotifierSettings, stop: asyncio.Event, clock: C
                        settings.smtp_password.get_secret_value(), settings.smtp_starttls, settings.smtp_timeout_s)
             if settings.smtp_host else None)
     acks = AckReader(settings)
-    async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: ready), \
+    # Ready while running, Kafka answers (``KafkaWatch``, as in the shared loop) and sends succeed (``ready`` is
+    # false until every name the check uses is bound).
+    async with HealthServer(settings.metrics_host, settings.metrics_port,
+                            lambda: ready and watch.reachable and producer.available), \
             RecoveringProducer(settings.kafka) as producer, \
             WebhookSender(settings.webhook_secret.get_secret_value().encode(), settings.webhook_timeout_s) \
             as webhook, \
             KafkaConsumer(settings.kafka, [ALERTS], group_name(settings.group_id, settings.kafka),
-                          max_poll_records=settings.batch_max_size) as consumer:
+                          max_poll_records=settings.batch_max_size) as consumer, \
+            KafkaWatch(settings.kafka, consumer, "notifier") as watch:
         await acks.start()
         service = NotifierService(settings, consumer, producer, webhook, smtp, clock)
         await service.apply_acks(await acks.read_to_end())

@@ -4,19 +4,18 @@ Lines are encoded by our one encoder (``bpstream.shared.influx.line``; ``bpstrea
 faster than the client's ``Point``) and sent by the client's ``WriteApiAsync`` to ``/api/v2/write`` with bucket
 ``database/retention-policy``, token ``username:password`` and precision ns.
 
-Retriable failures (5xx, 429, 408, 404, timeouts, connection errors, auth not yet provisioned) are retried
-with capped, jittered backoff until they succeed or the service is stopped. A 400, 413 or 422 means bad points:
-the batch is split in halves until each bad line stands alone, which is then counted and skipped (the caller
-dead-letters it), so one bad point never blocks the rest. Because every point is identified by measurement +
-tags + time, writing a line twice is harmless. InfluxDB's error bodies repeat the rejected line, i.e. patient
-readings: they are never logged or returned, only the status and a short reason derived from them.
+Retriable failures (5xx, 429, 408, 404, timeouts, connection errors, auth not yet provisioned) are retried with
+capped, jittered backoff (``bpstream.shared.retry``) until they succeed or the service is stopped. A 400, 413 or
+422 means bad points: the batch is split in halves until each bad line stands alone, which is then counted and
+skipped (the caller dead-letters it), so one bad point never blocks the rest. Because every point is identified by
+measurement + tags + time, writing a line twice is harmless. InfluxDB's error bodies repeat the rejected line, i.e.
+patient readings: they are never logged or returned, only the status and a short reason derived from them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -28,6 +27,7 @@ from influxdb_client.rest import ApiException
 
 from bpstream.shared import influx_api
 from bpstream.shared.errors import BpstreamError, TransientError
+from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import InfluxSettings
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,6 @@ class BadPointsError(BpstreamError):
     """InfluxDB rejected the points themselves (HTTP 4xx): retrying the same lines cannot help."""
 
     reason = "bad_point"
-
-
-class StoppedError(BpstreamError):
-    """The service was asked to stop while a write was still being retried; nothing was acknowledged."""
-
-    reason = "stopped"
 
 
 @dataclass(slots=True)
@@ -152,25 +146,17 @@ class InfluxWriter:
 
     async def _retrying(self, operation: Callable[[], Awaitable[None]], *, what: str,
                         retry_forbidden: bool = True) -> None:
-        """Run ``operation`` until it stops raising ``TransientError`` (capped, jittered backoff)."""
-        attempt = 0
-        while True:
-            try:
-                await operation()
-                self.available = True
-                return
-            except TransientError as exc:
-                self.available = False
-                if not retry_forbidden and exc.reason == "influx_403":
-                    raise BadPointsError(str(exc), reason="forbidden") from None
-                if self.stop is not None and self.stop.is_set():
-                    raise StoppedError(f"stopped while retrying {what}") from exc
-                # full jitter: uniform(0, min(cap, base * 2**attempt)), as in bpstream.shared.retry
-                delay = random.uniform(0.0, min(self.retry_cap_s, self.retry_base_s * 2 ** min(attempt, 20)))
-                log.warning("influx retry", extra={"what": what, "attempt": attempt + 1, "reason": exc.reason,
-                                                   "delay_s": round(delay, 3)})
-                attempt += 1
-                await asyncio.sleep(delay)
+        """Run ``operation`` until it stops raising ``TransientError`` (``retry_async`` without an attempt
+        limit; ``StoppedError`` once the service is stopping)."""
+
+        def failed(exc: BpstreamError) -> None:
+            self.available = False
+            if not retry_forbidden and exc.reason == "influx_403":
+                raise BadPointsError(str(exc), reason="forbidden") from None
+
+        await retry_async(operation, attempts=None, base_s=self.retry_base_s, cap_s=self.retry_cap_s,
+                          what=f"influx {what}", stop=self.stop, on_failure=failed)
+        self.available = True
 
     async def write(self, lines: list[str]) -> WriteResult:
         """Store ``lines``; return once InfluxDB acknowledged every line that it does not reject as bad."""

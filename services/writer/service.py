@@ -1,10 +1,10 @@
 """The InfluxDB writer's wiring: Kafka ``estimates``/``alerts``/``quality``/``signals.dlq`` -> InfluxDB.
 
-Loop: collect a batch (bounded by size and wait) -> translate to line protocol (``points``) -> write with
-retries (``influx_client``) -> commit the Kafka offsets. Offsets are committed only after InfluxDB
-acknowledged the batch, so a crash replays records, and replays overwrite the same points.
-A record that does not decode goes to ``signals.dlq`` with its reason (or, coming from the DLQ itself,
-is counted and logged) and its offset is committed with the batch: it never blocks a partition.
+Built on the shared loop (``bpstream.shared.consumer_loop``): collect a batch (bounded by size and wait) ->
+translate to line protocol (``points``) -> write with retries (``influx_client``) -> commit the Kafka offsets.
+Offsets are committed only after InfluxDB acknowledged the batch, so a crash replays records, and replays overwrite
+the same points. A record that does not decode goes to ``signals.dlq`` with its reason (or, coming from the DLQ
+itself, is counted and logged) and its offset is committed with the batch: it never blocks a partition.
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ import contextlib
 import logging
 import time
 
-from aiokafka import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 
-from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
+from bpstream.services.writer.influx_client import InfluxWriter
 from bpstream.services.writer.points import WRITTEN_TOPICS, pipeline_line, record_lines
 from bpstream.services.writer.settings import WriterSettings
-from bpstream.shared.batching import collect_batch
-from bpstream.shared.errors import DecodeError, TransientError
-from bpstream.shared.kafka import KafkaConsumer, RecoveringProducer, ensure_topics
+from bpstream.shared.consumer_loop import BatchServiceBase, ConsumerLoop, LoopConfig, Outcome, Record, Rejected
+from bpstream.shared.errors import DecodeError, StoppedError
+from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
 from bpstream.shared.retry import retry_async
 from bpstream.shared.settings import log_settings
 from bpstream.shared.telemetry import HealthServer
-from bpstream.shared.topics import SIGNALS_DLQ, group_name, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +42,20 @@ E2E_LATENCY = Histogram("bpstream_writer_e2e_latency_seconds",
 LAG = Gauge("bpstream_pipeline_consumer_lag", "Messages a pipeline consumer group is behind", ["group"])
 
 
-class WriterStage:
-    """One batch at a time: records in, points stored, offsets committed."""
+class WriterService(BatchServiceBase):
+    """One batch at a time (a ``BatchService`` of the shared loop): records in, points stored; the loop
+    dead-letters what did not decode or was refused, then commits."""
 
-    def __init__(self, settings: WriterSettings, consumer: KafkaConsumer, producer: RecoveringProducer,
-                 influx: InfluxWriter) -> None:
-        self.settings, self.consumer, self.producer, self.influx = settings, consumer, producer, influx
-        self.dlq_topic = topic_name(SIGNALS_DLQ, settings.kafka.topic_prefix)
+    def __init__(self, settings: WriterSettings, influx: InfluxWriter) -> None:
+        self.settings, self.influx = settings, influx
         self.processed = 0
         self.newest_received_ns = 0
 
-    async def handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+    async def handle(self, records: list[Record]) -> Outcome:
         stored_ns = time.time_ns()
+        outcome = Outcome()
         lines: list[str] = []
-        origin: dict[str, ConsumerRecord[bytes, bytes]] = {}  # line -> the record it came from
+        origin: dict[str, Record] = {}  # line -> the record it came from
         received: list[int] = []
         for record in records:
             RECORDS.labels(record.topic.removeprefix(self.settings.kafka.topic_prefix)).inc()
@@ -66,7 +64,11 @@ class WriterStage:
                 record_point_lines, received_ns = record_lines(
                     record.topic, payload, prefix=self.settings.kafka.topic_prefix, stored_ns=stored_ns)
             except (DecodeError, ValueError) as exc:
-                await self._undecodable(record, exc)
+                reason = exc.reason if isinstance(exc, DecodeError) else "bad_point"
+                UNDECODABLE.labels(reason).inc()
+                log.warning("undecodable record", extra={"topic": record.topic, "partition": record.partition,
+                                                         "offset": record.offset, "reason": reason})
+                outcome.rejected.append(Rejected(record, reason, str(exc)))
                 continue
             lines.extend(record_point_lines)
             origin.update((point_line, record) for point_line in record_point_lines)
@@ -77,59 +79,38 @@ class WriterStage:
         WRITE_SECONDS.observe(time.monotonic() - started)
         POINTS.inc(result.written)
         REJECTED.inc(result.rejected)
-        await self._refused(result.refused, origin)
+        outcome.rejected.extend(refused_records(result.refused, origin))
         now = time.time_ns()
         for received_ns in received:
             E2E_LATENCY.observe(max(0, now - received_ns) / 1e9)
         if received:
             self.newest_received_ns = max(self.newest_received_ns, max(received))
-        await self._commit(records)
         BATCH_SIZE.observe(len(records))
         self.processed += len(records)
-
-    async def _undecodable(self, record: ConsumerRecord[bytes, bytes], exc: Exception) -> None:
-        reason = exc.reason if isinstance(exc, DecodeError) else "bad_point"
-        UNDECODABLE.labels(reason).inc()
-        log.warning("undecodable record", extra={"topic": record.topic, "partition": record.partition,
-                                                 "offset": record.offset, "reason": reason})
-        if record.topic == self.dlq_topic:
-            return  # never dead-letter the dead-letter topic into itself
-        key = record.key.decode(errors="replace") if record.key else None
-
-        await self.producer.dead_letter(stage="writer", reason=reason, detail=str(exc), source=record.topic,
-                                        payload=record.value or b"", key=key, partition=record.partition,
-                                        offset=record.offset)
-
-    async def _refused(self, refused: list[tuple[str, str]],
-                       origin: dict[str, ConsumerRecord[bytes, bytes]]) -> None:
-        """Dead-letter the records whose points InfluxDB refused (once per record), so none is lost silently.
-
-        The reason is ours (``influx_<reason>``), never InfluxDB's error text, which repeats patient readings.
-        """
-        done: set[tuple[str, int, int]] = set()
-        for point_line, reason in refused:
-            record = origin.get(point_line)
-            if record is None or record.topic == self.dlq_topic:
-                continue  # pipeline samples have no record; the DLQ is never dead-lettered into itself
-            ident = (record.topic, record.partition, record.offset)
-            if ident in done:
-                continue
-            done.add(ident)
-            key = record.key.decode(errors="replace") if record.key else None
-            await self.producer.dead_letter(stage="writer", reason=f"influx_{reason}",
-                                            detail=f"InfluxDB refused a point of this record ({reason})",
-                                            source=record.topic, payload=record.value or b"", key=key,
-                                            partition=record.partition, offset=record.offset)
-
-    async def _commit(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        try:
-            await retry_async(lambda: self.consumer.commit_records(records), attempts=10, cap_s=5.0,
-                              what="commit")
-        except Exception as exc:  # a rebalance took the partitions: the new owner replays, points overwrite
-            log.warning("commit failed; records will be replayed", extra={"error": repr(exc)[:300]})
+        return outcome
 
 
-async def report_pipeline(settings: WriterSettings, stage: WriterStage, influx: InfluxWriter,
+def refused_records(refused: list[tuple[str, str]], origin: dict[str, Record]) -> list[Rejected]:
+    """The records whose points InfluxDB refused (once per record), to dead-letter so none is lost silently.
+
+    The reason is ours (``influx_<reason>``), never InfluxDB's error text, which repeats patient readings.
+    Pipeline samples have no record and are skipped.
+    """
+    out: list[Rejected] = []
+    done: set[tuple[str, int, int]] = set()
+    for point_line, reason in refused:
+        record = origin.get(point_line)
+        if record is None:
+            continue
+        ident = (record.topic, record.partition, record.offset)
+        if ident in done:
+            continue
+        done.add(ident)
+        out.append(Rejected(record, f"influx_{reason}", f"InfluxDB refused a point of this record ({reason})"))
+    return out
+
+
+async def report_pipeline(settings: WriterSettings, stage: WriterService, influx: InfluxWriter,
                           stop: asyncio.Event) -> None:
     """Every ``pipeline_interval_s``: consumer lag of each pipeline group and the writer's own latency."""
     last_processed, last_t = 0, time.monotonic()
@@ -173,50 +154,35 @@ async def report_pipeline(settings: WriterSettings, stage: WriterStage, influx: 
                 await probe.__aexit__(None, None, None)
 
 
+def loop_config(settings: WriterSettings) -> LoopConfig:
+    """The shared loop's settings: every stored topic in, offsets committed after each stored batch."""
+    return LoopConfig(service="writer", topics=WRITTEN_TOPICS, group_id=settings.group_id,
+                      batch_max_size=settings.batch_max_size, batch_max_wait_ms=settings.batch_max_wait_ms)
+
+
 async def run_writer(settings: WriterSettings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set, then finish the batch in hand, commit and return."""
     log_settings(settings, "writer")
-    ready = False
     # Every topic it reads or writes, so the writer started by hand on fresh servers does not fail on a topic
     # that no other service has created yet.
     await retry_async(lambda: ensure_topics(settings.kafka, WRITTEN_TOPICS), attempts=10, what="ensure topics")
     influx = InfluxWriter(settings.influx, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s,
                           stop=stop)
-    producer = RecoveringProducer(settings.kafka)
-    # Ready once started, and only while InfluxDB answers and Kafka accepts sends: 503 during an outage, 200
-    # again when the broker is back, without a restart.
-    async with HealthServer(settings.metrics_host, settings.metrics_port,
-                            lambda: ready and influx.available and producer.available), \
-            influx, \
-            producer, \
-            KafkaConsumer(settings.kafka, WRITTEN_TOPICS, group_name(settings.group_id, settings.kafka),
-                          max_poll_records=settings.batch_max_size) as consumer:
-        await influx.ensure_database()
-        stage = WriterStage(settings, consumer, producer, influx)
-        reporter = (asyncio.create_task(report_pipeline(settings, stage, influx, stop))
-                    if settings.pipeline_interval_s > 0 else None)
-        ready = True
-        log.info("writer ready", extra={"database": settings.influx.database})
-
-        async def fetch(timeout_s: float, max_items: int) -> list[ConsumerRecord[bytes, bytes]]:
-            return await consumer.getmany(int(timeout_s * 1000), max_items)
-
+    # Ready only while the loop runs, Kafka answers and accepts sends, and InfluxDB answers: 503 during an
+    # outage, 200 again when it is back, without a restart.
+    loop = ConsumerLoop(settings.kafka, loop_config(settings), ready_when=lambda: influx.available)
+    async with HealthServer(settings.metrics_host, settings.metrics_port, lambda: loop.ready), influx, loop:
         try:
-            while not stop.is_set():
-                records = await collect_batch(fetch, max_size=settings.batch_max_size,
-                                              max_wait_s=settings.batch_max_wait_ms / 1000, stop=stop)
-                if not records:
-                    continue
-                try:
-                    await stage.handle(records)
-                except StoppedError:
-                    log.info("stopped while InfluxDB was unavailable; the batch will be replayed")
-                    break
-                except TransientError as exc:
-                    log.warning("batch failed; it will be replayed", extra={"reason": exc.reason})
-                    raise
+            await influx.ensure_database()
+        except StoppedError:
+            return
+        service = WriterService(settings, influx)
+        reporter = (asyncio.create_task(report_pipeline(settings, service, influx, stop))
+                    if settings.pipeline_interval_s > 0 else None)
+        log.info("writer ready", extra={"database": settings.influx.database})
+        try:
+            await loop.run(service, stop)
         finally:
-            ready = False
             if reporter is not None:
                 stop.set()
                 await reporter

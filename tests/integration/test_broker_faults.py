@@ -8,8 +8,8 @@ asserts the same promises:
   none is expected here, so the count must be zero);
 * no window is missing for the chunks that reached Kafka, and InfluxDB holds each window once, each alert
   raised once;
-* the service that lost a broker answered ``/readyz`` 503 during the outage and 200 afterwards, without being
-  restarted.
+* the services that lost a broker answered ``/readyz`` 503 during the outage and 200 afterwards, without being
+  restarted (for Kafka: the bridge, and inference, alerting and the writer through the shared consumer loop).
 
 No timing is asserted: the measured outage, readiness and drain times are written to
 ``reports/test-logs/broker-faults/<run>/timings.json`` and summarised in docs/RELIABILITY.md.
@@ -185,9 +185,28 @@ def test_kafka_killed_and_down_60_s(servers: ServerEndpoints) -> None:
         await asyncio.to_thread(localservers.restart, "kafka", down_s=60.0, kill=True)
         timings["broker_back_s"] = time.monotonic() - started
 
-    run = run_sync(lambda: _run(servers, "kafka", fault, duration_s=200, watch=("bridge",)))
+    watch = ("bridge", "inference", "alerting", "writer")
+    run = run_sync(lambda: _run(servers, "kafka", fault, duration_s=200, watch=watch))
     _assert_nothing_lost(run)
-    _assert_not_ready_then_ready(run, "bridge")
+    for service in watch:
+        _assert_not_ready_then_ready(run, service)
+
+
+def test_kafka_stopped_consumers_not_ready_then_ready(servers: ServerEndpoints) -> None:
+    """Kafka stopped (SIGTERM) for 30 s: inference, alerting and the writer, which only consume while it is away,
+    answer /readyz 503 during the outage (the shared loop's metadata probe) and 200 again by themselves."""
+
+    async def fault(pipeline: Pipeline, timings: dict[str, float], started: float) -> None:
+        await asyncio.sleep(15)
+        timings["fault_at_s"] = time.monotonic() - started
+        await asyncio.to_thread(localservers.restart, "kafka", down_s=30.0)
+        timings["broker_back_s"] = time.monotonic() - started
+
+    consumers = ("inference", "alerting", "writer")
+    run = run_sync(lambda: _run(servers, "kstop", fault, duration_s=90, watch=consumers))
+    _assert_nothing_lost(run)
+    for service in consumers:
+        _assert_not_ready_then_ready(run, service)
 
 
 INFLUX_DOWN_S = 90.0

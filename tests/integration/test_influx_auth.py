@@ -17,8 +17,9 @@ from influxdb_client.rest import ApiException
 from pydantic import SecretStr
 
 from bpstream.localservers import ServerEndpoints
-from bpstream.services.writer.influx_client import InfluxWriter, StoppedError
+from bpstream.services.writer.influx_client import InfluxWriter
 from bpstream.shared import influx_api
+from bpstream.shared.errors import StoppedError
 from bpstream.shared.influx import line
 
 pytestmark = pytest.mark.integration

@@ -66,3 +66,33 @@ def test_detector_overrides_come_from_settings(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("BPSTREAM_ALERTING_DETECTOR", '{"persistence": 3, "crisis_sbp": 170}')
     config = AlertingSettings().alert_config()
     assert config.persistence == 3 and config.crisis_sbp == 170.0
+
+
+def test_silent_devices_are_evicted_by_record_time_and_come_back_fresh() -> None:
+    """A device whose newest window lies more than the silence limit behind the newest window seen (record
+    time: no wall clock) loses its detector; the others keep theirs."""
+    limit_ns = 60 * 10**9  # 30 hops
+    state = AlertingState()
+    state.apply(_estimates("quiet", [(120.0, 78.0)] * 10))  # windows 0..9, then silent
+    state.apply(_estimates("busy", [(120.0, 78.0)] * 39))  # windows 0..38: 'quiet' 29 hops behind
+    assert state.evict_silent(limit_ns) == []
+    state.take_dirty()
+    state.apply(_estimates("busy", [(120.0, 78.0)] * 2, start=39))  # window 40: 'quiet' 31 hops behind
+    assert state.evict_silent(limit_ns) == ["c1/quiet"]
+    assert set(state.detectors) == {"c1/busy"}
+    assert set(state.take_dirty()) == {"c1/busy"}  # no state of the evicted device is saved again
+    assert state.evict_silent(limit_ns) == []
+    assert state.evict_silent(0) == []  # 0 disables eviction
+    # The device returns: a fresh detector, no alert from the old one.
+    assert state.apply(_estimates("quiet", [(120.0, 78.0)], start=41)) == []
+    assert state.detectors["c1/quiet"].state.last_ns == T0 + 41 * HOP_NS
+
+
+def test_a_restored_state_counts_for_the_record_clock_and_is_evicted_when_silent() -> None:
+    old = AlertingState()
+    old.apply(_estimates("gone", [(120.0, 78.0)] * 3))
+    state = AlertingState()
+    state.merge(old.take_dirty())
+    assert state.newest_ns == T0 + 2 * HOP_NS
+    state.apply(_estimates("new", [(120.0, 78.0)], start=100))
+    assert state.evict_silent(60 * 10**9) == ["c1/gone"]

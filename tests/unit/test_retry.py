@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
-from bpstream.shared.errors import BpstreamError, DecodeError, TransientError
-from bpstream.shared.retry import backoff_delays, retry_async
+from bpstream.shared.errors import BpstreamError, DecodeError, StoppedError, TransientError
+from bpstream.shared.retry import backoff_delay, backoff_delays, retry_async
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +74,38 @@ def test_errors_carry_reason_and_retriable() -> None:
     assert not DecodeError("x").retriable
     error = DecodeError("x", reason="bad_version")
     assert error.reason == "bad_version" and isinstance(error, BpstreamError)
+
+
+async def test_unbounded_retry_goes_on_until_success() -> None:
+    operation = _Flaky(12, TransientError("down a while"))
+    assert await retry_async(operation, attempts=None, base_s=0.0001, cap_s=0.0002) == 13
+
+
+async def test_unbounded_retry_ends_with_stopped_once_stop_is_set() -> None:
+    stop = asyncio.Event()
+    seen: list[str] = []
+
+    async def failing() -> None:
+        if len(seen) == 3:
+            stop.set()
+        raise TransientError("down", reason="influx_503")
+
+    with pytest.raises(StoppedError):
+        await retry_async(failing, attempts=None, base_s=0.0001, cap_s=0.0002, stop=stop,
+                          on_failure=lambda exc: seen.append(exc.reason))
+    assert seen == ["influx_503"] * 4  # every failure was reported, the one after stop included
+
+
+async def test_on_failure_can_turn_a_retriable_error_into_a_final_one() -> None:
+    def forbid(exc: BpstreamError) -> None:
+        raise DecodeError("not retried", reason="forbidden")
+
+    operation = _Flaky(5, TransientError("403"))
+    with pytest.raises(DecodeError):
+        await retry_async(operation, attempts=None, base_s=0.0001, on_failure=forbid)
+    assert operation.calls == 1
+
+
+def test_backoff_delay_is_capped_for_any_attempt() -> None:
+    rng = random.Random(3)
+    assert all(0.0 <= backoff_delay(k, 0.2, 5.0, rng) <= min(5.0, 0.2 * 2**k) for k in range(200))
