@@ -113,6 +113,11 @@ class ProcessorMetrics:
             "Records the consumer skipped that the processor read back from Kafka and processed",
             registry=registry,
         )
+        self.repaired = Counter(
+            "bpstream_processor_repaired_chunks_total",
+            "Chunks that arrived after their gap was declared, within the late horizon, and completed windows",
+            registry=registry,
+        )
         self.checkpoints = Counter(
             "bpstream_processor_checkpoints_total",
             "Writes of the changed device states and offset marks to the changelog",
@@ -154,6 +159,8 @@ def stage_config(settings: ProcessorSettings) -> StageConfig:
         max_ahead_ns=None if settings.max_device_ahead_s is None else round(settings.max_device_ahead_s * NS),
         max_behind_ns=None if settings.max_device_behind_s is None else round(settings.max_device_behind_s * NS),
         max_seq_jump=settings.max_seq_jump,
+        late_horizon_ns=round(settings.late_horizon_s * NS),
+        max_repair_chunks=settings.max_repair_chunks,
         defer_preparation=True,  # a batch's windows are prepared together (handle_batch)
     )
 
@@ -451,6 +458,8 @@ class Processor:
         )
         if out.rejected is not None:  # out of bounds: dead-lettered, the device's state untouched
             return [self._dead_letter(record, out.rejected.reason, out.rejected.detail)]
+        if out.repaired:
+            self.metrics.repaired.inc()
         if out.duplicate or out.late:
             self.metrics.dropped.labels(reason="duplicate" if out.duplicate else "late").inc()
             return []

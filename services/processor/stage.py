@@ -35,87 +35,44 @@ changelog carries stays small and bounded (``max_buffer_chunks``).
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Final
 
-import msgspec
 import numpy as np
-import numpy.typing as npt
 
+from bpstream.services.processor import repair
+from bpstream.services.processor.state import (
+    CLOCK_JUMP,
+    FORMAT_CHANGE,
+    GAP,
+    GAP_FILLED,
+    NS,
+    STATE_VERSION,
+    STREAM_RESET,
+    WINDOW,
+    WINDOW_ERROR,
+    BufferedChunk,
+    DeviceState,
+    Hole,
+    WindowCut,
+    chunk_end_ns,
+    cut_windows,
+    decode_buffered,
+    decode_state,
+    encode_state,
+    first_grid_end,
+)
 from bpstream.shared.devicetime import TimeVerdict, check_device_time, check_seq_jump
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.messages import QualityRecord, SignalChunk, Window, decode_chunk
 from bpstream.shared.modelspec import HOP_SECONDS, MODEL_CHANNELS, MODEL_SAMPLE_RATE, WINDOW_SECONDS
 from bpstream.shared.preprocessing import PreparedWindow, PreprocessError, RawWindow, preprocess_windows
 
-NS: Final = 1_000_000_000
-STATE_VERSION: Final = 1
-
-#: Kinds of :class:`QualityRecord`.
-WINDOW: Final = "window"
-GAP: Final = "gap"
-CLOCK_JUMP: Final = "clock_jump"
-FORMAT_CHANGE: Final = "format_change"
-STREAM_RESET: Final = "stream_reset"
-WINDOW_ERROR: Final = "window_error"
-
-
-class BufferedChunk(msgspec.Struct, array_like=True):
-    """A chunk kept in the device state: its position in seq and device time, and its original bytes."""
-
-    seq: int
-    t0_ns: int
-    n_samples: int
-    received_ns: int
-    payload: bytes
-
-
-class DeviceState(msgspec.Struct, kw_only=True):
-    """Everything the processor remembers about one device (serialised into the changelog-backed table)."""
-
-    v: int = STATE_VERSION
-    clinic_id: str = ""
-    #: Next seq to accept in order; None before the first chunk.
-    next_seq: int | None = None
-    #: Sample rate and channels of the current contiguous run.
-    sample_rate: float = 0.0
-    channels: tuple[str, ...] = ()
-    #: Contiguous chunks of the current run, in seq order (oldest trimmed once no window needs them).
-    buffer: list[BufferedChunk] = []
-    #: Chunks ahead of ``next_seq`` waiting for the missing ones, in seq order.
-    pending: list[BufferedChunk] = []
-    #: Device time where the last accepted chunk ended (where the next one should start).
-    expected_t0_ns: int | None = None
-    #: End (device time) of the last window emitted; windows only move forward.
-    last_window_end_ns: int = 0
-    duplicates: int = 0
-    late: int = 0
-    gaps: int = 0
-    missing_chunks: int = 0
-    clock_jumps: int = 0
-    windows: int = 0
-
-
-_state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(DeviceState)
-
-
-def encode_state(state: DeviceState) -> bytes:
-    return _state_encoder.encode(state)
-
-
-def decode_state(data: bytes) -> DeviceState:
-    """Decode a stored state; raise ``DecodeError`` if it is not one (the caller then starts afresh)."""
-    try:
-        state = _state_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"invalid device state: {exc}", reason="bad_state") from exc
-    if state.v != STATE_VERSION:
-        raise DecodeError(f"device state version {state.v} is not supported", reason="bad_state")
-    return state
+__all__ = [
+    "CLOCK_JUMP", "FORMAT_CHANGE", "GAP", "GAP_FILLED", "NS", "STATE_VERSION", "STREAM_RESET", "WINDOW",
+    "WINDOW_ERROR", "BufferedChunk", "DeviceState", "Reassembler", "StageConfig", "StageOutput", "WindowCut",
+    "decode_state", "encode_state",
+]
 
 
 #: Prepares many raw windows at once (``bpstream.shared.preprocessing.preprocess_windows``).
@@ -138,33 +95,15 @@ class StageConfig:
     max_behind_ns: int | None = None
     #: Refuse chunks whose seq jumps more than this past the next expected one without device time moving on.
     max_seq_jump: int | None = None
+    #: Late chunks that fill a declared gap are still taken, and the windows they complete cut, for this much
+    #: device time after the gap (0: a chunk arriving after its gap was declared is ignored). Bounded in memory
+    #: by ``max_repair_chunks`` (``bpstream.services.processor.repair``).
+    late_horizon_ns: int = 60 * NS
+    max_repair_chunks: int = 128
     prepare_many: PrepareManyFn = field(default=preprocess_windows)
     #: Leave cut windows in ``StageOutput.cuts`` for the caller to prepare in one batch (``finish``), instead
     #: of preparing each as it is cut (preparing a stack of windows is several times cheaper per window).
     defer_preparation: bool = False
-
-
-@dataclass(slots=True)
-class WindowCut:
-    """A window cut from a device's contiguous run, not yet prepared for the model."""
-
-    clinic_id: str
-    device_id: str
-    start_ns: int
-    end_ns: int
-    seq_first: int
-    seq_last: int
-    #: When the newest chunk of the window reached Kafka.
-    received_ns: int
-    samples: npt.NDArray[np.float32]
-    channels: tuple[str, ...]
-    sample_rate: float
-
-    def error(self, detail: str, now_ns: int) -> QualityRecord:
-        """The ``window_error`` record of a cut window that could not be prepared."""
-        return QualityRecord(kind=WINDOW_ERROR, clinic_id=self.clinic_id, device_id=self.device_id,
-                             start_ns=self.start_ns, end_ns=self.end_ns, seq_first=self.seq_first,
-                             seq_last=self.seq_last, quality_ok=False, detail=detail[:1000], emitted_ns=now_ns)
 
 
 @dataclass(slots=True)
@@ -177,19 +116,10 @@ class StageOutput:
     cuts: list[WindowCut] = field(default_factory=list)
     duplicate: bool = False
     late: bool = False
+    #: A late chunk that filled a declared gap (the windows it completed are in ``windows``/``cuts``).
+    repaired: bool = False
     #: Why the chunk was refused (device time or seq out of bounds); the state is then unchanged.
     rejected: TimeVerdict | None = None
-
-
-@lru_cache(maxsize=16384)
-def _decode_buffered(payload: bytes) -> SignalChunk:
-    """Decode a buffered chunk's bytes. A chunk sits in about window/hop windows, so its decoded form is kept
-    (keyed by its bytes, so a different chunk can never be mistaken for it); callers must not modify it."""
-    return decode_chunk(payload)
-
-
-def _end_ns(chunk: BufferedChunk, fs: float) -> int:
-    return chunk.t0_ns + round(chunk.n_samples * NS / fs)
 
 
 class Reassembler:
@@ -218,7 +148,7 @@ class Reassembler:
             # A device seen for the first time: its first chunks may be reordered too, so they wait like any
             # out-of-order chunk and the run starts at the lowest seq once the reordering bound is reached.
             if any(p.seq == chunk.seq for p in state.pending):
-                newest_end = max(_end_ns(p, chunk.sample_rate) for p in state.pending)
+                newest_end = max(chunk_end_ns(p, chunk.sample_rate) for p in state.pending)
                 if chunk.t0_ns < newest_end - self.config.clock_tolerance_ns:
                     state.duplicates += 1
                     out.duplicate = True
@@ -239,6 +169,17 @@ class Reassembler:
                 state.duplicates += 1
                 out.duplicate = True
                 return state, out
+            filled = repair.fill(state, chunk, item, tolerance_ns=self.config.clock_tolerance_ns)
+            if filled is None:
+                state.duplicates += 1
+                out.duplicate = True
+                return state, out
+            if filled:
+                # A chunk declared missing arrived after all: cut the windows it completes.
+                out.repaired = True
+                self._repair(state, chunk.device_id, out, now_ns)
+                self._bound(state)
+                return state, out
             if (
                 state.expected_t0_ns is not None
                 and chunk.t0_ns >= state.expected_t0_ns - self.config.clock_tolerance_ns
@@ -258,8 +199,19 @@ class Reassembler:
                     )
                 )
                 self._restart_run(state, chunk)
+                repair.clear(state)
                 state.next_seq = chunk.seq
                 state.pending = []
+            elif self._went_back(state, chunk):
+                # A sustained run of older seqs *and* older device time is a device that restarted with its
+                # clock set back, not late data: start a new run there, with the window clock rewound.
+                out.quality.append(self._record(state, chunk.device_id, STREAM_RESET, chunk.t0_ns, chunk.t0_ns,
+                                                chunk.seq, chunk.seq, now_ns, detail="seq and device time went back"))
+                self._restart_run(state, chunk)
+                repair.clear(state)
+                state.next_seq = chunk.seq
+                state.pending = []
+                state.last_window_end_ns = 0
             else:
                 state.late += 1
                 out.late = True
@@ -276,6 +228,8 @@ class Reassembler:
             self._drain_pending(state, chunk.device_id, chunk, out, now_ns)
             if not self._maybe_declare_gap(state, chunk, out, now_ns):
                 break
+        if state.missed_ends:  # windows after a filled gap may also need the chunks that follow it
+            self._repair(state, chunk.device_id, out, now_ns)
         self._emit_windows(state, chunk.device_id, out, now_ns)
         self._bound(state)
         return state, out
@@ -291,6 +245,23 @@ class Reassembler:
         return verdict
 
     # -- ordering -------------------------------------------------------------------------------------------
+
+    def _went_back(self, state: DeviceState, chunk: SignalChunk) -> bool:
+        """Count a late chunk into the device's run of consecutive late chunks; True once that run (seq
+        consecutive, device time continuous) is longer than the reordering bound. A chunk whose device time
+        fits the live run's seq-to-time mapping is late data, never counted (however many arrive together)."""
+        if state.expected_t0_ns is not None and state.next_seq is not None:
+            predicted = state.expected_t0_ns - (state.next_seq - chunk.seq) * chunk.duration_ns
+            if abs(chunk.t0_ns - predicted) <= self.config.max_lateness_ns:
+                state.behind_run = 0
+                return False
+        if (state.behind_run and chunk.seq == state.behind_next_seq
+                and abs(chunk.t0_ns - state.behind_t0_ns) <= self.config.clock_tolerance_ns):
+            state.behind_run += 1
+        else:
+            state.behind_run = 1
+        state.behind_next_seq, state.behind_t0_ns = chunk.seq + 1, chunk.t0_ns + chunk.duration_ns
+        return state.behind_run > self.config.max_reorder_chunks
 
     @staticmethod
     def _seen(state: DeviceState, seq: int, t0_ns: int) -> bool:
@@ -323,6 +294,13 @@ class Reassembler:
                 missing=missing,
             )
         )
+        cfg = self.config
+        if first.t0_ns >= start - cfg.clock_tolerance_ns:
+            repair.open_hole(state, Hole(state.next_seq, first.seq - 1, start, first.t0_ns), first.t0_ns,
+                             window_ns=cfg.window_ns, hop_ns=cfg.hop_ns, horizon_ns=cfg.late_horizon_ns)
+        else:  # device time went back across the gap: rewind the window clock (see ``_accept``)
+            repair.clear(state)
+            state.last_window_end_ns = 0
         state.next_seq = first.seq
         state.buffer = []
         state.expected_t0_ns = None  # the run restarts at the first waiting chunk
@@ -346,7 +324,7 @@ class Reassembler:
             if item.seq < (state.next_seq or 0):
                 continue
             try:
-                pending_chunk = chunk if item.seq == chunk.seq else _decode_buffered(item.payload)
+                pending_chunk = chunk if item.seq == chunk.seq else decode_buffered(item.payload)
             except DecodeError:  # pragma: no cover - payloads were decoded once already
                 state.next_seq = item.seq + 1
                 continue
@@ -388,6 +366,7 @@ class Reassembler:
                     )
                 )
             self._restart_run(state, chunk)
+            repair.clear(state)
         elif (
             state.expected_t0_ns is not None
             and abs(chunk.t0_ns - state.expected_t0_ns) > self.config.clock_tolerance_ns
@@ -406,10 +385,18 @@ class Reassembler:
                     detail=f"device time moved {(chunk.t0_ns - state.expected_t0_ns) / 1e6:+.1f} ms vs seq",
                 )
             )
+            if chunk.t0_ns < state.expected_t0_ns:
+                # The clock went back: rewind the window clock, or the device would get no window until its
+                # time passes the last one (forever, if it went back far). Windows of the new run start a
+                # window after its first chunk, so only a jump back of more than a window re-uses identities.
+                state.last_window_end_ns = 0
             self._restart_run(state, chunk)
+            repair.clear(state)
         state.buffer.append(item)
         state.next_seq = chunk.seq + 1
         state.expected_t0_ns = chunk.t0_ns + chunk.duration_ns
+        state.behind_run = 0
+        repair.keep_accepted(state, item)
 
     def _bound(self, state: DeviceState) -> None:
         """Trim what no future window needs, and cap the state's size."""
@@ -417,12 +404,15 @@ class Reassembler:
             fs = state.sample_rate
             # Every window ending inside the run has been cut, so the next one ends after the run's end;
             # one hop of margin absorbs device clock drift.
-            next_start = _end_ns(state.buffer[-1], fs) - self.config.window_ns - self.config.hop_ns
+            next_start = chunk_end_ns(state.buffer[-1], fs) - self.config.window_ns - self.config.hop_ns
             keep = 0
-            while keep < len(state.buffer) - 1 and _end_ns(state.buffer[keep], fs) <= next_start:
+            while keep < len(state.buffer) - 1 and chunk_end_ns(state.buffer[keep], fs) <= next_start:
                 keep += 1
             if keep:
                 del state.buffer[:keep]
+        cfg = self.config
+        repair.trim(state, window_ns=cfg.window_ns, hop_ns=cfg.hop_ns, horizon_ns=cfg.late_horizon_ns,
+                    max_chunks=cfg.max_repair_chunks)
         excess = len(state.buffer) + len(state.pending) - self.config.max_buffer_chunks
         if excess > 0:
             del state.buffer[: min(excess, len(state.buffer))]
@@ -437,54 +427,36 @@ class Reassembler:
             return
         fs = state.sample_rate
         hop, win = self.config.hop_ns, self.config.window_ns
-        run_start, run_end = state.buffer[0].t0_ns, _end_ns(state.buffer[-1], fs)
-        first_end = -(-(run_start + win) // hop) * hop  # ceil to the hop grid
-        end = max(first_end, state.last_window_end_ns + hop)
+        run_end = chunk_end_ns(state.buffer[-1], fs)
+        end = max(first_grid_end(state.buffer[0].t0_ns, win, hop), state.last_window_end_ns + hop)
         if end > run_end:
             return
-        n_win = round(self._window_s * fs)
-        decoded = [_decode_buffered(c.payload) for c in state.buffer]
-        offsets = np.cumsum([0] + [c.n_samples for c in state.buffer])
-        data = np.concatenate([c.samples for c in decoded], axis=1)
-        starts = [c.t0_ns for c in state.buffer]
-        while end <= run_end:
-            stop = self._index(end, starts, offsets, fs)
-            if stop - n_win >= 0 and stop <= data.shape[1]:
-                first = int(np.searchsorted(offsets, stop - n_win, side="right")) - 1
-                last = int(np.searchsorted(offsets, stop, side="left")) - 1
-                used = state.buffer[first : last + 1]
-                self._emit(state, device_id, data[:, stop - n_win : stop], end, used, out, now_ns)
-            end += hop
+        cuts = cut_windows(state.buffer, range(end, run_end + 1, hop), clinic_id=state.clinic_id,
+                           device_id=device_id, window_ns=win, fs=fs, channels=state.channels)
+        if cuts:
+            state.last_window_end_ns = cuts[-1].end_ns
+            state.windows += len(cuts)
+            self._deliver(cuts, out, now_ns)
 
-    @staticmethod
-    def _index(t_ns: int, starts: list[int], offsets: npt.NDArray[np.int64], fs: float) -> int:
-        """Index of the first sample at or after device time ``t_ns``, anchored on the chunk that contains it
-        (so slow device clock drift does not accumulate into misaligned windows)."""
-        k = max(0, bisect.bisect_right(starts, t_ns) - 1)
-        return int(offsets[k]) + math.ceil((t_ns - starts[k]) * fs / NS - 1e-6)
-
-    def _emit(
-        self,
-        state: DeviceState,
-        device_id: str,
-        samples: npt.NDArray[np.float32],
-        end: int,
-        used: list[BufferedChunk],
-        out: StageOutput,
-        now_ns: int,
-    ) -> None:
-        state.last_window_end_ns = end
-        state.windows += 1
-        cut = WindowCut(clinic_id=state.clinic_id, device_id=device_id, start_ns=end - self.config.window_ns,
-                        end_ns=end, seq_first=used[0].seq, seq_last=used[-1].seq,
-                        received_ns=max(c.received_ns for c in used), samples=samples, channels=state.channels,
-                        sample_rate=state.sample_rate)
+    def _deliver(self, cuts: list[WindowCut], out: StageOutput, now_ns: int) -> None:
         if self.config.defer_preparation:
-            out.cuts.append(cut)
+            out.cuts.extend(cuts)
             return
-        windows, quality = self.finish([cut], now_ns)
+        windows, quality = self.finish(cuts, now_ns)
         out.windows.extend(windows)
         out.quality.extend(quality)
+
+    def _repair(self, state: DeviceState, device_id: str, out: StageOutput, now_ns: int) -> None:
+        """After a late chunk filled a hole: cut the windows it completed, record the holes now whole."""
+        cfg = self.config
+        for hole in repair.filled_holes(state):
+            out.quality.append(self._record(state, device_id, GAP_FILLED, hole.start_ns, hole.end_ns,
+                                            hole.seq_first, hole.seq_last, now_ns,
+                                            missing=hole.seq_last - hole.seq_first + 1,
+                                            detail="every missing chunk arrived late"))
+        cuts = repair.recut(state, device_id, window_ns=cfg.window_ns, tolerance_ns=cfg.clock_tolerance_ns)
+        if cuts:
+            self._deliver(cuts, out, now_ns)
 
     def finish(self, cuts: Sequence[WindowCut], now_ns: int) -> tuple[list[Window], list[QualityRecord]]:
         """Prepare cut windows in one batch: the model-ready windows, and a quality record for every cut (its
