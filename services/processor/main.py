@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from bpstream.services.processor.app import Processor, create_topics
+from bpstream.services.processor.brokerwatch import BrokerWatch
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.shared.logging import configure_logging
 from bpstream.shared.retry import retry_async
@@ -79,7 +80,13 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     await retry_async(lambda: create_topics(settings), attempts=10, cap_s=5.0, what="create topics")
     processor = Processor(settings)
     port = settings.metrics_port if settings.metrics_port > 0 else -1
-    async with processor.producer, HealthServer(settings.metrics_host, port, processor.ready):
+    # /readyz: the worker holds its partitions, and Kafka answers (a probe) and accepts the outputs.
+    watch = BrokerWatch.for_kafka(settings.kafka)
+
+    def ready() -> bool:
+        return processor.ready() and watch.ok and processor.producer.available
+
+    async with processor.producer, watch, HealthServer(settings.metrics_host, port, ready):
         # Every partition's states up front, in one read, so the first records are not held up by it.
         await processor.restore_partitions(range(SIGNALS_RAW.partitions))
         # The app is started as a service inside this loop rather than through faust.Worker, which would

@@ -218,9 +218,12 @@ def test_kafka_killed_and_down_60_s(servers: ServerEndpoints) -> None:
         await asyncio.to_thread(localservers.restart, "kafka", down_s=60.0, kill=True)
         timings["broker_back_s"] = time.monotonic() - started
 
-    run = run_sync(lambda: _run(servers, "kafka", fault, duration_s=200, watch=("bridge",)))
+    run = run_sync(lambda: _run(servers, "kafka", fault, duration_s=200, watch=("bridge", "processor")))
     _assert_nothing_lost(run)
+    _assert_every_window_of_kafka_chunks_stored_once(run)
     _assert_not_ready_then_ready(run, "bridge")
+    # The processor receives nothing while Kafka is away, so only its broker probe can tell.
+    _assert_not_ready_then_ready(run, "processor")
 
 
 INFLUX_DOWN_S = 90.0
