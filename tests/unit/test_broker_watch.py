@@ -4,6 +4,7 @@ at the first probe that answers (the Kafka outage itself is in test_broker_fault
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -42,17 +43,23 @@ def test_lost_while_probes_fail_or_hang_and_ready_again_by_itself() -> None:
     assert asyncio.run(scenario()) == [True, False, False, False, True, True]
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never met")
+
+
 def test_the_background_loop_follows_the_broker() -> None:
     async def scenario() -> None:
         broker = FlakyBroker()
         async with BrokerWatch(broker.probe, interval_s=0.01, timeout_s=0.05) as watch:
             broker.mode = "down"
-            while watch.ok:
-                await asyncio.sleep(0.01)
+            await _until(lambda: not watch.ok)
             assert watch.lost_since is not None
             broker.mode = "up"
-            while not watch.ok:
-                await asyncio.sleep(0.01)
+            await _until(lambda: watch.ok)
             assert watch.lost_since is None
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
