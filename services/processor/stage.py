@@ -8,13 +8,15 @@ plus what to publish: model-ready :class:`~bpstream.shared.messages.Window` mess
   duplicate and ignored; a chunk ahead of the next expected ``seq`` is held until the missing one arrives;
 * a missing chunk becomes a *gap* once more than ``max_reorder_chunks`` later chunks are waiting or event
   time has moved ``max_lateness_ns`` past where the missing chunk would have started; a chunk arriving after
-  its gap was declared is *late* and ignored;
+  its gap was declared still fills it within ``late_horizon_ns`` (:mod:`~bpstream.services.processor.repair`:
+  the windows it completes are cut then, same identities), and is *late* and ignored otherwise;
 * a chunk dated further than ``max_ahead_ns`` after (or ``max_behind_ns`` before) its Kafka receipt time, or
   whose ``seq`` jumps more than ``max_seq_jump`` ahead without device time moving on accordingly, is refused
   (``StageOutput.rejected``; the service dead-letters it) and changes nothing: it never moves a window clock
   (``bpstream.shared.devicetime``, the same bounds the bridge applies, as defence in depth);
 * a device that restarts (``seq`` back to low numbers, device time moving on) starts a new run: a chunk with a
-  ``seq`` seen before but another device time is not a duplicate;
+  ``seq`` seen before but another device time is not a duplicate; so does one whose ``seq`` *and* device time
+  went back, once more than ``max_reorder_chunks`` such chunks continue each other;
 * a chunk whose ``t0_ns`` disagrees with the previous chunk's end by more than ``clock_tolerance_ns`` is a
   *clock jump*, and a change of sample rate or channel set is a *format change*; both restart the run;
 * every hop (window ends at multiples of ``hop_ns`` in device time, so a window's identity
@@ -24,12 +26,12 @@ plus what to publish: model-ready :class:`~bpstream.shared.messages.Window` mess
 Windows are cut only from contiguous data: a window that would span a gap, a clock jump or a format change is
 not emitted at all (the gap/jump record says why), because a clinician is better served by an explicit "no
 reading: signal lost" than by a pressure estimated from interpolated or misaligned samples. ``gap_fraction``
-of emitted windows is therefore 0. Window ends only move forward per device, so a replay after a restart (at-
-least-once) re-emits nothing older than the last window recorded in the state.
+of emitted windows is therefore 0. In-order window ends only move forward per device (a replay after a restart
+re-emits nothing older than the last window recorded in the state), except when the device clock goes back:
+the window clock is then rewound, or the device would get no window until its time passed the old one.
 
-The state is a msgspec struct encoded as MessagePack (:func:`encode_state` / :func:`decode_state`); buffered
-chunks keep their original wire bytes (int16, about 570 bytes a second), so the per-device state that a
-changelog carries stays small and bounded (``max_buffer_chunks``).
+The state (:mod:`~bpstream.services.processor.state`) keeps buffered chunks as their wire bytes, bounded by
+``max_buffer_chunks`` (and ``max_repair_chunks`` while a gap is open).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -185,19 +188,8 @@ class Reassembler:
                 and chunk.t0_ns >= state.expected_t0_ns - self.config.clock_tolerance_ns
             ):
                 # Older seq but newer device time: the device restarted its sequence numbers.
-                out.quality.append(
-                    self._record(
-                        state,
-                        chunk.device_id,
-                        STREAM_RESET,
-                        chunk.t0_ns,
-                        chunk.t0_ns,
-                        chunk.seq,
-                        chunk.seq,
-                        now_ns,
-                        detail="seq went back",
-                    )
-                )
+                out.quality.append(self._record(state, chunk.device_id, STREAM_RESET, chunk.t0_ns, chunk.t0_ns,
+                                                chunk.seq, chunk.seq, now_ns, detail="seq went back"))
                 self._restart_run(state, chunk)
                 repair.clear(state)
                 state.next_seq = chunk.seq
@@ -281,19 +273,8 @@ class Reassembler:
         start = state.expected_t0_ns if state.expected_t0_ns is not None else first.t0_ns
         state.gaps += 1
         state.missing_chunks += missing
-        out.quality.append(
-            self._record(
-                state,
-                chunk.device_id,
-                GAP,
-                start,
-                first.t0_ns,
-                state.next_seq,
-                first.seq - 1,
-                now_ns,
-                missing=missing,
-            )
-        )
+        out.quality.append(self._record(state, chunk.device_id, GAP, start, first.t0_ns, state.next_seq,
+                                        first.seq - 1, now_ns, missing=missing))
         cfg = self.config
         if first.t0_ns >= start - cfg.clock_tolerance_ns:
             repair.open_hole(state, Hole(state.next_seq, first.seq - 1, start, first.t0_ns), first.t0_ns,
@@ -351,20 +332,10 @@ class Reassembler:
         """Append the in-order chunk to the run, restarting the run on a format change or clock jump."""
         if chunk.sample_rate != state.sample_rate or chunk.channels != state.channels:
             if state.buffer:
-                out.quality.append(
-                    self._record(
-                        state,
-                        device_id,
-                        FORMAT_CHANGE,
-                        chunk.t0_ns,
-                        chunk.t0_ns,
-                        chunk.seq,
-                        chunk.seq,
-                        now_ns,
-                        detail=f"{state.sample_rate:g} Hz {'+'.join(state.channels)} -> "
-                        f"{chunk.sample_rate:g} Hz {'+'.join(chunk.channels)}",
-                    )
-                )
+                detail = (f"{state.sample_rate:g} Hz {'+'.join(state.channels)} -> "
+                          f"{chunk.sample_rate:g} Hz {'+'.join(chunk.channels)}")
+                out.quality.append(self._record(state, device_id, FORMAT_CHANGE, chunk.t0_ns, chunk.t0_ns,
+                                                chunk.seq, chunk.seq, now_ns, detail=detail))
             self._restart_run(state, chunk)
             repair.clear(state)
         elif (
@@ -372,19 +343,9 @@ class Reassembler:
             and abs(chunk.t0_ns - state.expected_t0_ns) > self.config.clock_tolerance_ns
         ):
             state.clock_jumps += 1
-            out.quality.append(
-                self._record(
-                    state,
-                    device_id,
-                    CLOCK_JUMP,
-                    state.expected_t0_ns,
-                    chunk.t0_ns,
-                    chunk.seq,
-                    chunk.seq,
-                    now_ns,
-                    detail=f"device time moved {(chunk.t0_ns - state.expected_t0_ns) / 1e6:+.1f} ms vs seq",
-                )
-            )
+            moved = f"device time moved {(chunk.t0_ns - state.expected_t0_ns) / 1e6:+.1f} ms vs seq"
+            out.quality.append(self._record(state, device_id, CLOCK_JUMP, state.expected_t0_ns, chunk.t0_ns,
+                                            chunk.seq, chunk.seq, now_ns, detail=moved))
             if chunk.t0_ns < state.expected_t0_ns:
                 # The clock went back: rewind the window clock, or the device would get no window until its
                 # time passes the last one (forever, if it went back far). Windows of the new run start a
@@ -468,66 +429,22 @@ class Reassembler:
             if isinstance(result, PreprocessError):
                 quality.append(cut.error(f"{result.reason}: {result}", now_ns))
                 continue
-            windows.append(Window(
-                clinic_id=cut.clinic_id,
-                device_id=cut.device_id,
-                start_ns=cut.start_ns,
-                end_ns=cut.end_ns,
-                sample_rate=MODEL_SAMPLE_RATE,
-                channels=MODEL_CHANNELS,
-                n_samples=int(result.samples.shape[1]),
-                samples=np.ascontiguousarray(result.samples, dtype="<f4").tobytes(),
-                sqi=dict(result.sqi),
-                quality_ok=result.quality_ok,
-                gap_fraction=0.0,
-                heart_rate_bpm=result.heart_rate_bpm,
-                seq_first=cut.seq_first,
-                seq_last=cut.seq_last,
-                received_ns=cut.received_ns,
-                emitted_ns=now_ns,
-            ))
-            quality.append(QualityRecord(
-                kind=WINDOW,
-                clinic_id=cut.clinic_id,
-                device_id=cut.device_id,
-                start_ns=cut.start_ns,
-                end_ns=cut.end_ns,
-                seq_first=cut.seq_first,
-                seq_last=cut.seq_last,
-                sqi=dict(result.sqi),
-                quality_ok=result.quality_ok,
-                inputs=result.inputs,
-                heart_rate_bpm=result.heart_rate_bpm,
-                problems=result.problems,
-                emitted_ns=now_ns,
-            ))
+            ids: dict[str, Any] = dict(clinic_id=cut.clinic_id, device_id=cut.device_id, start_ns=cut.start_ns,
+                                       end_ns=cut.end_ns,
+                                       seq_first=cut.seq_first, seq_last=cut.seq_last, sqi=dict(result.sqi),
+                                       quality_ok=result.quality_ok, heart_rate_bpm=result.heart_rate_bpm,
+                                       emitted_ns=now_ns)
+            windows.append(Window(**ids, sample_rate=MODEL_SAMPLE_RATE, channels=MODEL_CHANNELS,
+                                  n_samples=int(result.samples.shape[1]),
+                                  samples=np.ascontiguousarray(result.samples, dtype="<f4").tobytes(),
+                                  gap_fraction=0.0, received_ns=cut.received_ns))
+            quality.append(QualityRecord(**ids, kind=WINDOW, inputs=result.inputs,
+                                         problems=result.problems))
         return windows, quality
 
     @staticmethod
-    def _record(
-        state: DeviceState,
-        device_id: str,
-        kind: str,
-        start: int,
-        end: int,
-        seq_first: int,
-        seq_last: int,
-        now_ns: int,
-        *,
-        missing: int = 0,
-        quality_ok: bool = False,
-        detail: str = "",
-    ) -> QualityRecord:
-        return QualityRecord(
-            kind=kind,
-            clinic_id=state.clinic_id,
-            device_id=device_id,
-            start_ns=start,
-            end_ns=end,
-            seq_first=seq_first,
-            seq_last=seq_last,
-            missing_chunks=missing,
-            quality_ok=quality_ok,
-            detail=detail,
-            emitted_ns=now_ns,
-        )
+    def _record(state: DeviceState, device_id: str, kind: str, start: int, end: int, seq_first: int,
+                seq_last: int, now_ns: int, *, missing: int = 0, detail: str = "") -> QualityRecord:
+        return QualityRecord(kind=kind, clinic_id=state.clinic_id, device_id=device_id, start_ns=start,
+                             end_ns=end, seq_first=seq_first, seq_last=seq_last, missing_chunks=missing,
+                             quality_ok=False, detail=detail, emitted_ns=now_ns)
