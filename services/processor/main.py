@@ -13,7 +13,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from bpstream.services.processor.app import Processor, create_topics
+from bpstream.services.processor.brokerwatch import BrokerWatch
+from bpstream.services.processor.faust_app import ProcessorApp, create_topics
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.shared.logging import configure_logging
 from bpstream.shared.retry import retry_async
@@ -30,9 +31,9 @@ async def waiting_records(settings: ProcessorSettings, group_id: str) -> int:
     topic = topic_name(SIGNALS_RAW, settings.kafka.topic_prefix)
     admin = AIOKafkaAdminClient(**settings.kafka.client_kwargs())
     reader = AIOKafkaConsumer(**settings.kafka.client_kwargs(), enable_auto_commit=False)
-    await admin.start()
-    await reader.start()
     try:
+        await admin.start()
+        await reader.start()
         committed = await admin.list_consumer_group_offsets(group_id)
         partitions = [TopicPartition(topic, p) for p in range(SIGNALS_RAW.partitions)]
         ends = await reader.end_offsets(partitions)
@@ -43,7 +44,7 @@ async def waiting_records(settings: ProcessorSettings, group_id: str) -> int:
         await admin.close()
 
 
-async def watch_for_stall(processor: Processor, settings: ProcessorSettings) -> None:
+async def watch_for_stall(processor: ProcessorApp, settings: ProcessorSettings, broker: BrokerWatch) -> None:
     """Re-execute the process when records wait in signals.raw and nothing was processed for a while.
 
     Faust's consumer has been seen to stop fetching after a restart's table recovery (the agent never
@@ -53,22 +54,24 @@ async def watch_for_stall(processor: Processor, settings: ProcessorSettings) -> 
     limit = settings.stall_restart_s
     while True:
         await asyncio.sleep(min(5.0, limit / 3))
-        # Readiness is not consulted: the stall has also shown up as a rebalance that never ends.
-        if not processor.started:
-            processor.last_progress = time.monotonic()
+        # Readiness is not consulted: the stall has also shown up as a rebalance that never ends. Time while
+        # the broker is lost is no stall (nothing can be processed); the limit counts from its return.
+        service = processor.service
+        if not service.started or not broker.ok:
+            service.last_progress = time.monotonic()
             continue
-        if time.monotonic() - processor.last_progress < limit:
+        if time.monotonic() - service.last_progress < limit:
             continue
         try:
-            waiting = await waiting_records(settings, processor.app.conf.id)
+            waiting = await waiting_records(settings, processor.group_id)
         except (KafkaError, OSError) as exc:
             log.warning("stall check failed", extra={"error": repr(exc)[:200]})
             continue
         if waiting == 0:
-            processor.last_progress = time.monotonic()
+            service.last_progress = time.monotonic()
             continue
         log.error("processor stalled: records wait but none was processed; restarting the process",
-                  extra={"waiting_records": waiting, "stalled_s": round(time.monotonic() - processor.last_progress)})
+                  extra={"waiting_records": waiting, "stalled_s": round(time.monotonic() - service.last_progress)})
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.execv(sys.executable, [sys.executable, "-m", "bpstream.services.processor.main"])
@@ -77,17 +80,21 @@ async def watch_for_stall(processor: Processor, settings: ProcessorSettings) -> 
 async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     """Create the topics, run the Faust worker until ``stop`` is set, then stop it (which commits)."""
     await retry_async(lambda: create_topics(settings), attempts=10, cap_s=5.0, what="create topics")
-    processor = Processor(settings)
+    processor = ProcessorApp(settings)
+    service = processor.service
     port = settings.metrics_port if settings.metrics_port > 0 else -1
-    async with processor.producer, HealthServer(settings.metrics_host, port, processor.ready):
+    # /readyz: the worker holds its partitions, and Kafka answers (a probe) and accepts the outputs.
+    broker = BrokerWatch.for_kafka(settings.kafka)
+
+    def ready() -> bool:
+        return processor.ready() and broker.ok and processor.producer.available
+
+    async with processor.producer, broker, HealthServer(settings.metrics_host, port, ready):
         # Every partition's states up front, in one read, so the first records are not held up by it.
-        await processor.restore_partitions(range(SIGNALS_RAW.partitions))
-        # The app is started as a service inside this loop rather than through faust.Worker, which would
-        # take over the process's signal handlers and block until it is stopped.
-        await processor.app.start()
-        processor.started = True
-        log.info("processor started", extra={"app_id": processor.app.conf.id})
-        watchdog = (asyncio.create_task(watch_for_stall(processor, settings))
+        await service.restore_partitions(range(SIGNALS_RAW.partitions))
+        await processor.start()
+        log.info("processor started", extra={"app_id": processor.group_id})
+        watchdog = (asyncio.create_task(watch_for_stall(processor, settings, broker))
                     if settings.stall_restart_s > 0 else None)
         try:
             await stop.wait()
@@ -96,12 +103,11 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
                 watchdog.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog
-            processor.started = False
-            await processor.app.stop()
+            await processor.stop()
             # The agent finished its last batch; store what changed since the last checkpoint, so a restart
             # resumes exactly here (nothing re-read, nothing emitted twice).
-            async with processor.lock:
-                await processor.checkpoint()
+            async with service.lock:
+                await service.checkpoint()
             log.info("processor stopped")
 
 

@@ -28,6 +28,12 @@ class ProcessorSettings(ServiceSettings):
     max_lateness_s: float = Field(default=5.0, ge=0)
     #: A chunk whose start differs from the previous chunk's end by more than this is a clock jump.
     clock_tolerance_s: float = Field(default=0.25, gt=0)
+    #: Device-time seconds after a declared gap during which a missing chunk that arrives late is still taken
+    #: and the windows it completes are cut (same identities; 0: late chunks are ignored). Covers gateways
+    #: resending after a broker restart; the repair state exists only while a gap is open and holds at most
+    #: ``max_repair_chunks`` chunks per device (about 600 bytes each).
+    late_horizon_s: float = Field(default=60.0, ge=0)
+    max_repair_chunks: int = Field(default=128, ge=16)
     #: Upper bound of buffered plus waiting chunks per device (bounds state memory and changelog records).
     max_buffer_chunks: int = Field(default=64, ge=4)
     #: Chunks dated more than this after their Kafka receipt time are dead-lettered (``device_time_ahead``),

@@ -8,13 +8,15 @@ plus what to publish: model-ready :class:`~bpstream.shared.messages.Window` mess
   duplicate and ignored; a chunk ahead of the next expected ``seq`` is held until the missing one arrives;
 * a missing chunk becomes a *gap* once more than ``max_reorder_chunks`` later chunks are waiting or event
   time has moved ``max_lateness_ns`` past where the missing chunk would have started; a chunk arriving after
-  its gap was declared is *late* and ignored;
+  its gap was declared still fills it within ``late_horizon_ns`` (:mod:`~bpstream.services.processor.repair`:
+  the windows it completes are cut then, same identities), and is *late* and ignored otherwise;
 * a chunk dated further than ``max_ahead_ns`` after (or ``max_behind_ns`` before) its Kafka receipt time, or
   whose ``seq`` jumps more than ``max_seq_jump`` ahead without device time moving on accordingly, is refused
   (``StageOutput.rejected``; the service dead-letters it) and changes nothing: it never moves a window clock
   (``bpstream.shared.devicetime``, the same bounds the bridge applies, as defence in depth);
 * a device that restarts (``seq`` back to low numbers, device time moving on) starts a new run: a chunk with a
-  ``seq`` seen before but another device time is not a duplicate;
+  ``seq`` seen before but another device time is not a duplicate; so does one whose ``seq`` *and* device time
+  went back, once more than ``max_reorder_chunks`` such chunks continue each other;
 * a chunk whose ``t0_ns`` disagrees with the previous chunk's end by more than ``clock_tolerance_ns`` is a
   *clock jump*, and a change of sample rate or channel set is a *format change*; both restart the run;
 * every hop (window ends at multiples of ``hop_ns`` in device time, so a window's identity
@@ -24,98 +26,56 @@ plus what to publish: model-ready :class:`~bpstream.shared.messages.Window` mess
 Windows are cut only from contiguous data: a window that would span a gap, a clock jump or a format change is
 not emitted at all (the gap/jump record says why), because a clinician is better served by an explicit "no
 reading: signal lost" than by a pressure estimated from interpolated or misaligned samples. ``gap_fraction``
-of emitted windows is therefore 0. Window ends only move forward per device, so a replay after a restart (at-
-least-once) re-emits nothing older than the last window recorded in the state.
+of emitted windows is therefore 0. In-order window ends only move forward per device (a replay after a restart
+re-emits nothing older than the last window recorded in the state), except when the device clock goes back:
+the window clock is then rewound, or the device would get no window until its time passed the old one.
 
-The state is a msgspec struct encoded as MessagePack (:func:`encode_state` / :func:`decode_state`); buffered
-chunks keep their original wire bytes (int16, about 570 bytes a second), so the per-device state that a
-changelog carries stays small and bounded (``max_buffer_chunks``).
+The state (:mod:`~bpstream.services.processor.state`) keeps buffered chunks as their wire bytes, bounded by
+``max_buffer_chunks`` (and ``max_repair_chunks`` while a gap is open).
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Final
+from typing import Any
 
-import msgspec
 import numpy as np
-import numpy.typing as npt
 
+from bpstream.services.processor import repair
+from bpstream.services.processor.state import (
+    CLOCK_JUMP,
+    FORMAT_CHANGE,
+    GAP,
+    GAP_FILLED,
+    NS,
+    STATE_VERSION,
+    STREAM_RESET,
+    WINDOW,
+    WINDOW_ERROR,
+    BufferedChunk,
+    DeviceState,
+    Hole,
+    WindowCut,
+    chunk_end_ns,
+    cut_windows,
+    decode_buffered,
+    decode_state,
+    encode_state,
+    first_grid_end,
+)
 from bpstream.shared.devicetime import TimeVerdict, check_device_time, check_seq_jump
 from bpstream.shared.errors import DecodeError
 from bpstream.shared.messages import QualityRecord, SignalChunk, Window, decode_chunk
 from bpstream.shared.modelspec import HOP_SECONDS, MODEL_CHANNELS, MODEL_SAMPLE_RATE, WINDOW_SECONDS
 from bpstream.shared.preprocessing import PreparedWindow, PreprocessError, RawWindow, preprocess_windows
 
-NS: Final = 1_000_000_000
-STATE_VERSION: Final = 1
-
-#: Kinds of :class:`QualityRecord`.
-WINDOW: Final = "window"
-GAP: Final = "gap"
-CLOCK_JUMP: Final = "clock_jump"
-FORMAT_CHANGE: Final = "format_change"
-STREAM_RESET: Final = "stream_reset"
-WINDOW_ERROR: Final = "window_error"
-
-
-class BufferedChunk(msgspec.Struct, array_like=True):
-    """A chunk kept in the device state: its position in seq and device time, and its original bytes."""
-
-    seq: int
-    t0_ns: int
-    n_samples: int
-    received_ns: int
-    payload: bytes
-
-
-class DeviceState(msgspec.Struct, kw_only=True):
-    """Everything the processor remembers about one device (serialised into the changelog-backed table)."""
-
-    v: int = STATE_VERSION
-    clinic_id: str = ""
-    #: Next seq to accept in order; None before the first chunk.
-    next_seq: int | None = None
-    #: Sample rate and channels of the current contiguous run.
-    sample_rate: float = 0.0
-    channels: tuple[str, ...] = ()
-    #: Contiguous chunks of the current run, in seq order (oldest trimmed once no window needs them).
-    buffer: list[BufferedChunk] = []
-    #: Chunks ahead of ``next_seq`` waiting for the missing ones, in seq order.
-    pending: list[BufferedChunk] = []
-    #: Device time where the last accepted chunk ended (where the next one should start).
-    expected_t0_ns: int | None = None
-    #: End (device time) of the last window emitted; windows only move forward.
-    last_window_end_ns: int = 0
-    duplicates: int = 0
-    late: int = 0
-    gaps: int = 0
-    missing_chunks: int = 0
-    clock_jumps: int = 0
-    windows: int = 0
-
-
-_state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(DeviceState)
-
-
-def encode_state(state: DeviceState) -> bytes:
-    return _state_encoder.encode(state)
-
-
-def decode_state(data: bytes) -> DeviceState:
-    """Decode a stored state; raise ``DecodeError`` if it is not one (the caller then starts afresh)."""
-    try:
-        state = _state_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecodeError(f"invalid device state: {exc}", reason="bad_state") from exc
-    if state.v != STATE_VERSION:
-        raise DecodeError(f"device state version {state.v} is not supported", reason="bad_state")
-    return state
+__all__ = [
+    "CLOCK_JUMP", "FORMAT_CHANGE", "GAP", "GAP_FILLED", "NS", "STATE_VERSION", "STREAM_RESET", "WINDOW",
+    "WINDOW_ERROR", "BufferedChunk", "DeviceState", "Reassembler", "StageConfig", "StageOutput", "WindowCut",
+    "decode_state", "encode_state",
+]
 
 
 #: Prepares many raw windows at once (``bpstream.shared.preprocessing.preprocess_windows``).
@@ -138,33 +98,15 @@ class StageConfig:
     max_behind_ns: int | None = None
     #: Refuse chunks whose seq jumps more than this past the next expected one without device time moving on.
     max_seq_jump: int | None = None
+    #: Late chunks that fill a declared gap are still taken, and the windows they complete cut, for this much
+    #: device time after the gap (0: a chunk arriving after its gap was declared is ignored). Bounded in memory
+    #: by ``max_repair_chunks`` (``bpstream.services.processor.repair``).
+    late_horizon_ns: int = 60 * NS
+    max_repair_chunks: int = 128
     prepare_many: PrepareManyFn = field(default=preprocess_windows)
     #: Leave cut windows in ``StageOutput.cuts`` for the caller to prepare in one batch (``finish``), instead
     #: of preparing each as it is cut (preparing a stack of windows is several times cheaper per window).
     defer_preparation: bool = False
-
-
-@dataclass(slots=True)
-class WindowCut:
-    """A window cut from a device's contiguous run, not yet prepared for the model."""
-
-    clinic_id: str
-    device_id: str
-    start_ns: int
-    end_ns: int
-    seq_first: int
-    seq_last: int
-    #: When the newest chunk of the window reached Kafka.
-    received_ns: int
-    samples: npt.NDArray[np.float32]
-    channels: tuple[str, ...]
-    sample_rate: float
-
-    def error(self, detail: str, now_ns: int) -> QualityRecord:
-        """The ``window_error`` record of a cut window that could not be prepared."""
-        return QualityRecord(kind=WINDOW_ERROR, clinic_id=self.clinic_id, device_id=self.device_id,
-                             start_ns=self.start_ns, end_ns=self.end_ns, seq_first=self.seq_first,
-                             seq_last=self.seq_last, quality_ok=False, detail=detail[:1000], emitted_ns=now_ns)
 
 
 @dataclass(slots=True)
@@ -177,19 +119,10 @@ class StageOutput:
     cuts: list[WindowCut] = field(default_factory=list)
     duplicate: bool = False
     late: bool = False
+    #: A late chunk that filled a declared gap (the windows it completed are in ``windows``/``cuts``).
+    repaired: bool = False
     #: Why the chunk was refused (device time or seq out of bounds); the state is then unchanged.
     rejected: TimeVerdict | None = None
-
-
-@lru_cache(maxsize=16384)
-def _decode_buffered(payload: bytes) -> SignalChunk:
-    """Decode a buffered chunk's bytes. A chunk sits in about window/hop windows, so its decoded form is kept
-    (keyed by its bytes, so a different chunk can never be mistaken for it); callers must not modify it."""
-    return decode_chunk(payload)
-
-
-def _end_ns(chunk: BufferedChunk, fs: float) -> int:
-    return chunk.t0_ns + round(chunk.n_samples * NS / fs)
 
 
 class Reassembler:
@@ -218,7 +151,7 @@ class Reassembler:
             # A device seen for the first time: its first chunks may be reordered too, so they wait like any
             # out-of-order chunk and the run starts at the lowest seq once the reordering bound is reached.
             if any(p.seq == chunk.seq for p in state.pending):
-                newest_end = max(_end_ns(p, chunk.sample_rate) for p in state.pending)
+                newest_end = max(chunk_end_ns(p, chunk.sample_rate) for p in state.pending)
                 if chunk.t0_ns < newest_end - self.config.clock_tolerance_ns:
                     state.duplicates += 1
                     out.duplicate = True
@@ -239,27 +172,38 @@ class Reassembler:
                 state.duplicates += 1
                 out.duplicate = True
                 return state, out
+            filled = repair.fill(state, chunk, item, tolerance_ns=self.config.clock_tolerance_ns)
+            if filled is None:
+                state.duplicates += 1
+                out.duplicate = True
+                return state, out
+            if filled:
+                # A chunk declared missing arrived after all: cut the windows it completes.
+                out.repaired = True
+                self._repair(state, chunk.device_id, out, now_ns)
+                self._bound(state)
+                return state, out
             if (
                 state.expected_t0_ns is not None
                 and chunk.t0_ns >= state.expected_t0_ns - self.config.clock_tolerance_ns
             ):
                 # Older seq but newer device time: the device restarted its sequence numbers.
-                out.quality.append(
-                    self._record(
-                        state,
-                        chunk.device_id,
-                        STREAM_RESET,
-                        chunk.t0_ns,
-                        chunk.t0_ns,
-                        chunk.seq,
-                        chunk.seq,
-                        now_ns,
-                        detail="seq went back",
-                    )
-                )
+                out.quality.append(self._record(state, chunk.device_id, STREAM_RESET, chunk.t0_ns, chunk.t0_ns,
+                                                chunk.seq, chunk.seq, now_ns, detail="seq went back"))
                 self._restart_run(state, chunk)
+                repair.clear(state)
                 state.next_seq = chunk.seq
                 state.pending = []
+            elif self._went_back(state, chunk):
+                # A sustained run of older seqs *and* older device time is a device that restarted with its
+                # clock set back, not late data: start a new run there, with the window clock rewound.
+                out.quality.append(self._record(state, chunk.device_id, STREAM_RESET, chunk.t0_ns, chunk.t0_ns,
+                                                chunk.seq, chunk.seq, now_ns, detail="seq and device time went back"))
+                self._restart_run(state, chunk)
+                repair.clear(state)
+                state.next_seq = chunk.seq
+                state.pending = []
+                state.last_window_end_ns = 0
             else:
                 state.late += 1
                 out.late = True
@@ -276,6 +220,8 @@ class Reassembler:
             self._drain_pending(state, chunk.device_id, chunk, out, now_ns)
             if not self._maybe_declare_gap(state, chunk, out, now_ns):
                 break
+        if state.missed_ends:  # windows after a filled gap may also need the chunks that follow it
+            self._repair(state, chunk.device_id, out, now_ns)
         self._emit_windows(state, chunk.device_id, out, now_ns)
         self._bound(state)
         return state, out
@@ -291,6 +237,23 @@ class Reassembler:
         return verdict
 
     # -- ordering -------------------------------------------------------------------------------------------
+
+    def _went_back(self, state: DeviceState, chunk: SignalChunk) -> bool:
+        """Count a late chunk into the device's run of consecutive late chunks; True once that run (seq
+        consecutive, device time continuous) is longer than the reordering bound. A chunk whose device time
+        fits the live run's seq-to-time mapping is late data, never counted (however many arrive together)."""
+        if state.expected_t0_ns is not None and state.next_seq is not None:
+            predicted = state.expected_t0_ns - (state.next_seq - chunk.seq) * chunk.duration_ns
+            if abs(chunk.t0_ns - predicted) <= self.config.max_lateness_ns:
+                state.behind_run = 0
+                return False
+        if (state.behind_run and chunk.seq == state.behind_next_seq
+                and abs(chunk.t0_ns - state.behind_t0_ns) <= self.config.clock_tolerance_ns):
+            state.behind_run += 1
+        else:
+            state.behind_run = 1
+        state.behind_next_seq, state.behind_t0_ns = chunk.seq + 1, chunk.t0_ns + chunk.duration_ns
+        return state.behind_run > self.config.max_reorder_chunks
 
     @staticmethod
     def _seen(state: DeviceState, seq: int, t0_ns: int) -> bool:
@@ -310,19 +273,15 @@ class Reassembler:
         start = state.expected_t0_ns if state.expected_t0_ns is not None else first.t0_ns
         state.gaps += 1
         state.missing_chunks += missing
-        out.quality.append(
-            self._record(
-                state,
-                chunk.device_id,
-                GAP,
-                start,
-                first.t0_ns,
-                state.next_seq,
-                first.seq - 1,
-                now_ns,
-                missing=missing,
-            )
-        )
+        out.quality.append(self._record(state, chunk.device_id, GAP, start, first.t0_ns, state.next_seq,
+                                        first.seq - 1, now_ns, missing=missing))
+        cfg = self.config
+        if first.t0_ns >= start - cfg.clock_tolerance_ns:
+            repair.open_hole(state, Hole(state.next_seq, first.seq - 1, start, first.t0_ns), first.t0_ns,
+                             window_ns=cfg.window_ns, hop_ns=cfg.hop_ns, horizon_ns=cfg.late_horizon_ns)
+        else:  # device time went back across the gap: rewind the window clock (see ``_accept``)
+            repair.clear(state)
+            state.last_window_end_ns = 0
         state.next_seq = first.seq
         state.buffer = []
         state.expected_t0_ns = None  # the run restarts at the first waiting chunk
@@ -346,7 +305,7 @@ class Reassembler:
             if item.seq < (state.next_seq or 0):
                 continue
             try:
-                pending_chunk = chunk if item.seq == chunk.seq else _decode_buffered(item.payload)
+                pending_chunk = chunk if item.seq == chunk.seq else decode_buffered(item.payload)
             except DecodeError:  # pragma: no cover - payloads were decoded once already
                 state.next_seq = item.seq + 1
                 continue
@@ -373,43 +332,32 @@ class Reassembler:
         """Append the in-order chunk to the run, restarting the run on a format change or clock jump."""
         if chunk.sample_rate != state.sample_rate or chunk.channels != state.channels:
             if state.buffer:
-                out.quality.append(
-                    self._record(
-                        state,
-                        device_id,
-                        FORMAT_CHANGE,
-                        chunk.t0_ns,
-                        chunk.t0_ns,
-                        chunk.seq,
-                        chunk.seq,
-                        now_ns,
-                        detail=f"{state.sample_rate:g} Hz {'+'.join(state.channels)} -> "
-                        f"{chunk.sample_rate:g} Hz {'+'.join(chunk.channels)}",
-                    )
-                )
+                detail = (f"{state.sample_rate:g} Hz {'+'.join(state.channels)} -> "
+                          f"{chunk.sample_rate:g} Hz {'+'.join(chunk.channels)}")
+                out.quality.append(self._record(state, device_id, FORMAT_CHANGE, chunk.t0_ns, chunk.t0_ns,
+                                                chunk.seq, chunk.seq, now_ns, detail=detail))
             self._restart_run(state, chunk)
+            repair.clear(state)
         elif (
             state.expected_t0_ns is not None
             and abs(chunk.t0_ns - state.expected_t0_ns) > self.config.clock_tolerance_ns
         ):
             state.clock_jumps += 1
-            out.quality.append(
-                self._record(
-                    state,
-                    device_id,
-                    CLOCK_JUMP,
-                    state.expected_t0_ns,
-                    chunk.t0_ns,
-                    chunk.seq,
-                    chunk.seq,
-                    now_ns,
-                    detail=f"device time moved {(chunk.t0_ns - state.expected_t0_ns) / 1e6:+.1f} ms vs seq",
-                )
-            )
+            moved = f"device time moved {(chunk.t0_ns - state.expected_t0_ns) / 1e6:+.1f} ms vs seq"
+            out.quality.append(self._record(state, device_id, CLOCK_JUMP, state.expected_t0_ns, chunk.t0_ns,
+                                            chunk.seq, chunk.seq, now_ns, detail=moved))
+            if chunk.t0_ns < state.expected_t0_ns:
+                # The clock went back: rewind the window clock, or the device would get no window until its
+                # time passes the last one (forever, if it went back far). Windows of the new run start a
+                # window after its first chunk, so only a jump back of more than a window re-uses identities.
+                state.last_window_end_ns = 0
             self._restart_run(state, chunk)
+            repair.clear(state)
         state.buffer.append(item)
         state.next_seq = chunk.seq + 1
         state.expected_t0_ns = chunk.t0_ns + chunk.duration_ns
+        state.behind_run = 0
+        repair.keep_accepted(state, item)
 
     def _bound(self, state: DeviceState) -> None:
         """Trim what no future window needs, and cap the state's size."""
@@ -417,12 +365,15 @@ class Reassembler:
             fs = state.sample_rate
             # Every window ending inside the run has been cut, so the next one ends after the run's end;
             # one hop of margin absorbs device clock drift.
-            next_start = _end_ns(state.buffer[-1], fs) - self.config.window_ns - self.config.hop_ns
+            next_start = chunk_end_ns(state.buffer[-1], fs) - self.config.window_ns - self.config.hop_ns
             keep = 0
-            while keep < len(state.buffer) - 1 and _end_ns(state.buffer[keep], fs) <= next_start:
+            while keep < len(state.buffer) - 1 and chunk_end_ns(state.buffer[keep], fs) <= next_start:
                 keep += 1
             if keep:
                 del state.buffer[:keep]
+        cfg = self.config
+        repair.trim(state, window_ns=cfg.window_ns, hop_ns=cfg.hop_ns, horizon_ns=cfg.late_horizon_ns,
+                    max_chunks=cfg.max_repair_chunks)
         excess = len(state.buffer) + len(state.pending) - self.config.max_buffer_chunks
         if excess > 0:
             del state.buffer[: min(excess, len(state.buffer))]
@@ -437,54 +388,36 @@ class Reassembler:
             return
         fs = state.sample_rate
         hop, win = self.config.hop_ns, self.config.window_ns
-        run_start, run_end = state.buffer[0].t0_ns, _end_ns(state.buffer[-1], fs)
-        first_end = -(-(run_start + win) // hop) * hop  # ceil to the hop grid
-        end = max(first_end, state.last_window_end_ns + hop)
+        run_end = chunk_end_ns(state.buffer[-1], fs)
+        end = max(first_grid_end(state.buffer[0].t0_ns, win, hop), state.last_window_end_ns + hop)
         if end > run_end:
             return
-        n_win = round(self._window_s * fs)
-        decoded = [_decode_buffered(c.payload) for c in state.buffer]
-        offsets = np.cumsum([0] + [c.n_samples for c in state.buffer])
-        data = np.concatenate([c.samples for c in decoded], axis=1)
-        starts = [c.t0_ns for c in state.buffer]
-        while end <= run_end:
-            stop = self._index(end, starts, offsets, fs)
-            if stop - n_win >= 0 and stop <= data.shape[1]:
-                first = int(np.searchsorted(offsets, stop - n_win, side="right")) - 1
-                last = int(np.searchsorted(offsets, stop, side="left")) - 1
-                used = state.buffer[first : last + 1]
-                self._emit(state, device_id, data[:, stop - n_win : stop], end, used, out, now_ns)
-            end += hop
+        cuts = cut_windows(state.buffer, range(end, run_end + 1, hop), clinic_id=state.clinic_id,
+                           device_id=device_id, window_ns=win, fs=fs, channels=state.channels)
+        if cuts:
+            state.last_window_end_ns = cuts[-1].end_ns
+            state.windows += len(cuts)
+            self._deliver(cuts, out, now_ns)
 
-    @staticmethod
-    def _index(t_ns: int, starts: list[int], offsets: npt.NDArray[np.int64], fs: float) -> int:
-        """Index of the first sample at or after device time ``t_ns``, anchored on the chunk that contains it
-        (so slow device clock drift does not accumulate into misaligned windows)."""
-        k = max(0, bisect.bisect_right(starts, t_ns) - 1)
-        return int(offsets[k]) + math.ceil((t_ns - starts[k]) * fs / NS - 1e-6)
-
-    def _emit(
-        self,
-        state: DeviceState,
-        device_id: str,
-        samples: npt.NDArray[np.float32],
-        end: int,
-        used: list[BufferedChunk],
-        out: StageOutput,
-        now_ns: int,
-    ) -> None:
-        state.last_window_end_ns = end
-        state.windows += 1
-        cut = WindowCut(clinic_id=state.clinic_id, device_id=device_id, start_ns=end - self.config.window_ns,
-                        end_ns=end, seq_first=used[0].seq, seq_last=used[-1].seq,
-                        received_ns=max(c.received_ns for c in used), samples=samples, channels=state.channels,
-                        sample_rate=state.sample_rate)
+    def _deliver(self, cuts: list[WindowCut], out: StageOutput, now_ns: int) -> None:
         if self.config.defer_preparation:
-            out.cuts.append(cut)
+            out.cuts.extend(cuts)
             return
-        windows, quality = self.finish([cut], now_ns)
+        windows, quality = self.finish(cuts, now_ns)
         out.windows.extend(windows)
         out.quality.extend(quality)
+
+    def _repair(self, state: DeviceState, device_id: str, out: StageOutput, now_ns: int) -> None:
+        """After a late chunk filled a hole: cut the windows it completed, record the holes now whole."""
+        cfg = self.config
+        for hole in repair.filled_holes(state):
+            out.quality.append(self._record(state, device_id, GAP_FILLED, hole.start_ns, hole.end_ns,
+                                            hole.seq_first, hole.seq_last, now_ns,
+                                            missing=hole.seq_last - hole.seq_first + 1,
+                                            detail="every missing chunk arrived late"))
+        cuts = repair.recut(state, device_id, window_ns=cfg.window_ns, tolerance_ns=cfg.clock_tolerance_ns)
+        if cuts:
+            self._deliver(cuts, out, now_ns)
 
     def finish(self, cuts: Sequence[WindowCut], now_ns: int) -> tuple[list[Window], list[QualityRecord]]:
         """Prepare cut windows in one batch: the model-ready windows, and a quality record for every cut (its
@@ -496,66 +429,22 @@ class Reassembler:
             if isinstance(result, PreprocessError):
                 quality.append(cut.error(f"{result.reason}: {result}", now_ns))
                 continue
-            windows.append(Window(
-                clinic_id=cut.clinic_id,
-                device_id=cut.device_id,
-                start_ns=cut.start_ns,
-                end_ns=cut.end_ns,
-                sample_rate=MODEL_SAMPLE_RATE,
-                channels=MODEL_CHANNELS,
-                n_samples=int(result.samples.shape[1]),
-                samples=np.ascontiguousarray(result.samples, dtype="<f4").tobytes(),
-                sqi=dict(result.sqi),
-                quality_ok=result.quality_ok,
-                gap_fraction=0.0,
-                heart_rate_bpm=result.heart_rate_bpm,
-                seq_first=cut.seq_first,
-                seq_last=cut.seq_last,
-                received_ns=cut.received_ns,
-                emitted_ns=now_ns,
-            ))
-            quality.append(QualityRecord(
-                kind=WINDOW,
-                clinic_id=cut.clinic_id,
-                device_id=cut.device_id,
-                start_ns=cut.start_ns,
-                end_ns=cut.end_ns,
-                seq_first=cut.seq_first,
-                seq_last=cut.seq_last,
-                sqi=dict(result.sqi),
-                quality_ok=result.quality_ok,
-                inputs=result.inputs,
-                heart_rate_bpm=result.heart_rate_bpm,
-                problems=result.problems,
-                emitted_ns=now_ns,
-            ))
+            ids: dict[str, Any] = dict(clinic_id=cut.clinic_id, device_id=cut.device_id, start_ns=cut.start_ns,
+                                       end_ns=cut.end_ns,
+                                       seq_first=cut.seq_first, seq_last=cut.seq_last, sqi=dict(result.sqi),
+                                       quality_ok=result.quality_ok, heart_rate_bpm=result.heart_rate_bpm,
+                                       emitted_ns=now_ns)
+            windows.append(Window(**ids, sample_rate=MODEL_SAMPLE_RATE, channels=MODEL_CHANNELS,
+                                  n_samples=int(result.samples.shape[1]),
+                                  samples=np.ascontiguousarray(result.samples, dtype="<f4").tobytes(),
+                                  gap_fraction=0.0, received_ns=cut.received_ns))
+            quality.append(QualityRecord(**ids, kind=WINDOW, inputs=result.inputs,
+                                         problems=result.problems))
         return windows, quality
 
     @staticmethod
-    def _record(
-        state: DeviceState,
-        device_id: str,
-        kind: str,
-        start: int,
-        end: int,
-        seq_first: int,
-        seq_last: int,
-        now_ns: int,
-        *,
-        missing: int = 0,
-        quality_ok: bool = False,
-        detail: str = "",
-    ) -> QualityRecord:
-        return QualityRecord(
-            kind=kind,
-            clinic_id=state.clinic_id,
-            device_id=device_id,
-            start_ns=start,
-            end_ns=end,
-            seq_first=seq_first,
-            seq_last=seq_last,
-            missing_chunks=missing,
-            quality_ok=quality_ok,
-            detail=detail,
-            emitted_ns=now_ns,
-        )
+    def _record(state: DeviceState, device_id: str, kind: str, start: int, end: int, seq_first: int,
+                seq_last: int, now_ns: int, *, missing: int = 0, detail: str = "") -> QualityRecord:
+        return QualityRecord(kind=kind, clinic_id=state.clinic_id, device_id=device_id, start_ns=start,
+                             end_ns=end, seq_first=seq_first, seq_last=seq_last, missing_chunks=missing,
+                             quality_ok=False, detail=detail, emitted_ns=now_ns)

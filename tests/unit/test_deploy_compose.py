@@ -161,7 +161,7 @@ def test_gpu_inference_reserves_an_nvidia_gpu_and_cpu_inference_does_not(model: 
 
 
 def test_kafka_init_creates_exactly_the_topics_of_shared_topics(model: dict[str, Any]) -> None:
-    from bpstream.services.processor.app import changelog_topic
+    from bpstream.services.processor.changelog import changelog_topic
     from bpstream.services.processor.settings import ProcessorSettings
 
     script = "\n".join(model["services"]["kafka-init"]["command"])

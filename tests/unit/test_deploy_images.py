@@ -24,7 +24,7 @@ REQUIREMENTS = ROOT / "deploy" / "docker" / "requirements"
 IMAGES = {
     "bridge": ("bridge", ["bpstream.cli", "bpstream.services.bridge.main", "bpstream.services.bridge.service"]),
     "processor": ("processor", ["bpstream.cli", "bpstream.services.processor.main",
-                                "bpstream.services.processor.app"]),
+                                "bpstream.services.processor.faust_app"]),
     "inference": ("inference", ["bpstream.cli", "bpstream.services.inference.main",
                                 "bpstream.services.inference.service"]),
     "inference-cuda": ("inference-cuda", ["bpstream.cli", "bpstream.services.inference.main",

@@ -155,7 +155,8 @@ def test_missing_chunk_becomes_one_gap_record_and_no_window_spans_it(clean: list
 
 
 def test_gap_waits_for_lateness_then_a_chunk_arriving_after_it_is_ignored(clean: list[bytes]) -> None:
-    config = StageConfig(max_reorder_chunks=8, max_lateness_ns=3 * NS)
+    # Without a late horizon (test_late_repair.py covers the default, which still takes it).
+    config = StageConfig(max_reorder_chunks=8, max_lateness_ns=3 * NS, late_horizon_ns=0)
     stage = Reassembler(config)
     lost = 10
     # Chunk 10 arrives after 11..14: by then event time moved more than 3 s past where it should have started.

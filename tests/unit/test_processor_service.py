@@ -1,0 +1,183 @@
+"""The processor's batch handling without Kafka or Faust (``ProcessorService`` on a dict store and fakes):
+outputs before states, marks after states, replays passed over, skipped records read back, a restart from
+the checkpointed changelog losing no window, refused sends retried until accepted, bad records dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client import CollectorRegistry
+from test_processor_stage import simulated_payloads
+
+from bpstream.services.processor.changelog import changelog_topic, latest_values
+from bpstream.services.processor.checkpoint import Checkpointer, DictStore, is_offset_mark, offset_mark_key
+from bpstream.services.processor.readback import RawRecord, in_offset_order
+from bpstream.services.processor.service import ProcessorService
+from bpstream.services.processor.settings import ProcessorSettings
+from bpstream.shared.errors import BpstreamError, TransientError
+from bpstream.shared.kafka import OutgoingRecord
+from bpstream.shared.messages import decode_dead_letter, decode_window
+from bpstream.shared.settings import KafkaSettings
+from bpstream.shared.topics import SIGNALS_DLQ, WINDOWS, device_key
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = ProcessorSettings(kafka=KafkaSettings(topic_prefix="t."), checkpoint_interval_s=3600)
+CHANGELOG = changelog_topic(SETTINGS)
+KEY = device_key("clinic-1", "dev-1").encode()
+
+
+@dataclass
+class Stored:
+    key: bytes | None
+    value: bytes | None
+
+
+class FakeKafka:
+    """The producer and the two readers the service needs, over in-memory lists."""
+
+    def __init__(self, raw: list[RawRecord], fail: Sequence[BpstreamError] = ()) -> None:
+        self.raw, self.fail = raw, list(fail)
+        self.sent: list[OutgoingRecord] = []
+        self.read_back_calls: list[tuple[int, int, int]] = []
+
+    async def send_many(self, records: Sequence[OutgoingRecord]) -> None:
+        if self.fail:
+            raise self.fail.pop(0)
+        self.sent.extend(records)
+
+    async def read_back(self, partition: int, start: int, end: int) -> list[RawRecord]:
+        self.read_back_calls.append((partition, start, end))
+        return [r for r in self.raw if r.partition == partition and start <= r.offset < end]
+
+    async def read_changelog(self, partitions: Sequence[int]) -> Iterable[Stored]:
+        return [Stored(r[2] if isinstance(r[2], bytes) else None, r[1]) for r in self.sent if r[0] == CHANGELOG]
+
+    def topic(self, topic: object) -> list[OutgoingRecord]:
+        return [r for r in self.sent if r[0] == topic]
+
+    def window_ends(self) -> list[int]:
+        return [decode_window(r[1]).end_ns for r in self.topic(WINDOWS)]
+
+
+def service(kafka: FakeKafka, store: DictStore | None = None) -> ProcessorService:
+    return ProcessorService(SETTINGS, store=store or DictStore(), changelog=CHANGELOG, producer=kafka,
+                            read_back=kafka.read_back, read_changelog=kafka.read_changelog,
+                            registry=CollectorRegistry())
+
+
+def raw_records(seconds: int = 40) -> list[RawRecord]:
+    return [RawRecord(KEY, p, 0, k, 1_700_000_001.0 + k) for k, p in enumerate(simulated_payloads(seconds))]
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_outputs_are_sent_before_the_state_and_marks_follow_states() -> None:
+    raw = raw_records()
+    kafka = FakeKafka(raw)
+    svc = service(kafka)
+    run(svc.handle_batch(raw[:20]))
+    # A partition met without a mark is checkpointed at once, after the batch's windows were accepted.
+    first = kafka.topic(CHANGELOG)
+    assert kafka.window_ends() and first
+    assert max(i for i, r in enumerate(kafka.sent) if r[0] == WINDOWS) < kafka.sent.index(first[0])
+    run(svc.handle_batch(raw[20:]))
+    assert len(kafka.topic(CHANGELOG)) == len(first)  # within the interval: held in the store
+    run(svc.checkpoint())
+    changelog = kafka.topic(CHANGELOG)[len(first):]
+    keys = [r[2] for r in changelog]
+    assert KEY in keys and offset_mark_key(0) in keys
+    assert keys.index(offset_mark_key(0)) > max(i for i, k in enumerate(keys) if k == KEY)
+    assert max(i for i, r in enumerate(kafka.sent) if r[0] == WINDOWS) < kafka.sent.index(changelog[-1])
+    assert svc.checkpoints.mark(0) == 40
+
+
+def test_replays_are_passed_over_and_skipped_records_read_back() -> None:
+    raw = raw_records()
+    reference = FakeKafka(raw)
+    run(service(reference).handle_batch(raw))
+    kafka = FakeKafka(raw)
+    svc = service(kafka)
+    run(svc.handle_batch(raw[:10]))
+    # The consumer replays 5..14, then skips 15..24 and delivers 25..
+    run(svc.handle_batch(raw[5:15]))
+    run(svc.handle_batch(raw[25:]))
+    assert kafka.read_back_calls == [(0, 15, 25)]
+    assert kafka.window_ends() == reference.window_ends()
+    assert svc.metrics.replayed._value.get() == 5  # type: ignore[attr-defined]
+    assert svc.metrics.read_back._value.get() == 10  # type: ignore[attr-defined]
+
+
+def test_a_restart_from_the_checkpoint_loses_no_window_and_replays_identical_ones() -> None:
+    raw = raw_records()
+    reference = FakeKafka(raw)
+    run(service(reference).handle_batch(raw))
+    kafka = FakeKafka(raw)
+    first = service(kafka)
+    run(first.handle_batch(raw[:18]))
+    run(first.checkpoint())
+    run(first.handle_batch(raw[18:26]))  # processed, never checkpointed: the crash loses it
+    # A new worker restores from the changelog; the consumer resumes from an older committed offset.
+    second = service(kafka)
+    run(second.restore_partitions([0]))
+    assert second.checkpoints.mark(0) == 18
+    run(second.handle_batch(raw[10:]))
+    ends = kafka.window_ends()
+    assert set(ends) == set(reference.window_ends())
+    windows = {decode_window(r[1]).end_ns: decode_window(r[1]).samples for r in reference.topic(WINDOWS)}
+    assert all(decode_window(r[1]).samples == windows[decode_window(r[1]).end_ns] for r in kafka.topic(WINDOWS))
+
+
+def test_refused_sends_are_retried_until_kafka_accepts_them() -> None:
+    raw = raw_records(20)
+    refusals = [TransientError("broker away", reason="kafka_retriable"),
+                BpstreamError("producer fenced", reason="kafka_error")]  # not retriable for the producer
+    kafka = FakeKafka(raw, fail=refusals)
+    svc = service(kafka)
+    run(svc.handle_batch(raw))
+    assert kafka.window_ends() and not kafka.fail
+    assert svc.metrics.send_retries._value.get() == 2  # type: ignore[attr-defined]
+
+
+def test_bad_records_are_dead_lettered_without_blocking_the_device() -> None:
+    raw = raw_records(20)
+    bad = [RawRecord(None, raw[3].value, 0, 100, 0.0), RawRecord(KEY, b"garbage", 0, 101, 0.0),
+           RawRecord(b"clinic-1/other", raw[4].value, 0, 102, 0.0)]
+    kafka = FakeKafka(raw)
+    run(service(kafka).handle_batch([*raw[:10], *bad, *[RawRecord(r.key, r.value, 0, r.offset + 103,
+                                                                  r.timestamp_s) for r in raw[10:]]]))
+    reasons = sorted(decode_dead_letter(r[1]).reason for r in kafka.topic(SIGNALS_DLQ))
+    assert reasons[0] == "key_mismatch" and "missing_key_or_value" in reasons and len(reasons) == 3
+    reference = FakeKafka(raw)
+    run(service(reference).handle_batch(raw))
+    assert kafka.window_ends() == reference.window_ends()
+
+
+def test_changelog_restore_takes_the_latest_value_and_tombstones() -> None:
+    records = [Stored(b"a", b"1"), Stored(b"b", b"1"), Stored(b"a", b"2"), Stored(b"b", None), Stored(None, b"x")]
+    assert latest_values(records) == {b"a": b"2"}
+
+
+def test_checkpointer_and_offset_order_without_kafka() -> None:
+    store = DictStore()
+    checkpoints = Checkpointer(store, CHANGELOG)
+    checkpoints.put_mark(2, 7)
+    checkpoints.put(b"c/d", b"state", 2)
+    records = checkpoints.take()
+    assert [r[2] for r in records] == [b"c/d", offset_mark_key(2)] and records[1][3] == 2  # type: ignore[misc]
+    assert checkpoints.take() == [] and is_offset_mark(offset_mark_key(2))
+    store.put(offset_mark_key(3), b"not a number")
+    assert checkpoints.mark(2) == 7 and checkpoints.mark(3) is None and checkpoints.devices() == 1
+
+    async def no_read_back(partition: int, start: int, end: int) -> list[RawRecord]:
+        raise AssertionError("nothing to read back")
+
+    batch = [RawRecord(KEY, b"", 2, k, 0.0) for k in (5, 6, 7, 8)] + [RawRecord(KEY, b"", 4, 0, 0.0)]
+    ordered = asyncio.run(in_offset_order(batch, checkpoints.mark, no_read_back))
+    assert [(r.partition, r.offset) for r in ordered.records] == [(2, 7), (2, 8), (4, 0)]
+    assert ordered.replayed == 2 and ordered.marks == {2: 9, 4: 1} and ordered.unmarked == {4}
