@@ -98,7 +98,6 @@ class PipelineConfig:
 
     def base_env(self) -> dict[str, str]:
         return {
-            **mqtt_env(self.bridge_mqtt()),
             "BPSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap, "BPSTREAM_KAFKA_TOPIC_PREFIX": self.topic_prefix,
             "BPSTREAM_INFLUX_URL": self.influx_url, "BPSTREAM_INFLUX_DATABASE": self.database,
             # Faster group rebalances after a service restart (local, single broker).
@@ -121,6 +120,8 @@ class Pipeline:
                                  **config.service_env.get(name, {})}
         prefix = config.topic_prefix
         # A bridge shares its MQTT subscription group only with bridges of the same run.
+        # Only the bridge talks MQTT: only it gets the MQTT account (least privilege).
+        per_service["bridge"] = {**mqtt_env(config.bridge_mqtt()), **per_service["bridge"]}
         per_service["bridge"].setdefault("BPSTREAM_BRIDGE_SHARE_GROUP", f"{prefix}bpstream-bridge".replace(".", "-"))
         per_service["bridge"].setdefault("BPSTREAM_BRIDGE_CLIENT_ID", f"{prefix}bridge-1".replace(".", "-")[:64])
         self.supervisor = ServiceSupervisor(env=config.base_env(), log_dir=config.log_dir,
