@@ -132,7 +132,8 @@ class Pipeline:
             per_service[name] = {**config.service_connection_env(name), **config.env,
                                  f"{ENV_PREFIX[name]}METRICS_PORT": str(port), **config.service_env.get(name, {})}
         prefix = config.topic_prefix
-        # A bridge shares its MQTT subscription group only with bridges of the same run.
+        # A bridge shares its MQTT subscription group only with bridges of the same run. Only the bridge talks
+        # MQTT, so only it gets an MQTT account (``ServerEndpoints.env``).
         per_service["bridge"].setdefault("BPSTREAM_BRIDGE_SHARE_GROUP", f"{prefix}bpstream-bridge".replace(".", "-"))
         per_service["bridge"].setdefault("BPSTREAM_BRIDGE_CLIENT_ID", f"{prefix}bridge-1".replace(".", "-")[:64])
         self.supervisor = ServiceSupervisor(env=config.base_env(), log_dir=config.log_dir,

@@ -99,3 +99,35 @@ def test_private_files_are_0600(tmp_path: Path) -> None:
     write_private(path, "x\n")
     write_private(path, "y\n")
     assert path.read_text() == "y\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_devices_cli_against_a_registry_folder_writes_fragments_and_no_password(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bpstream.cli import app
+
+    runner = CliRunner()
+    state = tmp_path / "registry"
+    added = runner.invoke(app, ["devices", "add", "--clinic", "c1", "--device", "d1", "--state", str(state),
+                                "--no-reload"])
+    assert added.exit_code == 0, added.output
+    secret = added.output.split("password: ")[1].split()[0]
+    again = runner.invoke(app, ["devices", "add", "--clinic", "c1", "--device", "d1", "--state", str(state)])
+    assert again.exit_code == 2  # already registered
+    secret_file = tmp_path / "d2.pw"
+    second = runner.invoke(app, ["devices", "add", "--clinic", "c1", "--device", "d2", "--state", str(state),
+                                 "--password-file", str(secret_file)])
+    assert second.exit_code == 0 and stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert secret_file.read_text().strip() not in second.output
+    for name in ("devices.json", "devices.passwd", "devices.acl"):
+        text = (state / name).read_text()
+        assert secret not in text and stat.S_IMODE((state / name).stat().st_mode) == 0o600
+    passwd = (state / "devices.passwd").read_text()
+    assert [line.split(":")[0] for line in passwd.splitlines()] == ["c1/d1", "c1/d2"]
+    assert verify_password(secret, passwd.splitlines()[0].split(":", 1)[1])
+    assert runner.invoke(app, ["devices", "revoke", "--clinic", "c1", "--device", "d1", "--state", str(state)]
+                         ).exit_code == 0
+    assert "user c1/d1" not in (state / "devices.acl").read_text()
+    listing = runner.invoke(app, ["devices", "list", "--state", str(state)]).output
+    assert "c1\td1\t" in listing and "revoked" in listing and "c1\td2\t" in listing
+    assert not (state / "mqtt-accounts.json").exists()  # no local service accounts in a deployment's registry
