@@ -62,6 +62,8 @@ class ServerEndpoints:
 
     def kafka_settings(self, prefix: str = "", service: str | None = None) -> KafkaSettings:
         """Kafka settings for ``service``'s own user (None: the admin) with topic prefix ``prefix``."""
+        if service is not None and service not in kafka_security.SERVICES:
+            raise ValueError(f"{service!r} has no Kafka user; choose one of {', '.join(kafka_security.SERVICES)}")
         return kafka_security.client_settings(Path(self.secrets_dir), self.kafka_bootstrap,
                                               service or kafka_security.ADMIN, topic_prefix=prefix)
 
@@ -74,8 +76,10 @@ class ServerEndpoints:
         """The ``BPSTREAM_*`` variables that point a process at these servers: for a service name that
         service's own users, for None the admin (tools, tests)."""
         state = Path(self.secrets_dir)
+        # a process that is neither a Kafka service nor a tool (the simulator, Grafana) gets no Kafka user
         influx_user = influx_security.SERVICE_USERS.get(service) if service else influx_security.ADMIN
-        kafka_user = service if service in kafka_security.SERVICES else kafka_security.ADMIN
+        kafka_user = kafka_security.ADMIN if service is None else (service if service in kafka_security.SERVICES
+                                                                   else None)
         return {
             "BPSTREAM_MQTT_HOST": self.mqtt_host,
             "BPSTREAM_MQTT_PORT": str(self.mqtt_port),

@@ -66,3 +66,26 @@ def test_each_services_acls_name_only_topics_and_groups_the_services_use() -> No
     assert (2, "p.signals.raw", 3, 4) in entries  # literal WRITE on its own topic, under the prefix
     assert not any(name == "p.signals.raw" and op == 3 for _t, name, _p, op in entries)  # no READ of it
     assert not any(name.endswith("estimates") for _t, name, _p, _o in entries)
+
+
+def test_each_process_gets_its_own_users_and_tools_the_admin(tmp_path: Path) -> None:
+    from bpstream.localservers import ServerEndpoints
+
+    servers = ServerEndpoints("127.0.0.1", 1883, "127.0.0.1:9092", "https://127.0.0.1:8086", secrets_dir=str(tmp_path))
+    passwords = kafka_security.users(tmp_path)
+    for service in kafka_security.SERVICES:
+        env = servers.env(service)
+        assert env["BPSTREAM_KAFKA_SASL_USERNAME"] == service
+        assert env["BPSTREAM_KAFKA_SASL_PASSWORD"] == passwords[service]
+        assert env["BPSTREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert env["BPSTREAM_KAFKA_SSL_CA_FILE"] == env["BPSTREAM_INFLUX_CA_FILE"] == servers.ca_file
+        # only the writer stores into InfluxDB
+        assert env.get("BPSTREAM_INFLUX_USERNAME") == ("writer" if service == "writer" else None)
+    assert servers.env()["BPSTREAM_KAFKA_SASL_USERNAME"] == "admin"
+    assert servers.env()["BPSTREAM_INFLUX_USERNAME"] == "admin"
+    assert "BPSTREAM_KAFKA_SASL_USERNAME" not in servers.env("simulator")  # not a Kafka client: no user
+    assert servers.influx_settings("db", "grafana").username == "grafana"
+    with pytest.raises(ValueError, match="no Kafka user"):
+        servers.kafka_settings("p.", "simulator")
+    # credentials never in a URL
+    assert "@" not in servers.influx_settings("db", "writer").url
