@@ -55,6 +55,8 @@ class ServerEndpoints:
     influx_url: str
     #: Folder with the generated credentials and ``pki/ca.crt`` (``state_dir()``).
     secrets_dir: str = ""
+    #: Kafka's controller listener (internal to the broker: mutual TLS with its own certificate).
+    kafka_controller: str = ""
 
     @property
     def ca_file(self) -> str:
@@ -250,6 +252,7 @@ def _endpoints(state: dict[str, dict[str, Any]]) -> ServerEndpoints:
         kafka_bootstrap=f"{HOST}:{state['kafka']['ports']['port']}",
         influx_url=f"https://{HOST}:{state['influxdb']['ports']['port']}",
         secrets_dir=str(state_dir()),
+        kafka_controller=f"{HOST}:{state['kafka']['ports'].get('controller_port', 0)}",
     )
 
 
