@@ -32,8 +32,10 @@ class KafkaSettings(_Frozen):
     #: Prepended to every topic name (tests give each test its own prefix).
     topic_prefix: str = ""
     replication_factor: int = 1
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    #: Secure by default, as every deployment and the local servers run: SCRAM over TLS. ``PLAINTEXT`` only on
+    #: explicit request.
+    security_protocol: str = "SASL_SSL"
+    sasl_mechanism: str | None = "SCRAM-SHA-512"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     #: TLS for ``SSL``/``SASL_SSL``: the CA that signed the brokers' certificates (the system store when
@@ -92,7 +94,7 @@ class InfluxSettings(_Frozen):
 
     model_config = SettingsConfigDict(env_prefix="BPSTREAM_INFLUX_", frozen=True, extra="ignore")
 
-    url: str = "http://127.0.0.1:8086"
+    url: str = "https://127.0.0.1:8086"
     database: str = "bpstream"
     username: str | None = None
     password: SecretStr | None = None

@@ -1,4 +1,6 @@
-"""Local real servers (Mosquitto, Apache Kafka in KRaft mode, InfluxDB 1.x) for tests and the demo.
+"""Local real servers (Mosquitto, Apache Kafka in KRaft mode, InfluxDB 1.x) for tests and the demo, secured
+as deployed: connection settings with credentials come from ``ServerEndpoints`` (``kafka_settings``,
+``influx_settings``, ``env``).
 
 >>> from bpstream.localservers import ensure_up
 >>> endpoints = ensure_up()          # doctest: +SKIP

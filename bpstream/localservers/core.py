@@ -58,6 +58,8 @@ class ServerEndpoints:
     influx_url: str
     #: Folder with the generated credentials and ``pki/ca.crt`` (``state_dir()``).
     secrets_dir: str = ""
+    #: Kafka's controller listener (internal to the broker: mutual TLS with its own certificate).
+    kafka_controller: str = ""
 
     @property
     def ca_file(self) -> str:
@@ -65,6 +67,8 @@ class ServerEndpoints:
 
     def kafka_settings(self, prefix: str = "", service: str | None = None) -> KafkaSettings:
         """Kafka settings for ``service``'s own user (None: the admin) with topic prefix ``prefix``."""
+        if service is not None and service not in kafka_security.SERVICES:
+            raise ValueError(f"{service!r} has no Kafka user; choose one of {', '.join(kafka_security.SERVICES)}")
         return kafka_security.client_settings(Path(self.secrets_dir), self.kafka_bootstrap,
                                               service or kafka_security.ADMIN, topic_prefix=prefix)
 
@@ -77,8 +81,10 @@ class ServerEndpoints:
         """The ``BPSTREAM_*`` variables that point a process at these servers: for a service name that
         service's own users, for None the admin (tools, tests)."""
         state = Path(self.secrets_dir)
+        # a process that is neither a Kafka service nor a tool (the simulator, Grafana) gets no Kafka user
         influx_user = influx_security.SERVICE_USERS.get(service) if service else influx_security.ADMIN
-        kafka_user = service if service in kafka_security.SERVICES else kafka_security.ADMIN
+        kafka_user = kafka_security.ADMIN if service is None else (service if service in kafka_security.SERVICES
+                                                                   else None)
         # Only the services that speak MQTT (and tools) get an MQTT account.
         mqtt = mqtt_env(self.mqtt_settings(service)) if service in mqtt_security.SERVICE_ACCOUNTS else {}
         return {
@@ -258,6 +264,7 @@ def _endpoints(state: dict[str, dict[str, Any]]) -> ServerEndpoints:
         kafka_bootstrap=f"{HOST}:{state['kafka']['ports']['port']}",
         influx_url=f"https://{HOST}:{state['influxdb']['ports']['port']}",
         secrets_dir=str(state_dir()),
+        kafka_controller=f"{HOST}:{state['kafka']['ports'].get('controller_port', 0)}",
     )
 
 

@@ -167,15 +167,16 @@ def client_settings(state: Path, bootstrap: str, user: str = ADMIN, *, topic_pre
                          ssl_ca_file=str(state / "pki" / "ca.crt"))
 
 
-def client_env(state: Path, user: str = ADMIN) -> dict[str, str]:
-    """``BPSTREAM_KAFKA_*`` variables with ``user``'s credentials and the CA."""
-    return {
+def client_env(state: Path, user: str | None = ADMIN) -> dict[str, str]:
+    """``BPSTREAM_KAFKA_*`` variables with ``user``'s credentials (none for None) and the CA."""
+    env = {
         "BPSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "BPSTREAM_KAFKA_SASL_MECHANISM": MECHANISM,
-        "BPSTREAM_KAFKA_SASL_USERNAME": user,
-        "BPSTREAM_KAFKA_SASL_PASSWORD": users(state)[user],
         "BPSTREAM_KAFKA_SSL_CA_FILE": str(state / "pki" / "ca.crt"),
     }
+    if user:
+        env |= {"BPSTREAM_KAFKA_SASL_USERNAME": user, "BPSTREAM_KAFKA_SASL_PASSWORD": users(state)[user]}
+    return env
 
 
 def acl_entries(prefix: str, service: str) -> list[tuple[int, str, int, int]]:

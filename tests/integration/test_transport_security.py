@@ -42,8 +42,7 @@ async def test_kafka_refuses_plaintext_wrong_passwords_and_an_untrusted_certific
     caplog.set_level(logging.ERROR, logger="aiokafka")
     admin = servers.kafka_settings()
     # no PLAINTEXT listener: neither the client port nor the controller's answers a plaintext client
-    controller = f"127.0.0.1:{_controller_port(servers)}"
-    for bootstrap in (servers.kafka_bootstrap, controller):
+    for bootstrap in (servers.kafka_bootstrap, servers.kafka_controller):
         await _refused({"bootstrap_servers": bootstrap}, caplog)
     wrong = admin.model_copy(update={"sasl_password": SecretStr("not-the-password")})
     assert "SaslAuthenticationFailed" in await _refused(wrong.client_kwargs(), caplog)
@@ -55,12 +54,6 @@ async def test_kafka_refuses_plaintext_wrong_passwords_and_an_untrusted_certific
     producer = AIOKafkaProducer(**admin.client_kwargs())
     await producer.start()
     await producer.stop()
-
-
-def _controller_port(servers: ServerEndpoints) -> int:
-    from bpstream.localservers.core import _load_state
-
-    return int(_load_state()["kafka"]["ports"]["controller_port"])
 
 
 async def test_each_service_user_may_only_do_what_its_acls_grant(servers: ServerEndpoints,

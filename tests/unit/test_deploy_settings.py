@@ -124,3 +124,22 @@ def test_gpu_overlay_asks_inference_for_cuda(monkeypatch: pytest.MonkeyPatch) ->
     assert str(settings.model_path) == "/models"
     assert settings.kafka.security_protocol == "SASL_SSL"
 
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod-gpu", "prod-hpa"])
+async def test_kubernetes_kafka_settings_start_aiokafka_and_faust_clients(overlay: str, monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """SASL_SSL from the overlays gives aiokafka its ssl_context (it refuses SASL_SSL without one)."""
+    from aiokafka import AIOKafkaProducer
+
+    from bpstream.localservers.pki import ensure_ca
+    from bpstream.shared.faust_broker import broker_credentials
+
+    ca = ensure_ca(tmp_path)
+    for service, env in k8s_environment(overlay).items():
+        settings = build(service, {**env, "BPSTREAM_KAFKA_SSL_CA_FILE": str(ca.cert)}, monkeypatch)
+        assert settings.kafka.security_protocol == "SASL_SSL", (overlay, service)
+        kwargs = settings.kafka.client_kwargs()
+        AIOKafkaProducer(**kwargs)  # raises without ssl_context, or without SASL credentials
+        credentials = broker_credentials(settings.kafka)
+        assert credentials is not None and credentials.ssl_context is not None, (overlay, service)  # type: ignore[union-attr]

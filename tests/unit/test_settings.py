@@ -63,7 +63,10 @@ def test_defaults_point_at_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     assert KafkaSettings().bootstrap_servers.startswith("127.0.0.1:")
     assert MqttSettings().host == "127.0.0.1"
-    assert InfluxSettings().url.startswith("http://127.0.0.1:")
+    assert InfluxSettings().url.startswith("https://127.0.0.1:")
+    # secure unless told otherwise: SCRAM over TLS to Kafka, HTTPS (verified) to InfluxDB
+    assert (KafkaSettings().security_protocol, KafkaSettings().sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert InfluxSettings().verify_ssl is True
 
 
 def test_sasl_ssl_clients_get_a_verifying_context_that_trusts_the_configured_ca(
