@@ -91,3 +91,20 @@ def test_quality_window_gap_and_stream_events_become_their_measurements() -> Non
     assert lines[1].startswith("signal_gap,clinic=c,device=d missing_chunks=2i,seq_from=10i,seq_to=11i")
     assert lines[1].endswith(f" {T_END}")
     assert lines[2].startswith("stream_event,clinic=c,device=d,kind=stream_reset count=1i")
+
+
+def test_refused_points_dead_letter_each_record_once_with_our_reason() -> None:
+    from aiokafka import ConsumerRecord
+
+    from bpstream.services.writer.service import refused_records
+
+    def record(offset: int) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord("estimates", 0, offset, 0, 0, b"c/d", b"{}", None, 3, 2, ())
+
+    first, second = record(7), record(8)
+    origin = {"a 1": first, "b 1": first, "c 1": second}
+    rejected = refused_records([("a 1", "field_type_conflict"), ("b 1", "field_type_conflict"),
+                                ("c 1", "unparsable"), ("pipeline x=1 1", "invalid")], origin)
+    assert [(r.record.offset, r.reason) for r in rejected] == [(7, "influx_field_type_conflict"),
+                                                               (8, "influx_unparsable")]
+    assert all("InfluxDB refused" in r.detail for r in rejected)  # never InfluxDB's own text (it repeats readings)
