@@ -42,9 +42,11 @@ async def _send(kafka: KafkaSettings, device: str, windows: range) -> None:
 
 async def test_a_silent_devices_state_is_evicted_with_a_tombstone(servers: ServerEndpoints,
                                                                  kafka_topics: str) -> None:
-    kafka = KafkaSettings(bootstrap_servers=servers.kafka_bootstrap, topic_prefix=kafka_topics)
-    # 60 s of record time (30 windows); state saved and offsets committed after every batch.
-    settings = AlertingSettings(kafka=kafka, state_flush_s=0, evict_after_s=60)
+    kafka = servers.kafka_settings(kafka_topics)  # the test's own reads and writes: the admin
+    # 60 s of record time (30 windows); state saved and offsets committed after every batch. The service runs as
+    # its own Kafka user.
+    settings = AlertingSettings(kafka=servers.kafka_settings(kafka_topics, "alerting"), state_flush_s=0,
+                                evict_after_s=60)
     quiet, busy = device_key(CLINIC, "quiet"), device_key(CLINIC, "busy")
 
     async def saved_keys(expected: set[str]) -> set[str]:
