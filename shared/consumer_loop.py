@@ -30,7 +30,6 @@ folds in its own dependencies (``ready_when``); /readyz returns to 200 by itself
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from aiokafka import ConsumerRecord
 from prometheus_client import Counter, Gauge, Histogram
 
 from bpstream.shared.batching import collect_batch
+from bpstream.shared.brokerwatch import BrokerWatch
 from bpstream.shared.errors import StoppedError
 from bpstream.shared.kafka import KafkaConsumer, OutgoingRecord, RecoveringProducer
 from bpstream.shared.retry import retry_async
@@ -113,43 +113,24 @@ class LoopConfig:
     probe_interval_s: float = 2.0
 
 
-class KafkaWatch(Component):
-    """Asks Kafka for metadata through a started consumer every ``interval_s``: ``reachable`` turns false on an
-    error or no answer within the request timeout (capped at 10 s), true again at the next answer. A consumer
-    that only waits for records sees no error while the broker is gone; this makes the loss visible."""
+class KafkaWatch(BrokerWatch):
+    """:class:`BrokerWatch` probing through a started consumer's own client (no extra connection), exporting
+    ``bpstream_kafka_up{service}``. A consumer that only waits for records sees no error while the broker is
+    gone; this makes the loss visible."""
 
     def __init__(self, kafka: KafkaSettings, consumer: KafkaConsumer, service: str, interval_s: float = 2.0) -> None:
-        self.consumer, self.service, self.interval_s = consumer, service, interval_s
-        self.timeout_s = min(kafka.request_timeout_ms / 1000, 10.0)
-        self.reachable = True
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(lambda: consumer.client.topics(), interval_s=interval_s,
+                         timeout_s=min(kafka.request_timeout_ms / 1000, 10.0))
+        self.consumer, self.service = consumer, service
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._watch())
+    @property
+    def reachable(self) -> bool:
+        return self.ok
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self.consumer.client.topics(), self.timeout_s)
-                reachable = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure to answer is "not reachable"; the probe keeps going
-                reachable = False
-                if self.reachable:
-                    log.warning("kafka unreachable", extra={"service": self.service, "error": repr(exc)[:200]})
-            if reachable and not self.reachable:
-                log.info("kafka reachable again", extra={"service": self.service})
-            self.reachable = reachable
-            KAFKA_UP.labels(self.service).set(1 if reachable else 0)
-            await asyncio.sleep(self.interval_s)
+    async def check(self) -> bool:
+        ok = await super().check()
+        KAFKA_UP.labels(self.service).set(1 if ok else 0)
+        return ok
 
 
 class ConsumerLoop(Component):

@@ -13,9 +13,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from bpstream.services.processor.brokerwatch import BrokerWatch
 from bpstream.services.processor.faust_app import ProcessorApp, create_topics
 from bpstream.services.processor.settings import ProcessorSettings
+from bpstream.shared.brokerwatch import BrokerWatch
 from bpstream.shared.logging import configure_logging
 from bpstream.shared.retry import retry_async
 from bpstream.shared.service import run_until_signalled

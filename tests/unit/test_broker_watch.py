@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bpstream.services.processor.brokerwatch import BrokerWatch
+from bpstream.shared.brokerwatch import BrokerWatch
 
 pytestmark = pytest.mark.unit
 

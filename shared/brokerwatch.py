@@ -1,7 +1,7 @@
-"""Whether Kafka answers, for the processor's ``/readyz`` (no Faust here).
+"""Whether Kafka answers, for a service's ``/readyz``: one probe loop for every service.
 
-While Kafka is down the Faust consumer simply receives nothing and the output producer sends nothing, so
-neither notices the outage. :class:`BrokerWatch` asks the cluster for its metadata every ``interval_s``
+While Kafka is down a consumer simply receives nothing and an idle producer sends nothing, so neither notices
+the outage. :class:`BrokerWatch` asks the cluster for its metadata every ``interval_s``
 (one small request on an admin connection); the broker is *lost* from the first probe that fails or does not
 answer within ``timeout_s`` until one succeeds again. A failed connection is dropped and a fresh one opened on
 the next probe, so the watch recovers by itself when the broker returns.
