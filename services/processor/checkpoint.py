@@ -44,6 +44,9 @@ class StateStore(Protocol):
 
     def stored_keys(self) -> Iterable[bytes]: ...
 
+    def delete(self, key: bytes) -> None:
+        """Drop a state from the in-memory store only (its tombstone reaches the changelog at the checkpoint)."""
+
 
 class DictStore:
     """A :class:`StateStore` over a plain mapping."""
@@ -60,6 +63,9 @@ class DictStore:
     def stored_keys(self) -> Iterator[bytes]:
         return iter(list(self.data))
 
+    def delete(self, key: bytes) -> None:
+        self.data.pop(key, None)
+
 
 class Checkpointer:
     """Tracks the keys changed since the last checkpoint and builds the checkpoint's changelog records."""
@@ -73,6 +79,11 @@ class Checkpointer:
         """Update a state or mark in the store; it reaches the changelog at the next checkpoint."""
         self.store.put(key, value)
         self._unsaved[key] = partition
+
+    def delete(self, key: bytes) -> None:
+        """Drop a device's state; the checkpoint writes its tombstone (before the marks)."""
+        self.store.delete(key)
+        self._unsaved[key] = -1
 
     def put_mark(self, partition: int, offset: int) -> None:
         self.put(offset_mark_key(partition), str(offset).encode(), partition)
@@ -99,6 +110,8 @@ class Checkpointer:
         for key, partition in unsaved.items():
             value = self.store.get(key)
             if value is None:
+                if partition == -1:  # deleted: a tombstone, partitioned by its key like the state was
+                    states.append((self.changelog, None, key))
                 continue
             if is_offset_mark(key):
                 marks.append((self.changelog, value, key, partition))

@@ -56,6 +56,9 @@ class TableStore:
     def stored_keys(self) -> Iterator[bytes]:
         return iter(list(self.table.data.keys()))
 
+    def delete(self, key: bytes) -> None:
+        self.table.data.pop(key, None)
+
 
 class ProcessorApp:
     """The Faust app, table and agent around a :class:`ProcessorService`."""

@@ -34,6 +34,9 @@ class ProcessorMetrics:
                                    registry=registry)
         self.send_retries = Counter("bpstream_processor_send_retries_total",
                                     "Batches whose outputs Kafka refused and that were sent again", registry=registry)
+        self.evicted = Counter("bpstream_processor_evicted_devices_total",
+                               "Device states dropped (tombstoned) after the device was silent for evict_after_s",
+                               registry=registry)
         self.devices = Gauge("bpstream_processor_devices", "Devices with state in this worker (counted at checkpoints)",
                              registry=registry)
         self.batch_seconds = Histogram(

@@ -95,6 +95,9 @@ class ProcessorService:
         self.last_progress = time.monotonic()
         self._last_checkpoint = time.monotonic()
         self._checkpoint_now = False
+        #: Newest receipt time of any chunk this worker handled (the clock of silent-device eviction).
+        self._newest_received_ns = 0
+        self._last_eviction = time.monotonic()
 
     async def handle_locked(self, records: list[RawRecord]) -> None:
         async with self.lock:
@@ -136,11 +139,34 @@ class ProcessorService:
             self.checkpoints.put(key, encode_state(state), partition)
         for partition, offset in ordered.marks.items():
             self.checkpoints.put_mark(partition, offset)
+        if (self.settings.evict_after_s > 0
+                and time.monotonic() - self._last_eviction >= self.settings.evict_check_interval_s):
+            self.evict_silent()
         if self._checkpoint_now or time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s:
             await self.checkpoint()
         self.last_progress = time.monotonic()
         self.metrics.chunks.inc(len(records))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def evict_silent(self) -> int:
+        """Drop the states of devices silent for ``evict_after_s`` of record time, in partitions this worker
+        owns now (another worker's partitions are its to evict); their tombstones go out at the checkpoint."""
+        self._last_eviction = time.monotonic()
+        horizon = self._newest_received_ns - round(self.settings.evict_after_s * NS)
+        owned = {p for p, g in self._partition_generation.items() if g == self._generation}
+        evicted = 0
+        for key in self.store.stored_keys():
+            if is_offset_mark(key):
+                continue
+            state = self._load(key)
+            if state is None or state.partition not in owned or not 0 < state.last_received_ns < horizon:
+                continue
+            self.checkpoints.delete(key)
+            evicted += 1
+        if evicted:
+            self.metrics.evicted.inc(evicted)
+            log.info("silent devices' states evicted", extra={"devices": evicted})
+        return evicted
 
     async def checkpoint(self) -> None:
         """Write every device state and offset mark changed since the last checkpoint to the changelog."""
@@ -212,6 +238,8 @@ class ProcessorService:
         if out.duplicate or out.late:
             self.metrics.dropped.labels(reason="duplicate" if out.duplicate else "late").inc()
             return []
+        state.last_received_ns, state.partition = round(record.timestamp_s * NS), record.partition
+        self._newest_received_ns = max(self._newest_received_ns, state.last_received_ns)
         states[key] = (state, record.partition)
         cuts.extend(out.cuts)
         return self._outputs(out.windows, out.quality)

@@ -57,6 +57,11 @@ class ProcessorSettings(ServiceSettings):
     #: restarts (re-emitting identical windows); SIGTERM writes them before exiting. Each write carries the
     #: devices' buffered chunks (about 6 KB per device), so writing less often saves Kafka and CPU time.
     checkpoint_interval_s: float = Field(default=5.0, ge=0)
+    #: The state of a device silent this long (record time: the newest chunk this worker received minus the
+    #: device's last one) is dropped, with a tombstone in the changelog. 0 keeps every state forever.
+    evict_after_s: float = Field(default=24 * 3600.0, ge=0)
+    #: How often (wall clock) the states are scanned for silent devices.
+    evict_check_interval_s: float = Field(default=60.0, gt=0)
     #: Seconds between Faust offset commits.
     commit_interval_s: float = Field(default=1.0, gt=0)
     #: Restart the process (exec) when records wait in signals.raw but no batch was processed for this long

@@ -91,6 +91,10 @@ class DeviceState(msgspec.Struct, kw_only=True):
     behind_run: int = 0
     behind_next_seq: int = 0
     behind_t0_ns: int = 0
+    #: Eviction of silent devices: the receipt time (Kafka record time) of the last chunk that changed this
+    #: state, and the ``signals.raw`` partition it came from (only the partition's owner evicts it).
+    last_received_ns: int = 0
+    partition: int = -1
 
 
 _state_encoder = msgspec.msgpack.Encoder()

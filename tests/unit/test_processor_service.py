@@ -181,3 +181,48 @@ def test_checkpointer_and_offset_order_without_kafka() -> None:
     ordered = asyncio.run(in_offset_order(batch, checkpoints.mark, no_read_back))
     assert [(r.partition, r.offset) for r in ordered.records] == [(2, 7), (2, 8), (4, 0)]
     assert ordered.replayed == 2 and ordered.marks == {2: 9, 4: 1} and ordered.unmarked == {4}
+
+
+def test_a_silent_devices_state_is_evicted_with_a_tombstone_and_a_returning_device_starts_afresh() -> None:
+    settings = SETTINGS.model_copy(update={"evict_after_s": 30.0, "evict_check_interval_s": 1e-9})
+    quiet = device_key("clinic-1", "quiet").encode()
+    # One device streams 40 s (one chunk per second of record time); a second, "quiet", has the state the first
+    # had after 5 s and then sends nothing.
+    raw = raw_records(40)
+    kafka = FakeKafka(raw)
+    store = DictStore()
+    svc = ProcessorService(settings, store=store, changelog=CHANGELOG, producer=kafka, read_back=kafka.read_back,
+                           read_changelog=kafka.read_changelog, registry=CollectorRegistry())
+    run(svc.handle_batch(raw[:5]))
+    store.put(quiet, store.data[KEY])  # a second device with the same (early) state: silent from now on
+    run(svc.handle_batch(raw[5:25]))
+    assert quiet in store.data and KEY in store.data  # silent for 20 s of record time only: kept
+    run(svc.handle_batch(raw[25:]))
+    run(svc.checkpoint())
+    # 'quiet' last changed at record time +4 s, the newest chunk is +39 s: beyond 30 s, evicted; KEY is live.
+    assert quiet not in store.data and KEY in store.data
+    tombstones = [r for r in kafka.topic(CHANGELOG) if r[2] == quiet]
+    assert tombstones and tombstones[-1][1] is None
+    assert latest_values(run_read(kafka)).get(quiet) is None
+
+
+def run_read(kafka: FakeKafka) -> Iterable[Stored]:
+    return asyncio.run(kafka.read_changelog([0]))  # type: ignore[return-value]
+
+
+def test_states_of_partitions_another_worker_owns_are_not_evicted() -> None:
+    settings = SETTINGS.model_copy(update={"evict_after_s": 1.0, "evict_check_interval_s": 1e-9})
+    raw = raw_records(30)
+    kafka = FakeKafka(raw)
+    store = DictStore()
+    svc = ProcessorService(settings, store=store, changelog=CHANGELOG, producer=kafka, read_back=kafka.read_back,
+                           read_changelog=kafka.read_changelog, registry=CollectorRegistry())
+    run(svc.handle_batch(raw[:10]))
+    other = device_key("clinic-1", "elsewhere").encode()
+    from bpstream.services.processor.state import decode_state, encode_state
+
+    foreign = decode_state(store.data[KEY])
+    foreign.partition = 7  # a partition this worker was never assigned
+    store.put(other, encode_state(foreign))
+    run(svc.handle_batch(raw[10:]))
+    assert other in store.data
