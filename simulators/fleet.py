@@ -432,6 +432,8 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
     def flush() -> None:
         """Gateway batching: publish what each gateway collected, in batches of at most ``gateway_batch``."""
         nonlocal publishes
+        if not cfg.gateway_batch:
+            return
         for gw in gateways:
             pending, gw.pending = gw.pending, []
             for at in range(0, len(pending), cfg.gateway_batch):
