@@ -3,6 +3,8 @@
 * ``SignalChunk``: what a wearable publishes over MQTT and the bridge forwards to ``signals.raw``; a compact
   binary encoding (``encode_chunk`` / ``decode_chunk``): int16 samples with a per-channel scale and offset,
   and a CRC32, so one second of ECG+PPG at 125 Hz costs about 570 bytes.
+* ``ChunkBatch`` (``bpstream.shared.gateway``, v1): a clinic gateway's MQTT message carrying several encoded
+  chunks (several devices and/or seconds); the bridge splits it into the same per-chunk ``signals.raw`` records.
 * ``Window``, ``Estimate``, ``Alert``, ``DeadLetter``, ``CuffReading``, ``CalibrationRecord``: msgspec structs
   between services (MessagePack for windows, which carry samples; JSON for the rest, which people read in
   Kafka tools).

@@ -2,8 +2,10 @@
 
 Devices publish to ``bpstream/<clinic>/<device>/signals`` and announce presence (and their last will) on
 ``bpstream/<clinic>/<device>/status``; a clinic's validated cuff (or a clinician, ``bpstream calibrate``)
-publishes a cuff reading for a patient's device on ``bpstream/<clinic>/<device>/cuff``. Bridges read signals
-and cuff readings through MQTT 5 shared subscriptions so several bridges split the load.
+publishes a cuff reading for a patient's device on ``bpstream/<clinic>/<device>/cuff``. A clinic gateway
+publishes batches of its devices' chunks (``shared.gateway.ChunkBatch``) on
+``bpstream/<clinic>/gateway/<gateway>/batch`` (five levels, so it never collides with a device's topics). Bridges
+read signals, batches and cuff readings through MQTT 5 shared subscriptions so several bridges split the load.
 """
 
 from __future__ import annotations
@@ -32,7 +34,23 @@ def mqtt_cuff_topic(clinic_id: str, device_id: str) -> str:
     return f"{MQTT_ROOT}/{clinic_id}/{device_id}/cuff"
 
 
+def mqtt_gateway_topic(clinic_id: str, gateway_id: str) -> str:
+    """Topic a clinic gateway publishes its chunk batches to."""
+    return f"{MQTT_ROOT}/{clinic_id}/gateway/{gateway_id}/batch"
+
+
+def parse_gateway_topic(topic: str) -> tuple[str, str]:
+    """Return ``(clinic_id, gateway_id)`` of a gateway batch topic or raise ``ValueError``."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != MQTT_ROOT or parts[2] != "gateway" or parts[4] != "batch":
+        raise ValueError(f"not a gateway batch topic: {topic!r}")
+    if not ID_PATTERN.match(parts[1]) or not ID_PATTERN.match(parts[3]):
+        raise ValueError(f"bad clinic or gateway id in topic {topic!r}")
+    return parts[1], parts[3]
+
+
 MQTT_SIGNALS_WILDCARD = f"{MQTT_ROOT}/+/+/signals"
+MQTT_GATEWAY_WILDCARD = f"{MQTT_ROOT}/+/gateway/+/batch"
 MQTT_CUFF_WILDCARD = f"{MQTT_ROOT}/+/+/cuff"
 MQTT_STATUS_WILDCARD = f"{MQTT_ROOT}/+/+/status"
 

@@ -61,6 +61,9 @@ def fleet_cmd(
     burst_len: float = typer.Option(5.0, help="...for this long, then send the backlog at once."),
     crisis_onset: float = typer.Option(30.0, help="Device second at which crisis/hypotension episodes start."),
     connections: int = typer.Option(None, help="MQTT connections (default: per device up to 100 devices)."),
+    gateway_batch: int = typer.Option(0, min=0, max=256,
+                                      help="Each connection acts as a clinic gateway and sends its chunks of a "
+                                           "second as batches of at most N (0: one message per chunk)."),
     truth: Path = typer.Option(None, help="Write ground truth (JSON lines) here."),
     enrol: bool = typer.Option(True, "--enrol/--no-enrol",
                                help="Enrol each patient with a simulated cuff reading on its cuff topic."),
@@ -79,7 +82,7 @@ def fleet_cmd(
                           reconnect_every_s=reconnect_every, burst_every_s=burst_every, burst_len_s=burst_len,
                           crisis_onset_s=crisis_onset, connections=connections, truth_path=truth,
                           enrol=enrol, enrol_at_s=enrol_at, recalibrate_every_s=recalibrate_every,
-                          cuff_sd_mmhg=cuff_sd)
+                          cuff_sd_mmhg=cuff_sd, gateway_batch=gateway_batch)
         report = asyncio.run(run_fleet(cfg))
     except BpstreamError as exc:
         _fail(exc)

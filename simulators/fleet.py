@@ -31,10 +31,17 @@ from typing import IO, Any
 import numpy as np
 
 from bpstream.shared.errors import TransientError
+from bpstream.shared.gateway import MAX_BATCH_CHUNKS, ChunkBatch, encode_batch
 from bpstream.shared.messages import SignalChunk, encode_chunk
 from bpstream.shared.settings import MqttSettings
 from bpstream.shared.tls import client_ssl_context
-from bpstream.shared.topics import ID_PATTERN, mqtt_cuff_topic, mqtt_signals_topic, mqtt_status_topic
+from bpstream.shared.topics import (
+    ID_PATTERN,
+    mqtt_cuff_topic,
+    mqtt_gateway_topic,
+    mqtt_signals_topic,
+    mqtt_status_topic,
+)
 from bpstream.simulators.cohort import build_cohort
 from bpstream.simulators.errors import InvalidParameterError
 from bpstream.simulators.mqtt_async import AsyncMqttConnection
@@ -101,6 +108,10 @@ class FleetConfig:
     #: SD of the simulated cuff's error (mmHg), the same for SBP and DBP, drawn independently.
     cuff_sd_mmhg: float = 5.0
     cuff_id: str = "sim-cuff"
+    #: 0: each chunk is its own message on its device's topic. N >= 1: each MQTT connection acts as a clinic
+    #: gateway and sends what it collected in a tick as ``ChunkBatch`` messages of at most N chunks on
+    #: ``bpstream/<clinic>/gateway/<gateway>/batch`` (see ``bpstream.shared.gateway``).
+    gateway_batch: int = 0
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return client_ssl_context(self.ca_file) if self.tls else None
@@ -126,6 +137,9 @@ class FleetConfig:
             raise InvalidParameterError("burst_len_s must be > 0 and reconnect_pause_s >= 0")
         if not (1 <= self.mqtt_port <= 65535):
             raise InvalidParameterError(f"mqtt_port must be within [1, 65535], got {self.mqtt_port}")
+        if not (0 <= self.gateway_batch <= MAX_BATCH_CHUNKS):
+            raise InvalidParameterError(f"gateway_batch must be within [0, {MAX_BATCH_CHUNKS}], "
+                                        f"got {self.gateway_batch}")
         if self.qos not in (0, 1, 2):
             raise InvalidParameterError(f"qos must be 0, 1 or 2, got {self.qos}")
         if self.connections is not None and not (1 <= self.connections <= self.devices):
@@ -313,6 +327,9 @@ class _Gateway:
     devices: list[int]
     online: bool = True
     queue: list[tuple[str, bytes]] = field(default_factory=list)
+    #: Gateway batching: chunks collected this tick, and the gateway's batch topic.
+    pending: list[bytes] = field(default_factory=list)
+    batch_topic: str = ""
     next_drop_s: float = math.inf
     back_at_s: float = -1.0
     burst_until_s: float = -1.0
@@ -341,7 +358,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         conn = AsyncMqttConnection(f"bpsim-{run_tag}-{owner}"[:64], cfg.mqtt_host, cfg.mqtt_port,
                                    will_topic=mqtt_status_topic(cfg.clinic_id, owner), username=cfg.username,
                                    password=cfg.password, tls=cfg.ssl_context())
-        gw = _Gateway(conn, list(range(j, n, n_conn)))
+        gw = _Gateway(conn, list(range(j, n, n_conn)), batch_topic=mqtt_gateway_topic(cfg.clinic_id, owner))
         if cfg.reconnect_every_s:
             gw.next_drop_s = float(net.uniform(0.2, 1.0) * cfg.reconnect_every_s)
         if cfg.burst_every_s:
@@ -404,10 +421,26 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
     def send(gw: _Gateway, topic: str, payload: bytes) -> None:
         nonlocal publishes
         if gw.online and device_s >= gw.burst_until_s:
+            if cfg.gateway_batch:
+                gw.pending.append(payload)  # sent by flush() at the end of the tick
+                return
             gw.conn.publish(topic, payload, qos=cfg.qos)
             publishes += 1
         else:
             gw.queue.append((topic, payload))
+
+    def flush() -> None:
+        """Gateway batching: publish what each gateway collected, in batches of at most ``gateway_batch``."""
+        nonlocal publishes
+        if not cfg.gateway_batch:
+            return
+        for gw in gateways:
+            pending, gw.pending = gw.pending, []
+            for at in range(0, len(pending), cfg.gateway_batch):
+                batch = ChunkBatch(clinic_id=cfg.clinic_id, gateway_id=gw.batch_topic.split("/")[3],
+                                   chunks=pending[at:at + cfg.gateway_batch])
+                gw.conn.publish(gw.batch_topic, encode_batch(batch), qos=cfg.qos)
+                publishes += 1
 
     clean_end = False
     try:
@@ -506,6 +539,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
                 truth.cuffs.append(cuff)
                 if truth_fh is not None:
                     truth_fh.write(json.dumps(cuff.as_json()) + "\n")
+            flush()
             if truth_fh is not None:
                 truth_fh.flush()
         device_s = float(n_chunks)
@@ -531,6 +565,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             queued, gw.queue = gw.queue, []
             for topic, payload in queued:
                 send(gw, topic, payload)
+        flush()
         await asyncio.gather(*(g.conn.drain(within_s=60.0) for g in gateways),
                              *([cuff_conn.drain(within_s=30.0)] if cuff_conn else []))
         unacked = sum(g.conn.unacked for g in gateways) + (cuff_conn.unacked if cuff_conn else 0)

@@ -18,12 +18,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                                help="Inference processes in the consumer group."),
         output: Path | None = typer.Option(None, "--output", help="Also write the results as JSON here."),
         profile: bool = typer.Option(False, "--profile", help="cProfile inference, alerting and the writer."),
+        gateway_batch: int = typer.Option(0, "--gateway-batch", min=0, max=256,
+                                          help="Gateways of N devices, each sending a second's chunks as one "
+                                               "batch message (0: one message per chunk)."),
     ) -> None:
         """The whole system in real time: devices sustained, p50/p99 latency, consumer lag, messages lost."""
         from bpstream.demo.bench import BenchConfig, run_bench
 
         run_bench(BenchConfig(devices=devices, duration_s=duration, inference_workers=inference_workers,
-                              output=output, profile=profile))
+                              output=output, profile=profile, gateway_batch=gateway_batch))
 
     @bench.command("writer")
     def bench_writer(

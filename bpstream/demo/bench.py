@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import platform
 import re
@@ -45,6 +46,9 @@ class BenchConfig:
     keep_database: bool = False
     #: Run inference, alerting and the writer under cProfile and summarise where their main thread spends time.
     profile: bool = False
+    #: 0: one MQTT message per chunk. N >= 1: gateways of N devices, each sending its chunks of a second as
+    #: one ``ChunkBatch`` (``FleetConfig.gateway_batch``).
+    gateway_batch: int = 0
 
 
 @dataclass(slots=True)
@@ -74,6 +78,11 @@ class BenchResult:
     cpu_s: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     profile: dict[str, list[str]] = field(default_factory=dict)
+    gateway_batch: int = 0
+    #: CPU seconds per process, per 1,000 devices, per 60 s of streaming (``cpu_s`` scaled).
+    cpu_s_per_1000_devices_per_min: dict[str, float] = field(default_factory=dict)
+    #: The five services' CPU per 1,000 devices, in cores (CPU s per s of streaming).
+    services_cores_per_1000_devices: float = float("nan")
 
 
 def summarise_profile(path: Path, top: int = 12) -> list[str]:
@@ -156,7 +165,8 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
                                                       "BPSTREAM_INFERENCE_LOG_LEVEL": "WARNING"}})
     fleet_cfg = FleetConfig(**mqtt_connection(endpoints.mqtt_settings("simulator")), devices=cfg.devices,
                             duration_s=cfg.duration_s, speed=1.0, clinic_id=tag, device_prefix=f"{tag}-d",
-                            scenario="mixed", seed=1)
+                            scenario="mixed", seed=1, gateway_batch=cfg.gateway_batch,
+                            connections=math.ceil(cfg.devices / cfg.gateway_batch) if cfg.gateway_batch else None)
     max_lag: dict[str, int] = {}
     async with Pipeline(pconf) as pipeline:
         await pipeline.start()
@@ -227,7 +237,25 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         to_estimate_p99_ms=round(float(np.percentile(to_estimate, 99)), 1) if len(to_estimate) else float("nan"),
         max_lag=max_lag, drain_s=round(drain_s, 1), sustained=drain_s <= 3 * hop_s + 5 and fleet.max_lag_s < 1.0,
         fleet_max_lag_s=round(fleet.max_lag_s, 2), cpu_s=cpu, metrics={k: round(v, 3) for k, v in metrics.items()},
-        profile=profile)
+        profile=profile, gateway_batch=cfg.gateway_batch, **per_1000_devices(cpu, cfg.devices, cfg.duration_s))
+
+
+#: The pipeline's five services (processes the bench starts), as named in ``cpu_s``.
+SERVICES = ("bridge", "processor", "inference", "alerting", "writer")
+
+
+def per_1000_devices(cpu: dict[str, float], devices: int, duration_s: float) -> dict[str, Any]:
+    """CPU s per 1,000 devices per minute of streaming, per process, and the five services' cores per 1,000.
+
+    >>> out = per_1000_devices({"bridge": 6.0, "processor": 12.0, "server:kafka": 3.0}, 500, 60.0)
+    >>> out["cpu_s_per_1000_devices_per_min"], out["services_cores_per_1000_devices"]
+    ({'bridge': 12.0, 'processor': 24.0, 'server:kafka': 6.0}, 0.6)
+    """
+    scale = (1000.0 / devices) * (60.0 / duration_s)
+    per = {k: round(v * scale, 2) for k, v in cpu.items()}
+    services = sum(v for k, v in cpu.items() if k.split("-")[0] in SERVICES)
+    return {"cpu_s_per_1000_devices_per_min": per,
+            "services_cores_per_1000_devices": round(services / duration_s * 1000.0 / devices, 3)}
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -261,6 +289,10 @@ def print_result(r: BenchResult) -> None:
         ("max consumer lag", ", ".join(f"{g.removeprefix('bpstream-')} {n}" for g, n in sorted(r.max_lag.items()))),
         ("simulator max lag behind real time (s)", r.fleet_max_lag_s),
         ("CPU s per service", ", ".join(f"{k} {v}" for k, v in sorted(r.cpu_s.items(), key=lambda kv: -kv[1]))),
+        ("CPU s per 1,000 devices per min", ", ".join(
+            f"{k} {v}" for k, v in sorted(r.cpu_s_per_1000_devices_per_min.items(), key=lambda kv: -kv[1]))),
+        ("five services: cores per 1,000 devices", r.services_cores_per_1000_devices),
+        ("gateway batch (chunks per message, 0: none)", r.gateway_batch),
         ("inference: windows / batches / model s", f"{windows:.0f} / {batches:.0f} / {model_s:.1f}"),
         ("inference: mean batch, ms model per window",
          f"{windows / batches:.1f}, {1000 * model_s / windows:.2f}" if batches and windows else "n/a"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from bpstream.devices.registry import RegistryError, render_acl, render_passwd, write_private
+from bpstream.devices.registry import RegistryError, gateway_key, render_acl, render_passwd, write_private
 
 devices = typer.Typer(help="Per-device MQTT credentials: add, revoke, list (applied without a broker restart).",
                       no_args_is_help=True)
@@ -63,12 +63,22 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _device_or_gateway(device: str | None, gateway: str | None) -> str:
+    """The registry key: the device id, or ``gateway/<id>`` for a gateway (exactly one must be given)."""
+    if (device is None) == (gateway is None):
+        raise _fail("give exactly one of --device and --gateway")
+    return device if device is not None else gateway_key(gateway or "")
+
+
 STATE_OPTION = typer.Option(None, help="Folder with the registry and the broker's auth files "
                                        "(default: the local servers' state).")
 
 
 @devices.command("add")
-def add(clinic: str = typer.Option(..., help="Clinic id."), device: str = typer.Option(..., help="Device id."),
+def add(clinic: str = typer.Option(..., help="Clinic id."), device: str = typer.Option(None, help="Device id."),
+        gateway: str = typer.Option(None, help="Register a clinic gateway instead of a device: MQTT user "
+                                               "CLINIC/gateway/GATEWAY, allowed bpstream/CLINIC/gateway/GATEWAY/"
+                                               "{batch,status} (batches of this clinic's devices only)."),
         password_file: Path = typer.Option(None, help="Write the password to this new file (mode 0600) instead "
                                                       "of printing it."),
         rotate: bool = typer.Option(False, help="Give an active device a new password."),
@@ -77,6 +87,7 @@ def add(clinic: str = typer.Option(..., help="Clinic id."), device: str = typer.
     """Register a device: its MQTT user is CLINIC/DEVICE, allowed bpstream/CLINIC/DEVICE/{signals,status,cuff}."""
     from bpstream.localservers import mqtt_security
 
+    device = _device_or_gateway(device, gateway)
     folder = _state(state)
     if password_file is not None and password_file.exists():
         raise _fail(f"{password_file} exists; choose a new file")
@@ -96,11 +107,13 @@ def add(clinic: str = typer.Option(..., help="Clinic id."), device: str = typer.
 
 
 @devices.command("revoke")
-def revoke(clinic: str = typer.Option(...), device: str = typer.Option(...), state: Path = STATE_OPTION,
+def revoke(clinic: str = typer.Option(...), device: str = typer.Option(None), gateway: str = typer.Option(None),
+           state: Path = STATE_OPTION,
            reload: bool = typer.Option(True, help="SIGHUP the local broker so the change applies at once.")) -> None:
     """Revoke a device: its account leaves the broker's password file and ACL; a connected device is cut off."""
     from bpstream.localservers import mqtt_security
 
+    device = _device_or_gateway(device, gateway)
     folder = _state(state)
     try:
         with mqtt_security.registry_locked(folder) as registry:

@@ -7,6 +7,10 @@ byte for byte to ``signals.raw`` keyed by device and the invalid ones to ``signa
 acknowledged all of them, and only then acknowledges the MQTT messages. A message is therefore either in
 Kafka or still unacknowledged in the broker's session, which redelivers it after a reconnect or restart.
 
+Gateway batches (``bpstream/<clinic>/gateway/<gateway>/batch``, ``shared.gateway``) are split into the same
+per-chunk records (``batches.split_batch``: each chunk validated, limited and dead-lettered on its own); the
+MQTT message is acknowledged once all of its records are in Kafka.
+
 Cuff readings (``bpstream/<clinic>/<device>/cuff``, JSON) take the same path: validated
 (``stage.validate_cuff``), forwarded as a normalised ``CuffReading`` to the compacted ``cuff`` topic keyed by
 ``clinic/device``, or dead-lettered with the reason (``bpstream_bridge_rejected_total{reason="cuff_..."}``).
@@ -33,6 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from bpstream.services.bridge.batches import split_batch
 from bpstream.services.bridge.limits import RATE_LIMITED, LimitChecker
 from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.services.bridge.stage import Rejection, device_of, validate_cuff, validate_payload
@@ -50,6 +55,7 @@ from bpstream.shared.topics import (
     cuff_key,
     device_key,
     mqtt_cuff_topic,
+    mqtt_gateway_topic,
     mqtt_shared_subscription,
     mqtt_signals_topic,
 )
@@ -212,7 +218,9 @@ class Bridge(Component):
         topic_filter = mqtt_signals_topic(self.settings.clinic, "+")
         cuff_filter = mqtt_cuff_topic(self.settings.clinic, "+")
         filters = [mqtt_shared_subscription(self.settings.share_group, topic_filter),
-                   mqtt_shared_subscription(self.settings.share_group, cuff_filter)]
+                   mqtt_shared_subscription(self.settings.share_group, cuff_filter),
+                   mqtt_shared_subscription(self.settings.share_group,
+                                            mqtt_gateway_topic(self.settings.clinic, "+"))]
         if self.settings.retire:
             # Leave the share group: no new messages are routed to this session; what it holds still comes.
             client.unsubscribe(filters)
@@ -315,7 +323,11 @@ class Bridge(Component):
         limits = self.settings.cuff_limits()
         time_limits = self.settings.device_time_limits()
         mono = time.monotonic()
+        forwarded = 0
         for item in batch:
+            if item.topic.endswith("/batch"):
+                forwarded += self._split(item, records, rejected, now, mono)
+                continue
             try:
                 limited = self._limits.check(device_of(item.topic), len(item.payload), mono)
                 if limited is not None:
@@ -329,13 +341,14 @@ class Bridge(Component):
                 log.exception("validation failed")
                 verdict = Rejection("internal_error", f"{type(exc).__name__}: {exc}")
             if isinstance(verdict, Rejection):
-                records.append((SIGNALS_DLQ, self._dead_letter(item, verdict, now), STAGE))
+                records.append((SIGNALS_DLQ, self._dead_letter(item.topic, item.payload, verdict, now), STAGE))
                 rejected.append(verdict.reason)
             elif isinstance(verdict, CuffReading):
                 records.append((CUFF, encode_json(verdict), cuff_key(verdict.clinic_id, verdict.device_id)))
                 cuffs += 1
             else:
                 records.append((SIGNALS_RAW, item.payload, device_key(verdict.clinic_id, verdict.device_id)))
+                forwarded += 1
         started = time.perf_counter()
         attempt = 0
         while True:
@@ -366,16 +379,38 @@ class Bridge(Component):
                 client.ack(item.mid, item.qos)
         self._in_flight -= len(batch)
         self.metrics.in_flight.set(self._in_flight)
-        self.metrics.forwarded.inc(len(batch) - len(rejected) - cuffs)
+        self.metrics.forwarded.inc(forwarded)
         self.metrics.cuff_forwarded.inc(cuffs)
         for reason in rejected:
             self.metrics.rejected.labels(reason=reason).inc()
         if rejected:
             log.info("dead-lettered payloads", extra={"count": len(rejected), "reasons": sorted(set(rejected))})
 
+    def _split(self, item: Incoming, records: list[tuple[KafkaTopic, bytes, str | bytes | None]],
+               rejected: list[str], now: int, mono: float) -> int:
+        """Append a gateway batch's records (its chunks, or one dead letter); return the chunks forwarded."""
+        try:
+            verdicts = split_batch(item.topic, item.payload, self.settings.allowed_sample_rates, self._limits,
+                                   mono=mono, now_ns=now, time_limits=self.settings.device_time_limits())
+        except Exception as exc:  # a bug, not bad input (see _forward)
+            log.exception("batch validation failed")
+            verdicts = Rejection("internal_error", f"{type(exc).__name__}: {exc}")
+        if isinstance(verdicts, Rejection):
+            records.append((SIGNALS_DLQ, self._dead_letter(item.topic, item.payload, verdicts, now), STAGE))
+            rejected.append(verdicts.reason)
+            return 0
+        forwarded = 0
+        for one in verdicts:
+            if isinstance(one.verdict, Rejection):
+                records.append((SIGNALS_DLQ, self._dead_letter(item.topic, one.payload, one.verdict, now), STAGE))
+                rejected.append(one.verdict.reason)
+            else:
+                records.append((SIGNALS_RAW, one.payload, device_key(one.verdict.clinic_id, one.verdict.device_id)))
+                forwarded += 1
+        return forwarded
+
     @staticmethod
-    def _dead_letter(item: Incoming, rejection: Rejection, now_ns: int) -> bytes:
-        payload = item.payload
+    def _dead_letter(source: str, payload: bytes, rejection: Rejection, now_ns: int) -> bytes:
         detail = rejection.detail
         if rejection.reason == RATE_LIMITED:
             payload = b""  # a flood must not fill the dead-letter topic: the reason and the source suffice
@@ -387,7 +422,7 @@ class Bridge(Component):
             stage=STAGE,
             reason=rejection.reason,
             detail=detail[:1000],
-            source=item.topic,
+            source=source,
             payload=payload,
             key=None,
             received_ns=now_ns,

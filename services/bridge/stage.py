@@ -80,6 +80,13 @@ def validate_payload(topic: str, payload: bytes, allowed_rates: Collection[float
             TOPIC_MISMATCH,
             f"topic names {clinic_id}/{device_id}, payload {chunk.clinic_id}/{chunk.device_id}",
         )
+    return check_chunk(chunk, allowed_rates, now_ns=now_ns, time_limits=time_limits) or chunk
+
+
+def check_chunk(chunk: SignalChunk, allowed_rates: Collection[float], *, now_ns: int | None = None,
+                time_limits: DeviceTimeLimits | None = None) -> Rejection | None:
+    """What a decoded chunk must satisfy beyond the codec (sample rate, device time): None when it may go on.
+    Shared by single-chunk messages and the chunks of a gateway batch."""
     if allowed_rates and not any(abs(chunk.sample_rate - rate) < 1e-6 for rate in allowed_rates):
         return Rejection(
             BAD_SAMPLE_RATE, f"sample rate {chunk.sample_rate:g} Hz is not one of {sorted(allowed_rates)}"
@@ -91,7 +98,7 @@ def validate_payload(topic: str, payload: bytes, allowed_rates: Collection[float
                                     max_behind_ns=None if behind is None else round(behind * 1e9))
         if verdict is not None:
             return Rejection(verdict.reason, verdict.detail)
-    return chunk
+    return None
 
 
 @dataclass(frozen=True, slots=True)

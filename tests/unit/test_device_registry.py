@@ -131,3 +131,37 @@ def test_devices_cli_against_a_registry_folder_writes_fragments_and_no_password(
     listing = runner.invoke(app, ["devices", "list", "--state", str(state)]).output
     assert "c1\td1\t" in listing and "revoked" in listing and "c1\td2\t" in listing
     assert not (state / "mqtt-accounts.json").exists()  # no local service accounts in a deployment's registry
+
+
+def test_a_gateway_account_may_write_only_its_own_batch_topic(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bpstream.cli import app
+
+    runner = CliRunner()
+    state = tmp_path / "registry"
+    added = runner.invoke(app, ["devices", "add", "--clinic", "c1", "--gateway", "gw1", "--state", str(state),
+                                "--no-reload"])
+    assert added.exit_code == 0, added.output
+    assert "username: c1/gateway/gw1" in added.output
+    both = runner.invoke(app, ["devices", "add", "--clinic", "c1", "--device", "d", "--gateway", "g",
+                               "--state", str(state), "--no-reload"])
+    assert both.exit_code == 2  # exactly one of --device and --gateway
+    # a device named like the gateway is another account
+    assert runner.invoke(app, ["devices", "add", "--clinic", "c1", "--device", "gw1", "--state", str(state),
+                               "--no-reload"]).exit_code == 0
+    acl = [line for line in (state / "devices.acl").read_text().splitlines() if line]
+    at = acl.index("user c1/gateway/gw1")
+    assert acl[at + 1: at + 3] == ["topic write bpstream/c1/gateway/gw1/batch",
+                                   "topic readwrite bpstream/c1/gateway/gw1/status"]
+    assert "user c1/gw1" in acl
+    users = [line.split(":")[0] for line in (state / "devices.passwd").read_text().splitlines()]
+    assert users == ["c1/gateway/gw1", "c1/gw1"]
+    assert runner.invoke(app, ["devices", "revoke", "--clinic", "c1", "--gateway", "gw1", "--state", str(state),
+                               "--no-reload"]).exit_code == 0
+    assert "user c1/gateway/gw1" not in (state / "devices.acl").read_text()
+    # the bridge reads every gateway's batches; the simulator (tests, demo) may publish them
+    assert "topic read bpstream/+/gateway/+/batch" in SERVICE_ACLS["bpstream-bridge"]
+    assert "topic write bpstream/+/gateway/+/batch" in SERVICE_ACLS["bpstream-simulator"]
+    with pytest.raises(RegistryError):
+        Registry().add("c1", "gateway/bad id", now=1.0)
