@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from bpstream.services.bridge.service import Bridge
+from bpstream.services.bridge.service import BridgeService
 from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.shared.logging import configure_logging
 from bpstream.shared.service import run_until_signalled
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 async def serve(settings: BridgeSettings, stop: asyncio.Event) -> None:
     """Run one bridge with its health server until ``stop`` is set; drain and disconnect on the way out."""
-    async with Bridge(settings) as bridge:
+    async with BridgeService(settings) as bridge:
         port = settings.metrics_port if settings.metrics_port > 0 else -1
         async with HealthServer(settings.metrics_host, port, bridge.ready):
             await bridge.run(stop)

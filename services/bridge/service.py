@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from bpstream.shared.errors import BpstreamError
 from bpstream.shared.kafka import RecoveringProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, CuffReading, DeadLetter, SignalChunk, encode_json
 from bpstream.shared.mqtt import configure_client
-from bpstream.shared.retry import retry_async
+from bpstream.shared.retry import backoff_delay, retry_async
 from bpstream.shared.service import Component
 from bpstream.shared.topics import (
     CUFF,
@@ -109,7 +108,7 @@ class Incoming:
     qos: int
 
 
-class Bridge(Component):
+class BridgeService(Component):
     """Async context manager: connects Kafka and MQTT on enter; :meth:`run` forwards until ``stop`` is set."""
 
     def __init__(self, settings: BridgeSettings, *, registry: CollectorRegistry = REGISTRY) -> None:
@@ -365,7 +364,7 @@ class Bridge(Component):
                     )
                     return
                 attempt += 1
-                delay = random.uniform(0.0, min(5.0, 0.1 * 2 ** min(attempt, 6)))  # capped, full jitter
+                delay = backoff_delay(attempt - 1)  # the shared capped, full-jitter formula
                 log.warning(
                     "kafka send failed; retrying",
                     extra={"reason": exc.reason, "attempt": attempt, "batch": len(records), "delay_s": delay},
