@@ -17,7 +17,8 @@ from pathlib import Path
 
 import typer
 
-from bpstream.devices.registry import RegistryError, gateway_key, render_acl, render_passwd, write_private
+from bpstream.devices.registry import RegistryError, gateway_key, render_acl, render_passwd
+from bpstream.localservers.credentials import write_private
 
 devices = typer.Typer(help="Per-device MQTT credentials: add, revoke, list (applied without a broker restart).",
                       no_args_is_help=True)

@@ -22,11 +22,9 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from bpstream.shared.topics import ID_PATTERN
 
@@ -206,14 +204,3 @@ def render_acl(registry: Registry, services: Mapping[str, tuple[str, ...]] = SER
     return "\n".join(out)
 
 
-def write_private(path: Path, text: str, *, owner: tuple[int, int] | None = None) -> None:
-    """Write ``text`` atomically to ``path`` with mode 0600 (and ``owner``, for the broker's user)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(tmp, 0o600)
-    if owner is not None:
-        os.chown(tmp, *owner)
-    tmp.replace(path)

@@ -13,14 +13,12 @@ fixtures and the demo harness call it through the admin for each database they u
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from bpstream.localservers.credentials import stored_passwords
 from bpstream.shared.settings import InfluxSettings
 
 if TYPE_CHECKING:
@@ -33,27 +31,9 @@ GRAFANA = "grafana"
 SERVICE_USERS = {"writer": WRITER, "grafana": GRAFANA}
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(path, 0o600)
-
-
 def users(state: Path) -> dict[str, str]:
     """Every InfluxDB user and its password (created once, mode 0600, reused afterwards)."""
-    path = state / "influx-users.json"
-    try:
-        known: dict[str, str] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    wanted = (ADMIN, WRITER, GRAFANA)
-    if all(name in known for name in wanted):
-        return known
-    state.mkdir(parents=True, exist_ok=True)
-    known = {name: known.get(name) or secrets.token_urlsafe(24) for name in wanted}
-    _write_private(path, json.dumps(known, indent=2, sort_keys=True) + "\n")
-    return known
+    return stored_passwords(state / "influx-users.json", (ADMIN, WRITER, GRAFANA))
 
 
 def server_tls(state: Path) -> pki.TlsFiles:

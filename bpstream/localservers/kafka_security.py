@@ -13,9 +13,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from bpstream.localservers.credentials import stored_passwords, write_private
 from bpstream.shared.settings import KafkaSettings
 
 if TYPE_CHECKING:
@@ -84,32 +82,14 @@ _OPS = {"read": (_READ, _DESCRIBE, _DESCRIBE_CONFIGS, _CREATE), "write": (_WRITE
         "create": (_CREATE, _DESCRIBE), "describe": (_DESCRIBE,)}
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(path, 0o600)
-
-
 def users(state: Path) -> dict[str, str]:
     """Every Kafka user and its password (created once, mode 0600, reused afterwards)."""
-    path = state / "kafka-users.json"
-    try:
-        known: dict[str, str] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    wanted = (ADMIN, *SERVICES)
-    if all(name in known for name in wanted):
-        return known
-    state.mkdir(parents=True, exist_ok=True)
-    known = {name: known.get(name) or secrets.token_urlsafe(24) for name in wanted}
-    _write_private(path, json.dumps(known, indent=2, sort_keys=True) + "\n")
-    return known
+    return stored_passwords(state / "kafka-users.json", (ADMIN, *SERVICES))
 
 
 def write_key_store(files: pki.TlsFiles, store: Path) -> None:
     """Kafka's PEM key store (``ssl.keystore.type=PEM``): the private key and the certificate, mode 0600."""
-    _write_private(store, files.key.read_text() + files.cert.read_text())
+    write_private(store, files.key.read_text() + files.cert.read_text())
 
 
 def server_tls(state: Path) -> pki.TlsFiles:

@@ -26,8 +26,8 @@ from bpstream.devices.registry import (
     new_password,
     render_acl,
     render_passwd,
-    write_private,
 )
+from bpstream.localservers.credentials import write_private
 
 if TYPE_CHECKING:
     from bpstream.localservers import pki

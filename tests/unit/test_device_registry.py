@@ -16,8 +16,8 @@ from bpstream.devices.registry import (
     render_acl,
     render_passwd,
     verify_password,
-    write_private,
 )
+from bpstream.localservers.credentials import write_private
 
 # Written by Debian's `mosquitto_passwd -b file u1 secret` (Mosquitto 2.0.11).
 MOSQUITTO_PASSWD_LINE = ("u1:$7$101$66Qda8am0PGDf+Gx$gv8+gXYkC/la3Iq5f6h+Q/gf8IpS9ZI+GPRiPdYqADZgZSuZkGvhUcgzcbBRnkuI"
