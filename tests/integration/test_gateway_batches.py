@@ -22,7 +22,8 @@ from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import SIGNALS_DLQ, SIGNALS_RAW, mqtt_gateway_topic, mqtt_signals_topic
 from bpstream.simulators.fleet import FleetConfig, mqtt_connection, run_fleet
 
-pytestmark = pytest.mark.integration
+# `bpstream devices` reloads the shared broker (SIGHUP): restart it for the tests after these.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_mosquitto_afterwards")]
 
 
 @pytest.fixture

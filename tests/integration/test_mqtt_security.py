@@ -28,7 +28,8 @@ from bpstream.shared.mqtt import configure_client
 from bpstream.shared.settings import MqttSettings
 from bpstream.shared.topics import mqtt_signals_topic
 
-pytestmark = pytest.mark.integration
+# `bpstream devices` reloads the shared broker (SIGHUP): restart it for the tests after these.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_mosquitto_afterwards")]
 WAIT_S = 10.0
 #: The issue's bound: a revoked device is refused (and a connected one cut off) within 5 s.
 REVOKE_BOUND_S = 5.0
