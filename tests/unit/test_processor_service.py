@@ -63,8 +63,9 @@ class FakeKafka:
         return [decode_window(r[1]).end_ns for r in self.topic(WINDOWS)]
 
 
-def service(kafka: FakeKafka, store: DictStore | None = None) -> ProcessorService:
-    return ProcessorService(SETTINGS, store=store or DictStore(), changelog=CHANGELOG, producer=kafka,
+def service(kafka: FakeKafka, store: DictStore | None = None,
+            settings: ProcessorSettings = SETTINGS) -> ProcessorService:
+    return ProcessorService(settings, store=store or DictStore(), changelog=CHANGELOG, producer=kafka,
                             read_back=kafka.read_back, read_changelog=kafka.read_changelog,
                             registry=CollectorRegistry())
 
@@ -191,8 +192,7 @@ def test_a_silent_devices_state_is_evicted_with_a_tombstone_and_a_returning_devi
     raw = raw_records(40)
     kafka = FakeKafka(raw)
     store = DictStore()
-    svc = ProcessorService(settings, store=store, changelog=CHANGELOG, producer=kafka, read_back=kafka.read_back,
-                           read_changelog=kafka.read_changelog, registry=CollectorRegistry())
+    svc = service(kafka, store, settings)
     run(svc.handle_batch(raw[:5]))
     store.put(quiet, store.data[KEY])  # a second device with the same (early) state: silent from now on
     run(svc.handle_batch(raw[5:25]))
@@ -215,8 +215,7 @@ def test_states_of_partitions_another_worker_owns_are_not_evicted() -> None:
     raw = raw_records(30)
     kafka = FakeKafka(raw)
     store = DictStore()
-    svc = ProcessorService(settings, store=store, changelog=CHANGELOG, producer=kafka, read_back=kafka.read_back,
-                           read_changelog=kafka.read_changelog, registry=CollectorRegistry())
+    svc = service(kafka, store, settings)
     run(svc.handle_batch(raw[:10]))
     other = device_key("clinic-1", "elsewhere").encode()
     from bpstream.services.processor.state import decode_state, encode_state
