@@ -64,6 +64,7 @@ from bpstream.services.processor.state import (
     decode_state,
     encode_state,
     first_grid_end,
+    remember_decoded,
 )
 from bpstream.shared.devicetime import TimeVerdict, check_device_time, check_seq_jump
 from bpstream.shared.errors import DecodeError
@@ -146,6 +147,7 @@ class Reassembler:
         if out.rejected is not None:
             return state, out
         state.clinic_id = chunk.clinic_id
+        remember_decoded(payload, chunk)  # the window cuts use this decoded form instead of decoding again
         item = BufferedChunk(chunk.seq, chunk.t0_ns, chunk.n_samples, received_ns, payload)
         if state.next_seq is None:
             # A device seen for the first time: its first chunks may be reordered too, so they wait like any

@@ -12,7 +12,6 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Final
 
 import msgspec
@@ -139,11 +138,26 @@ class WindowCut:
                              seq_last=self.seq_last, quality_ok=False, detail=detail[:1000], emitted_ns=now_ns)
 
 
-@lru_cache(maxsize=16384)
+#: Decoded forms of buffered chunks, oldest first (a chunk sits in about window/hop windows, so each is cut
+#: from several times). Keyed by the chunk's bytes, so a different chunk can never be mistaken for it.
+DECODED_CHUNKS_MAX: Final = 16384
+_decoded: dict[bytes, SignalChunk] = {}
+
+
+def remember_decoded(payload: bytes, chunk: SignalChunk) -> None:
+    """Keep a chunk the caller has just decoded from ``payload``, so cutting windows does not decode it again."""
+    if len(_decoded) >= DECODED_CHUNKS_MAX:
+        del _decoded[next(iter(_decoded))]  # dicts keep insertion order: drop the oldest
+    _decoded[payload] = chunk
+
+
 def decode_buffered(payload: bytes) -> SignalChunk:
-    """Decode a buffered chunk's bytes. A chunk sits in about window/hop windows, so its decoded form is kept
-    (keyed by its bytes, so a different chunk can never be mistaken for it); callers must not modify it."""
-    return decode_chunk(payload)
+    """Decode a buffered chunk's bytes, or return the decoded form already kept; callers must not modify it."""
+    chunk = _decoded.get(payload)
+    if chunk is None:
+        chunk = decode_chunk(payload)
+        remember_decoded(payload, chunk)
+    return chunk
 
 
 def chunk_end_ns(chunk: BufferedChunk, fs: float) -> int:
