@@ -94,6 +94,14 @@ class Checkpointer:
             self.store.put(key, value)
             self._unsaved.pop(key, None)
 
+    def discard_unsaved(self) -> None:
+        """Forget the changes since the last checkpoint; the marks among them leave the store too (they may be
+        ahead of the states: the changelog's marks are read again)."""
+        unsaved, self._unsaved = self._unsaved, {}
+        for key in unsaved:
+            if is_offset_mark(key):
+                self.store.delete(key)
+
     @property
     def pending(self) -> int:
         return len(self._unsaved)

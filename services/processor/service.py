@@ -6,11 +6,14 @@ quality records and dead letters out, device states and offset marks checkpointe
 readers for ``signals.raw`` ranges and the changelog, so unit tests can run it on a dict and fakes.
 
 Delivery: a batch's windows and quality records are sent and acknowledged before the batch's device states
-and offset marks are updated in the store; they reach the changelog at checkpoints (every
+and offset marks count as processed; they reach the store and the changelog at checkpoints (every
 ``checkpoint_interval_s``, on SIGTERM, and when a rebalance revokes partitions). After a crash the stored
 state is never ahead of what was published and the records after its marks are read back
 (:mod:`~bpstream.services.processor.readback`), so a replay can re-emit an identical window, never lose one;
 sinks treat ``(device, end_ns)`` as identity.
+
+Between checkpoints the device states stay live objects (decoded from the store once, encoded once per
+checkpoint instead of once per batch); the store holds what the changelog holds.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ class ProcessorService:
         self.store, self.producer = store, producer
         self.read_back, self.read_changelog = read_back, read_changelog
         self.checkpoints = Checkpointer(store, changelog)
+        #: Device states as objects (read from the store once); ``_changed``: keys whose live state is newer
+        #: than the stored one, with their partition (encoded into the store at the next checkpoint).
+        self._live: dict[bytes, DeviceState] = {}
+        self._changed: dict[bytes, int] = {}
         self.started = False
         #: Incremented when partitions are revoked (a rebalance starts); a partition whose state was read from the
         #: changelog in an older generation is read again before its next record is processed.
@@ -123,20 +130,26 @@ class ProcessorService:
             log.warning("records after the stored state were not delivered; read them back from Kafka",
                         extra={"partition": partition, "from_offset": start, "to_offset": end, "records": count})
             self.metrics.read_back.inc(count)
-        for record in ordered.records:
-            try:
-                sends.extend(self._handle(record, states, cuts))
-            except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
-                reason = exc.reason if isinstance(exc, BpstreamError) else "internal_error"
-                log.exception("processing failed", extra={"reason": reason})
-                sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
-        if cuts:
-            sends.extend(self._finish(cuts))
-        if sends:
-            await self.send_until_accepted(sends)
-        # The live state is the store; the changelog gets it at checkpoints (marks after states).
+        try:
+            for record in ordered.records:
+                try:
+                    sends.extend(self._handle(record, states, cuts))
+                except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
+                    reason = exc.reason if isinstance(exc, BpstreamError) else "internal_error"
+                    log.exception("processing failed", extra={"reason": reason})
+                    sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
+            if cuts:
+                sends.extend(self._finish(cuts))
+            if sends:
+                await self.send_until_accepted(sends)
+        except BaseException:
+            if states:
+                self._forget_unsaved()
+            raise
+        # The states are live objects; the store and the changelog get them at checkpoints (marks after states).
         for key, (state, partition) in states.items():
-            self.checkpoints.put(key, encode_state(state), partition)
+            self._live[key] = state
+            self._changed[key] = partition
         for partition, offset in ordered.marks.items():
             self.checkpoints.put_mark(partition, offset)
         if (self.settings.evict_after_s > 0
@@ -162,6 +175,8 @@ class ProcessorService:
             if state is None or state.partition not in owned or not 0 < state.last_received_ns < horizon:
                 continue
             self.checkpoints.delete(key)
+            self._live.pop(key, None)
+            self._changed.pop(key, None)
             evicted += 1
         if evicted:
             self.metrics.evicted.inc(evicted)
@@ -172,6 +187,9 @@ class ProcessorService:
         """Write every device state and offset mark changed since the last checkpoint to the changelog."""
         self._checkpoint_now = False
         self._last_checkpoint = time.monotonic()
+        for key, partition in self._changed.items():
+            self.checkpoints.put(key, encode_state(self._live[key]), partition)
+        self._changed.clear()
         records = self.checkpoints.take()
         if not records:
             return
@@ -185,11 +203,24 @@ class ProcessorService:
         async with self.lock:
             await self.checkpoint()
             self._generation += 1
+            self._live.clear()  # every partition is read from the changelog again before its next record
+
+    def _forget_unsaved(self) -> None:
+        """A batch failed after changing live states (its outputs may not all be in Kafka): forget everything
+        not checkpointed and read every partition from the changelog again before its next record, so no
+        state runs ahead of what was published; the records after the stored marks are read back."""
+        log.warning("a batch failed half-way; device states are read from the changelog again")
+        self._live.clear()
+        self._changed.clear()
+        self.checkpoints.discard_unsaved()
+        self._generation += 1
 
     async def restore_partitions(self, partitions: Sequence[int]) -> None:
         """Load partitions' device states and offset marks from the changelog into the store (one read)."""
         latest = latest_values(await self.read_changelog(list(partitions)))
         self.checkpoints.load(latest)
+        for key in latest:
+            self._live.pop(key, None)
         for partition in partitions:
             self._partition_generation[partition] = self._generation
         log.info("device states read from the changelog",
@@ -271,11 +302,15 @@ class ProcessorService:
         return sends
 
     def _load(self, key: bytes) -> DeviceState | None:
+        live = self._live.get(key)
+        if live is not None:
+            return live
         stored = self.store.get(key)
         if stored is None:
             return None
         try:
-            return decode_state(stored)
+            state = self._live[key] = decode_state(stored)
+            return state
         except DecodeError:
             log.warning("unreadable device state; starting afresh",
                         extra={"device_ref": pseudonym(key.decode(errors="replace"))})

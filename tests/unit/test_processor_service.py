@@ -194,6 +194,7 @@ def test_a_silent_devices_state_is_evicted_with_a_tombstone_and_a_returning_devi
     store = DictStore()
     svc = service(kafka, store, settings)
     run(svc.handle_batch(raw[:5]))
+    run(svc.checkpoint())  # the store holds checkpointed states (live objects in between)
     store.put(quiet, store.data[KEY])  # a second device with the same (early) state: silent from now on
     run(svc.handle_batch(raw[5:25]))
     assert quiet in store.data and KEY in store.data  # silent for 20 s of record time only: kept
@@ -217,6 +218,7 @@ def test_states_of_partitions_another_worker_owns_are_not_evicted() -> None:
     store = DictStore()
     svc = service(kafka, store, settings)
     run(svc.handle_batch(raw[:10]))
+    run(svc.checkpoint())
     other = device_key("clinic-1", "elsewhere").encode()
     from bpstream.services.processor.state import decode_state, encode_state
 
@@ -225,3 +227,32 @@ def test_states_of_partitions_another_worker_owns_are_not_evicted() -> None:
     store.put(other, encode_state(foreign))
     run(svc.handle_batch(raw[10:]))
     assert other in store.data
+
+
+def test_states_stay_live_between_checkpoints_and_a_batch_cut_short_reloads_them_from_the_changelog() -> None:
+    raw = raw_records()
+    reference = FakeKafka(raw)
+    run(service(reference).handle_batch(raw))
+    kafka = FakeKafka(raw)
+    store = DictStore()
+    svc = service(kafka, store)
+    run(svc.handle_batch(raw[:12]))  # a partition without a mark: checkpointed at once
+    stored = store.data[KEY]
+    run(svc.handle_batch(raw[12:20]))
+    assert store.data[KEY] == stored  # live object in between: the store keeps the checkpointed state
+
+    class CutShort(FakeKafka):
+        async def send_many(self, records: Sequence[OutgoingRecord]) -> None:
+            raise asyncio.CancelledError  # e.g. the worker stopped while the outputs were being sent
+
+    svc.producer = CutShort(raw)
+    with pytest.raises(asyncio.CancelledError):
+        run(svc.handle_batch(raw[20:30]))
+    # Nothing of the cut batch was published, so its chunks must not count as seen: the live states are
+    # dropped, every partition is read from the changelog again and the records after its mark read back.
+    svc.producer = kafka
+    run(svc.handle_batch(raw[20:]))
+    assert kafka.read_back_calls == [(0, 12, 20)]
+    assert sorted(set(kafka.window_ends())) == reference.window_ends()  # 12..19's windows again: identical
+    run(svc.checkpoint())
+    assert svc.checkpoints.mark(0) == 40 and store.data[KEY] != stored
