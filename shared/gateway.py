@@ -7,6 +7,12 @@ seconds of one device. Each chunk inside is a complete ``SignalChunk`` in its ow
 every chunk exactly as a single-chunk message and forwards each one byte for byte, keyed ``clinic/device``.
 Single-chunk messages on ``bpstream/<clinic>/<device>/signals`` stay accepted unchanged.
 
+The same envelope also travels on ``signals.raw``: the bridge forwards a gateway batch's valid chunks as one
+``ChunkBatch`` record per Kafka partition (the chunks of the devices whose keys hash to that partition, sent
+to it explicitly, so per-device order and state ownership are those of single-chunk records). A record is a
+chunk when it starts with the chunk magic ``BP``, a batch otherwise (MessagePack maps never start with it);
+:func:`raw_record_chunks` gives the chunks of either.
+
 A batch names its clinic and gateway; both must match the topic it arrived on (the broker's ACL lets a gateway
 account write only its own topic) and every chunk must belong to that clinic (the bridge checks each one).
 
@@ -28,7 +34,7 @@ from typing import Final
 import msgspec
 
 from bpstream.shared.errors import DecodeError, EncodeError
-from bpstream.shared.messages import MAX_CHUNK_BYTES
+from bpstream.shared.messages import CHUNK_MAGIC, MAX_CHUNK_BYTES
 from bpstream.shared.topics import ID_PATTERN
 
 BATCH_VERSION: Final = 1
@@ -87,3 +93,13 @@ def decode_batch(data: bytes | bytearray | memoryview) -> ChunkBatch:
         raise DecodeError(f"batch carries {len(batch.chunks)} chunks > {MAX_BATCH_CHUNKS}",
                           reason="too_many_chunks")
     return batch
+
+
+def is_chunk(value: bytes) -> bool:
+    """True for a single encoded chunk, False for anything else (a ``ChunkBatch`` on ``signals.raw``)."""
+    return value[:2] == CHUNK_MAGIC
+
+
+def raw_record_chunks(value: bytes) -> list[bytes]:
+    """The encoded chunks a ``signals.raw`` record carries (one, or a batch's); ``DecodeError`` for a bad batch."""
+    return [value] if is_chunk(value) else decode_batch(value).chunks

@@ -12,11 +12,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import RecordMetadata
 
 from bpstream.shared.errors import BpstreamError, TransientError
@@ -35,6 +37,13 @@ log = logging.getLogger(__name__)
 OutgoingRecord = (tuple[KafkaTopic, bytes | None, str | bytes | None]
                   | tuple[KafkaTopic, bytes | None, str | bytes | None, int])
 
+
+
+@lru_cache(maxsize=65536)
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as aiokafka and the Java client) gives ``key`` in a
+    topic of ``partitions`` partitions (cached: device keys are few and hashing one in Python costs ~10 us)."""
+    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 class KafkaClientError(BpstreamError):
     """A Kafka error that retrying will not fix."""

@@ -14,6 +14,12 @@ A malformed batch (bad envelope, bad version, too many chunks, oversize) is dead
 decoder's reason. Otherwise each chunk is checked exactly as a single-chunk message: the per-device size limit
 and token bucket (keyed by the chunk's ``(clinic, device)``), the codec, sample rate and device time; good
 chunks are forwarded byte for byte, bad ones dead-lettered one by one with their reason.
+
+Forwarding (:func:`raw_records`): the good chunks are grouped by the ``signals.raw`` partition of their device
+key (Kafka's default partitioner) and each group goes out as one ``ChunkBatch`` record sent to that partition
+explicitly (a group of one as the usual chunk record keyed ``clinic/device``). Per-device order and the
+processor's state ownership are therefore exactly those of single-chunk records, with several times fewer
+records for Kafka and the processor.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from dataclasses import dataclass
 from bpstream.services.bridge.limits import LimitChecker
 from bpstream.services.bridge.stage import BAD_TOPIC, TOPIC_MISMATCH, DeviceTimeLimits, Rejection, check_chunk
 from bpstream.shared.errors import DecodeError
-from bpstream.shared.gateway import decode_batch
+from bpstream.shared.gateway import ChunkBatch, decode_batch, encode_batch
+from bpstream.shared.kafka import OutgoingRecord, key_partition
 from bpstream.shared.messages import SignalChunk, decode_chunk
-from bpstream.shared.topics import parse_gateway_topic
+from bpstream.shared.topics import SIGNALS_RAW, device_key, parse_gateway_topic
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,3 +81,24 @@ def _chunk_verdict(data: bytes, clinic_id: str, allowed_rates: Collection[float]
     if limited is not None:
         return limited
     return check_chunk(chunk, allowed_rates, now_ns=now_ns, time_limits=time_limits) or chunk
+
+
+def raw_records(clinic_id: str, gateway_id: str, good: list[tuple[bytes, SignalChunk]], *, batched: bool = True,
+                partitions: int = SIGNALS_RAW.partitions) -> list[OutgoingRecord]:
+    """The ``signals.raw`` records of a batch's good chunks (``(payload, chunk)`` in arrival order): one
+    ``ChunkBatch`` per partition, in order of each partition's first chunk (one record per chunk if not
+    ``batched``, and for a partition that gets a single chunk)."""
+    keyed = [(payload, device_key(chunk.clinic_id, chunk.device_id)) for payload, chunk in good]
+    if not batched:
+        return [(SIGNALS_RAW, payload, key) for payload, key in keyed]
+    groups: dict[int, list[tuple[bytes, str]]] = {}
+    for payload, key in keyed:
+        groups.setdefault(key_partition(key.encode(), partitions), []).append((payload, key))
+    records: list[OutgoingRecord] = []
+    for partition, members in groups.items():
+        if len(members) == 1:
+            records.append((SIGNALS_RAW, members[0][0], members[0][1]))
+            continue
+        value = encode_batch(ChunkBatch(clinic_id=clinic_id, gateway_id=gateway_id, chunks=[p for p, _ in members]))
+        records.append((SIGNALS_RAW, value, f"{clinic_id}/gateway/{gateway_id}", partition))
+    return records

@@ -36,12 +36,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from bpstream.services.bridge.batches import split_batch
+from bpstream.services.bridge.batches import raw_records, split_batch
 from bpstream.services.bridge.limits import RATE_LIMITED, LimitChecker
 from bpstream.services.bridge.settings import BridgeSettings
 from bpstream.services.bridge.stage import Rejection, device_of, validate_cuff, validate_payload
 from bpstream.shared.errors import BpstreamError
-from bpstream.shared.kafka import RecoveringProducer, ensure_topics
+from bpstream.shared.kafka import OutgoingRecord, RecoveringProducer, ensure_topics
 from bpstream.shared.messages import MAX_CHUNK_BYTES, CuffReading, DeadLetter, SignalChunk, encode_json
 from bpstream.shared.mqtt import configure_client
 from bpstream.shared.retry import backoff_delay, retry_async
@@ -50,13 +50,13 @@ from bpstream.shared.topics import (
     CUFF,
     SIGNALS_DLQ,
     SIGNALS_RAW,
-    KafkaTopic,
     cuff_key,
     device_key,
     mqtt_cuff_topic,
     mqtt_gateway_topic,
     mqtt_shared_subscription,
     mqtt_signals_topic,
+    parse_gateway_topic,
 )
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ class BridgeService(Component):
 
     async def _forward(self, batch: list[Incoming]) -> None:
         """Send the batch to Kafka (retrying until it is accepted), then acknowledge it over MQTT."""
-        records: list[tuple[KafkaTopic, bytes, str | bytes | None]] = []
+        records: list[OutgoingRecord] = []
         rejected: list[str] = []
         cuffs = 0
         now = time.time_ns()
@@ -385,7 +385,7 @@ class BridgeService(Component):
         if rejected:
             log.info("dead-lettered payloads", extra={"count": len(rejected), "reasons": sorted(set(rejected))})
 
-    def _split(self, item: Incoming, records: list[tuple[KafkaTopic, bytes, str | bytes | None]],
+    def _split(self, item: Incoming, records: list[OutgoingRecord],
                rejected: list[str], now: int, mono: float) -> int:
         """Append a gateway batch's records (its chunks, or one dead letter); return the chunks forwarded."""
         try:
@@ -398,15 +398,17 @@ class BridgeService(Component):
             records.append((SIGNALS_DLQ, self._dead_letter(item.topic, item.payload, verdicts, now), STAGE))
             rejected.append(verdicts.reason)
             return 0
-        forwarded = 0
+        good: list[tuple[bytes, SignalChunk]] = []
         for one in verdicts:
             if isinstance(one.verdict, Rejection):
                 records.append((SIGNALS_DLQ, self._dead_letter(item.topic, one.payload, one.verdict, now), STAGE))
                 rejected.append(one.verdict.reason)
             else:
-                records.append((SIGNALS_RAW, one.payload, device_key(one.verdict.clinic_id, one.verdict.device_id)))
-                forwarded += 1
-        return forwarded
+                good.append((one.payload, one.verdict))
+        if good:
+            clinic_id, gateway_id = parse_gateway_topic(item.topic)  # split_batch checked it
+            records.extend(raw_records(clinic_id, gateway_id, good, batched=self.settings.raw_batches))
+        return len(good)
 
     @staticmethod
     def _dead_letter(source: str, payload: bytes, rejection: Rejection, now_ns: int) -> bytes:

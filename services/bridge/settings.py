@@ -35,6 +35,10 @@ class BridgeSettings(ServiceSettings):
     max_in_flight: int = Field(default=1000, ge=1, le=65535)
     #: Largest batch handed to the Kafka producer at once.
     batch_max: int = Field(default=500, ge=1)
+    #: Forward a gateway batch's valid chunks as one ``ChunkBatch`` record per ``signals.raw`` partition
+    #: (fewer, larger records for Kafka and the processor); off: one record per chunk. Processors read both,
+    #: so upgrade the processors before turning this on in a running deployment.
+    raw_batches: bool = True
     #: Sample rates (Hz) this deployment accepts; others are dead-lettered.
     allowed_sample_rates: tuple[float, ...] = (125.0, 250.0, 500.0)
     #: Seconds to finish in-flight work after SIGTERM before disconnecting.

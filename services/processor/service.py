@@ -42,7 +42,8 @@ from bpstream.services.processor.stage import (
     encode_state,
 )
 from bpstream.shared.errors import BpstreamError, DecodeError, TransientError
-from bpstream.shared.kafka import OutgoingRecord
+from bpstream.shared.gateway import decode_batch, is_chunk
+from bpstream.shared.kafka import OutgoingRecord, key_partition
 from bpstream.shared.logging import pseudonym
 from bpstream.shared.messages import DeadLetter, QualityRecord, Window, decode_chunk, encode_json, encode_window
 from bpstream.shared.retry import retry_async
@@ -130,14 +131,10 @@ class ProcessorService:
             log.warning("records after the stored state were not delivered; read them back from Kafka",
                         extra={"partition": partition, "from_offset": start, "to_offset": end, "records": count})
             self.metrics.read_back.inc(count)
+        chunks = 0
         try:
             for record in ordered.records:
-                try:
-                    sends.extend(self._handle(record, states, cuts))
-                except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
-                    reason = exc.reason if isinstance(exc, BpstreamError) else "internal_error"
-                    log.exception("processing failed", extra={"reason": reason})
-                    sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}"))
+                chunks += self._handle(record, states, cuts, sends)
             if cuts:
                 sends.extend(self._finish(cuts))
             if sends:
@@ -158,7 +155,7 @@ class ProcessorService:
         if self._checkpoint_now or time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s:
             await self.checkpoint()
         self.last_progress = time.monotonic()
-        self.metrics.chunks.inc(len(records))
+        self.metrics.chunks.inc(chunks)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     def evict_silent(self) -> int:
@@ -247,23 +244,60 @@ class ProcessorService:
             except TransientError as exc:
                 log.warning("outputs still not accepted by Kafka; retrying", extra={"reason": exc.reason})
 
-    def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]],
-                cuts: list[WindowCut]) -> list[OutgoingRecord]:
+    def _handle(self, record: RawRecord, states: dict[bytes, tuple[DeviceState, int]], cuts: list[WindowCut],
+                sends: list[OutgoingRecord]) -> int:
+        """Apply one ``signals.raw`` record (a chunk, or the bridge's ``ChunkBatch`` of one partition's chunks);
+        append its outputs to ``sends``; return how many chunks it carried."""
         key, value = record.key, record.value
         if value is None or key is None:
-            return [self._dead_letter(record, "missing_key_or_value", "record without key or value")]
+            sends.append(self._dead_letter(record, "missing_key_or_value", "record without key or value"))
+            return 0
+        if is_chunk(value):
+            self._handle_chunk(record, value, key, None, states, cuts, sends)
+            return 1
         try:
-            chunk = decode_chunk(value)
+            batch = decode_batch(value)
         except DecodeError as exc:
-            return [self._dead_letter(record, exc.reason, str(exc))]
-        if device_key(chunk.clinic_id, chunk.device_id).encode() != key:
-            return [self._dead_letter(record, "key_mismatch", "key is not the chunk's clinic/device")]
+            sends.append(self._dead_letter(record, exc.reason, str(exc)))
+            return 0
+        for payload in batch.chunks:  # one chunk's failure costs only that chunk
+            self._handle_chunk(record, payload, None, batch.clinic_id, states, cuts, sends)
+        return len(batch.chunks)
+
+    def _handle_chunk(self, record: RawRecord, payload: bytes, key: bytes | None, batch_clinic: str | None,
+                      states: dict[bytes, tuple[DeviceState, int]], cuts: list[WindowCut],
+                      sends: list[OutgoingRecord]) -> None:
+        """Apply one chunk: ``key`` is the record's key (a chunk record), or None for a chunk of a batch of
+        ``batch_clinic`` (its device key must hash to the record's partition, or another worker owns it)."""
+        try:
+            sends.extend(self._apply(record, payload, key, batch_clinic, states, cuts))
+        except Exception as exc:  # a bug or bad state: dead-letter and move on, never block the partition
+            reason = exc.reason if isinstance(exc, BpstreamError) else "internal_error"
+            log.exception("processing failed", extra={"reason": reason})
+            sends.append(self._dead_letter(record, reason, f"{type(exc).__name__}: {exc}", payload))
+
+    def _apply(self, record: RawRecord, payload: bytes, key: bytes | None, batch_clinic: str | None,
+               states: dict[bytes, tuple[DeviceState, int]], cuts: list[WindowCut]) -> list[OutgoingRecord]:
+        try:
+            chunk = decode_chunk(payload)
+        except DecodeError as exc:
+            return [self._dead_letter(record, exc.reason, str(exc), payload)]
+        own_key = device_key(chunk.clinic_id, chunk.device_id).encode()
+        if key is None:
+            if chunk.clinic_id != batch_clinic:
+                return [self._dead_letter(record, "key_mismatch", "chunk of another clinic than its batch", payload)]
+            if key_partition(own_key, SIGNALS_RAW.partitions) != record.partition:
+                return [self._dead_letter(record, "wrong_partition",
+                                          "the chunk's device belongs to another partition", payload)]
+            key = own_key
+        elif own_key != key:
+            return [self._dead_letter(record, "key_mismatch", "key is not the chunk's clinic/device", payload)]
         state = states[key][0] if key in states else self._load(key)
         state, out = self.reassembler.process(
-            state, chunk, value, received_ns=round(record.timestamp_s * NS), now_ns=time.time_ns()
+            state, chunk, payload, received_ns=round(record.timestamp_s * NS), now_ns=time.time_ns()
         )
         if out.rejected is not None:  # out of bounds: dead-lettered, the device's state untouched
-            return [self._dead_letter(record, out.rejected.reason, out.rejected.detail)]
+            return [self._dead_letter(record, out.rejected.reason, out.rejected.detail, payload)]
         if out.repaired:
             self.metrics.repaired.inc()
         if out.duplicate or out.late:
@@ -316,12 +350,12 @@ class ProcessorService:
                         extra={"device_ref": pseudonym(key.decode(errors="replace"))})
             return None
 
-    def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> OutgoingRecord:
+    def _dead_letter(self, record: RawRecord, reason: str, detail: str, payload: bytes | None = None) -> OutgoingRecord:
         self.metrics.dead_letters.labels(reason=reason).inc()
         letter = DeadLetter(
             stage=STAGE, reason=reason, detail=detail[:1000],
             source=topic_name(SIGNALS_RAW, self.settings.kafka.topic_prefix),
-            payload=(record.value or b"")[:65536],
+            payload=((record.value or b"") if payload is None else payload)[:65536],
             key=record.key.decode(errors="replace") if record.key is not None else None,
             partition=record.partition, offset=record.offset, received_ns=time.time_ns(),
         )

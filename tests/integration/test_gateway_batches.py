@@ -1,6 +1,7 @@
 """Gateway batches through the real Mosquitto, bridge process and Kafka: the simulator's gateways publish
-``ChunkBatch`` messages, the bridge splits them into the usual per-chunk records keyed ``clinic/device``, and
-bad batches or chunks are dead-lettered with their reason; a gateway account may publish only its own topic."""
+``ChunkBatch`` messages, the bridge validates every chunk and forwards the good ones as one ``ChunkBatch`` record
+per ``signals.raw`` partition (each chunk in its device's partition), and bad batches or chunks are
+dead-lettered with their reason; a gateway account may publish only its own topic."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from test_bridge import BridgeProcess, Publisher, chunk_payload, consume, free_p
 from test_mqtt_security import Client, _with
 
 from bpstream.localservers import ServerEndpoints
-from bpstream.shared.gateway import ChunkBatch, encode_batch
+from bpstream.shared.gateway import ChunkBatch, encode_batch, is_chunk, raw_record_chunks
+from bpstream.shared.kafka import KafkaConsumer, key_partition
 from bpstream.shared.messages import decode_chunk, decode_dead_letter
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import SIGNALS_DLQ, SIGNALS_RAW, mqtt_gateway_topic, mqtt_signals_topic
@@ -50,7 +52,21 @@ def _batch(clinic: str, gateway: str, *chunks: bytes) -> bytes:
     return encode_batch(ChunkBatch(clinic_id=clinic, gateway_id=gateway, chunks=list(chunks)))
 
 
-async def test_simulated_gateways_batches_become_per_chunk_records_and_bad_ones_are_dead_lettered(
+async def consume_raw(settings: KafkaSettings, done: Callable[[int], bool],
+                      timeout_s: float = 90.0) -> list[tuple[bytes, bytes, int]]:
+    """Read ``signals.raw`` until ``done(chunks seen)``; return (key, value, partition) of every record."""
+    records: list[tuple[bytes, bytes, int]] = []
+    chunks = 0
+    async with KafkaConsumer(settings, [SIGNALS_RAW], f"check-{uuid.uuid4().hex[:8]}") as consumer:
+        deadline = time.monotonic() + timeout_s
+        while not done(chunks) and time.monotonic() < deadline:
+            for r in await consumer.getmany(timeout_ms=500):
+                records.append((r.key or b"", r.value or b"", r.partition))
+                chunks += len(raw_record_chunks(r.value or b""))
+    return records
+
+
+async def test_simulated_gateways_batches_become_per_partition_records_and_bad_ones_are_dead_lettered(
         bridge: BridgeProcess, servers: ServerEndpoints, kafka_settings: KafkaSettings, clinic: str) -> None:
     bridge.start()
     devices, seconds = 24, 5
@@ -81,15 +97,26 @@ async def test_simulated_gateways_batches_become_per_chunk_records_and_bad_ones_
         publisher.close()
 
     expected = devices * seconds + 2
-    raw = await consume(kafka_settings, SIGNALS_RAW, lambda rs: len(rs) >= expected)
+    raw = await consume_raw(kafka_settings, lambda n: n >= expected)
     seen: set[tuple[str, int]] = set()
-    for key, value in raw:
-        chunk = decode_chunk(value)
-        assert key.decode() == f"{chunk.clinic_id}/{chunk.device_id}" and chunk.clinic_id == clinic
-        seen.add((chunk.device_id, chunk.seq))
+    forwarded: list[bytes] = []
+    batches = 0
+    for key, value, partition in raw:
+        members = raw_record_chunks(value)
+        batches += not is_chunk(value)
+        for member in members:
+            chunk = decode_chunk(member)
+            own_key = f"{chunk.clinic_id}/{chunk.device_id}"
+            # one device's chunks always land in the partition Kafka's partitioner gives its key
+            assert key_partition(own_key.encode(), SIGNALS_RAW.partitions) == partition and chunk.clinic_id == clinic
+            assert key.decode() == own_key if is_chunk(value) else key.decode().startswith(f"{clinic}/gateway/")
+            seen.add((chunk.device_id, chunk.seq))
+            forwarded.append(member)
     fleet = {(d, s) for d in report.device_ids for s in range(seconds)}
-    assert len(raw) == expected and seen == fleet | {("dev-old", 0), ("dev-g", 0)}
-    assert good_in_bad in {value for _, value in raw}  # byte for byte
+    assert len(forwarded) == expected and seen == fleet | {("dev-old", 0), ("dev-g", 0)}
+    assert good_in_bad in forwarded  # byte for byte
+    # a gateway's second goes out as at most one record per partition (+ the two single-chunk records)
+    assert batches and len(raw) <= 3 * seconds * SIGNALS_RAW.partitions + 2 < expected
 
     reasons = {reason for _, _, reason in bad}
     dlq = await consume(kafka_settings, SIGNALS_DLQ,

@@ -183,3 +183,33 @@ def test_rate_limit_and_size_limit_apply_per_chunk_and_per_device() -> None:
     verdicts = split_batch(TOPIC, batch(chunk("dev-1", rate=500.0)), RATES, small, mono=0.0)  # ~2 KB
     assert not isinstance(verdicts, Rejection)
     assert isinstance(verdicts[0].verdict, Rejection) and verdicts[0].verdict.reason == PAYLOAD_TOO_LARGE
+
+
+def test_good_chunks_are_forwarded_as_one_record_per_partition_in_device_order() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from bpstream.services.bridge.batches import raw_records
+    from bpstream.shared.gateway import raw_record_chunks
+    from bpstream.shared.topics import SIGNALS_RAW, device_key
+
+    payloads = [chunk(f"dev-{d}", seq=s) for s in range(3) for d in range(20)]
+    good = [(p, decode_chunk(p)) for p in payloads]
+    records = raw_records("clinic-1", "gw-1", good)
+    partitioner = DefaultPartitioner()
+    assert len(records) == SIGNALS_RAW.partitions  # 20 devices cover all 6 partitions
+    forwarded: list[bytes] = []
+    for record in records:
+        assert record[0] == SIGNALS_RAW and len(record) == 4 and record[2] == "clinic-1/gateway/gw-1"
+        members = raw_record_chunks(record[1])  # type: ignore[arg-type]
+        for member in members:  # every chunk sits in the partition Kafka's partitioner gives its device
+            c = decode_chunk(member)
+            key = device_key(c.clinic_id, c.device_id).encode()
+            assert partitioner(key, list(range(6)), list(range(6))) == record[3]  # type: ignore[misc]
+        forwarded.extend(members)
+    assert sorted(forwarded) == sorted(payloads)  # byte for byte, none lost or doubled
+    for device in range(20):  # each device's chunks in the order the gateway sent them
+        own = [decode_chunk(m).seq for m in forwarded if decode_chunk(m).device_id == f"dev-{device}"]
+        assert own == [0, 1, 2]
+    # a partition that gets one chunk keeps the plain chunk record; unbatched: one record per chunk
+    assert raw_records("clinic-1", "gw-1", good[:1]) == [(SIGNALS_RAW, payloads[0], "clinic-1/dev-0")]
+    assert [r[1] for r in raw_records("clinic-1", "gw-1", good, batched=False)] == payloads

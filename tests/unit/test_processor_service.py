@@ -153,7 +153,8 @@ def test_bad_records_are_dead_lettered_without_blocking_the_device() -> None:
     run(service(kafka).handle_batch([*raw[:10], *bad, *[RawRecord(r.key, r.value, 0, r.offset + 103,
                                                                   r.timestamp_s) for r in raw[10:]]]))
     reasons = sorted(decode_dead_letter(r[1]).reason for r in kafka.topic(SIGNALS_DLQ))
-    assert reasons[0] == "key_mismatch" and "missing_key_or_value" in reasons and len(reasons) == 3
+    # garbage is neither a chunk (magic) nor a ChunkBatch: invalid_message
+    assert reasons == ["invalid_message", "key_mismatch", "missing_key_or_value"]
     reference = FakeKafka(raw)
     run(service(reference).handle_batch(raw))
     assert kafka.window_ends() == reference.window_ends()
@@ -256,3 +257,57 @@ def test_states_stay_live_between_checkpoints_and_a_batch_cut_short_reloads_them
     assert sorted(set(kafka.window_ends())) == reference.window_ends()  # 12..19's windows again: identical
     run(svc.checkpoint())
     assert svc.checkpoints.mark(0) == 40 and store.data[KEY] != stored
+
+
+def test_batch_records_give_the_windows_of_chunk_records_and_bad_chunks_cost_only_themselves() -> None:
+    """The bridge's per-partition ChunkBatch records on signals.raw: same windows as one record per chunk."""
+    from test_processor_stage import simulated_payloads
+
+    from bpstream.services.bridge.batches import raw_records as bridge_records
+    from bpstream.shared.gateway import ChunkBatch, encode_batch
+    from bpstream.shared.kafka import key_partition
+    from bpstream.shared.messages import SignalChunk, decode_chunk, encode_chunk
+
+    devices = [f"dev-{i}" for i in range(8)]
+    streams = {d: simulated_payloads(30, device=d, seed=i) for i, d in enumerate(devices)}
+    singles: list[RawRecord] = []
+    batches: list[RawRecord] = []
+    offsets = {"single": [0] * 6, "batch": [0] * 6}
+    for second in range(30):
+        good = [(streams[d][second], decode_chunk(streams[d][second])) for d in devices]
+        for payload, chunk in good:
+            key = device_key(chunk.clinic_id, chunk.device_id).encode()
+            p = key_partition(key, 6)
+            singles.append(RawRecord(key, payload, p, offsets["single"][p], 1_700_000_001.0 + second))
+            offsets["single"][p] += 1
+        for record in bridge_records("clinic-1", "gw-1", good):
+            p = record[3] if len(record) == 4 else key_partition(str(record[2]).encode(), 6)
+            key = record[2].encode() if isinstance(record[2], str) else record[2]
+            batches.append(RawRecord(key, record[1], p, offsets["batch"][p], 1_700_000_001.0 + second))
+            offsets["batch"][p] += 1
+    assert len(batches) <= 6 * 30 < len(singles)  # 8 devices over 6 partitions: at most 6 records a second
+    reference, batched = FakeKafka(singles), FakeKafka(batches)
+    run(service(reference).handle_batch(singles))
+    svc = service(batched)
+    run(svc.handle_batch(batches))
+    assert batched.window_ends() and sorted(batched.window_ends()) == sorted(reference.window_ends())
+    assert svc.metrics.chunks._value.get() == len(singles)  # type: ignore[attr-defined]
+    # A batch with a corrupt chunk, a chunk of another clinic and one of a device of another partition:
+    # each is dead-lettered with its own bytes and reason; the good chunk beside them is processed.
+    p0 = key_partition(device_key("clinic-1", devices[0]).encode(), 6)
+    wrong = next(d for d in devices if key_partition(device_key("clinic-1", d).encode(), 6) != p0)
+    corrupt = bytearray(streams[devices[0]][29])
+    corrupt[40] ^= 0xFF
+    x = decode_chunk(simulated_payloads(1, device="dev-x")[0])
+    other_clinic = encode_chunk(SignalChunk("clinic-2", x.device_id, x.seq, x.t0_ns, x.sample_rate, x.channels,
+                                            x.samples))
+    fresh = simulated_payloads(31, device=devices[0], seed=0)[30]
+    value = encode_batch(ChunkBatch(clinic_id="clinic-1", gateway_id="gw-1",
+                                    chunks=[bytes(corrupt), other_clinic, streams[wrong][0], fresh]))
+    kafka = FakeKafka([])
+    svc = service(kafka)
+    run(svc.handle_batch([RawRecord(b"clinic-1/gateway/gw-1", value, p0, 0, 1_700_000_001.0)]))
+    letters = {decode_dead_letter(r[1]).reason: decode_dead_letter(r[1]) for r in kafka.topic(SIGNALS_DLQ)}
+    assert set(letters) == {"bad_checksum", "key_mismatch", "wrong_partition"}
+    assert letters["bad_checksum"].payload == bytes(corrupt) and letters["wrong_partition"].payload == streams[wrong][0]
+    assert svc._live[device_key("clinic-1", devices[0]).encode()].pending  # the good chunk reached its state
