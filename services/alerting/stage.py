@@ -30,6 +30,9 @@ class AlertingState:
         self.newest_ns = 0
         #: Device time of each device's newest cuff reading (a detector fed only by cuff readings has no window).
         self.cuff_seen: dict[str, int] = {}
+        #: Newest window end of each device's estimates, the ones the detector ignores included (unscored or
+        #: withheld windows leave ``last_ns`` where it was, yet the device is not silent).
+        self.window_seen: dict[str, int] = {}
 
     def apply(self, estimates: Iterable[Estimate]) -> list[Alert]:
         """Feed estimates (in Kafka order per device); return the alerts they raise or resolve."""
@@ -41,6 +44,10 @@ class AlertingState:
                 detector = self.detectors[key] = AlertDetector(self.config)
             before = detector.state.future_windows
             alerts.extend(detector.update(estimate))
+            if detector.state.future_windows == before:  # a future-dated window never moves a clock
+                end_ns = int(estimate.window_end_ns)
+                if end_ns > self.window_seen.get(key, -1):
+                    self.window_seen[key] = end_ns
             self.future_ignored += detector.state.future_windows - before
             self.newest_ns = max(self.newest_ns, detector.state.last_ns)
             self.dirty.add(key)
@@ -93,11 +100,12 @@ class AlertingState:
             return []
         horizon = self.newest_ns - max_silence_ns
         gone = [key for key, det in self.detectors.items()
-                if max(det.state.last_ns, self.cuff_seen.get(key, -1)) < horizon]
+                if max(det.state.last_ns, self.window_seen.get(key, -1), self.cuff_seen.get(key, -1)) < horizon]
         for key in gone:
             del self.detectors[key]
             self.dirty.discard(key)
             self.cuff_seen.pop(key, None)
+            self.window_seen.pop(key, None)
         return gone
 
     def active_alerts(self) -> dict[str, tuple[str, ...]]:

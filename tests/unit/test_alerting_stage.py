@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from bpstream.services.alerting.settings import AlertingSettings
@@ -96,3 +97,18 @@ def test_a_restored_state_counts_for_the_record_clock_and_is_evicted_when_silent
     assert state.newest_ns == T0 + 2 * HOP_NS
     state.apply(_estimates("new", [(120.0, 78.0)], start=100))
     assert state.evict_silent(60 * 10**9) == ["c1/gone"]
+
+
+def test_a_device_whose_windows_are_all_ignored_is_not_silent() -> None:
+    """Unscored or withheld windows leave the detector's clock where it was, but the device still streams:
+    it must keep its detector (an evicted one would lose its episodes and be tombstoned again and again)."""
+    limit_ns = 60 * 10**9
+    state = AlertingState()
+    state.apply(_estimates("noisy", [(120.0, 78.0)] * 3))  # three scored windows, then only unscored ones
+    state.apply([msgspec.structs.replace(e, quality_ok=False)
+                 for e in _estimates("noisy", [(120.0, 78.0)] * 60, start=3)])
+    state.apply(_estimates("busy", [(120.0, 78.0)] * 63))
+    assert state.detectors["c1/noisy"].state.last_ns == T0 + 2 * HOP_NS  # the detector ignored them
+    assert state.evict_silent(limit_ns) == []
+    state.apply(_estimates("busy", [(120.0, 78.0)] * 31, start=63))  # 'noisy' now silent for 31 hops
+    assert state.evict_silent(limit_ns) == ["c1/noisy"]
