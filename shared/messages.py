@@ -138,6 +138,19 @@ def encode_chunk(chunk: SignalChunk) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def peek_chunk_ids(data: bytes) -> tuple[str, str]:
+    """A chunk's ``(clinic_id, device_id)`` from its header alone, for counting and routing tools (no
+    validation: ``decode_chunk`` is the gate). ``DecodeError`` if the bytes cannot hold them."""
+    if len(data) < _HEADER.size or data[:2] != CHUNK_MAGIC:
+        raise DecodeError("not a chunk header", reason="bad_magic")
+    clinic_len, device_len = _HEADER.unpack_from(data)[-2:]
+    pos = _HEADER.size
+    try:
+        return data[pos : pos + clinic_len].decode(), data[pos + clinic_len : pos + clinic_len + device_len].decode()
+    except UnicodeDecodeError as exc:
+        raise DecodeError("clinic or device id is not UTF-8", reason="bad_id") from exc
+
+
 def decode_chunk(data: bytes | bytearray | memoryview) -> SignalChunk:
     """Decode and validate a chunk. Raises ``DecodeError`` with a precise reason for any bad input."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

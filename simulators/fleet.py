@@ -112,6 +112,10 @@ class FleetConfig:
     #: gateway and sends what it collected in a tick as ``ChunkBatch`` messages of at most N chunks on
     #: ``bpstream/<clinic>/gateway/<gateway>/batch`` (see ``bpstream.shared.gateway``).
     gateway_batch: int = 0
+    #: Independent devices: connection j of m starts its 1 s chunks (device time) and publishes them j/m s
+    #: into each second, as wearables and gateways switched on at different moments do. Off: every device's
+    #: chunk boundaries and publications coincide, the worst-case burst for the pipeline.
+    stagger: bool = False
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return client_ssl_context(self.ca_file) if self.tls else None
@@ -330,6 +334,9 @@ class _Gateway:
     #: Gateway batching: chunks collected this tick, and the gateway's batch topic.
     pending: list[bytes] = field(default_factory=list)
     batch_topic: str = ""
+    #: Staggered fleets: the connection's phase within each second, and the single-chunk messages of this tick.
+    phase_s: float = 0.0
+    deferred: list[tuple[str, bytes]] = field(default_factory=list)
     next_drop_s: float = math.inf
     back_at_s: float = -1.0
     burst_until_s: float = -1.0
@@ -358,12 +365,18 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         conn = AsyncMqttConnection(f"bpsim-{run_tag}-{owner}"[:64], cfg.mqtt_host, cfg.mqtt_port,
                                    will_topic=mqtt_status_topic(cfg.clinic_id, owner), username=cfg.username,
                                    password=cfg.password, tls=cfg.ssl_context())
-        gw = _Gateway(conn, list(range(j, n, n_conn)), batch_topic=mqtt_gateway_topic(cfg.clinic_id, owner))
+        gw = _Gateway(conn, list(range(j, n, n_conn)), batch_topic=mqtt_gateway_topic(cfg.clinic_id, owner),
+                      phase_s=j / n_conn if cfg.stagger else 0.0)
         if cfg.reconnect_every_s:
             gw.next_drop_s = float(net.uniform(0.2, 1.0) * cfg.reconnect_every_s)
         if cfg.burst_every_s:
             gw.next_burst_s = float(net.uniform(0.2, 1.0) * cfg.burst_every_s)
         gateways.append(gw)
+
+    # Each device's clock starts at its connection's phase (0 for all unless staggered).
+    device_start_ns = np.full(n, start_ns, dtype=np.int64)
+    for gw in gateways:
+        device_start_ns[gw.devices] += round(gw.phase_s * 1e9)
 
     # The clinic's cuff: its own connection (a cuff station), its own random stream (cuff errors).
     cuff_conn: AsyncMqttConnection | None = None
@@ -387,7 +400,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
         truth_fh = Path(cfg.truth_path).open("w")  # noqa: ASYNC230, SIM115
         for i, dev in enumerate(ids):
             truth_fh.write(json.dumps({"type": "device", "device_id": dev, "clinic_id": cfg.clinic_id,
-                                       "scenario": cohort.names[i], "start_ns": start_ns,
+                                       "scenario": cohort.names[i], "start_ns": int(device_start_ns[i]),
                                        "drift_ppm": round(float(drift[i] * 1e6), 3),
                                        "profile": cohort.profiles.as_dict(i, cohort.names[i])}) + "\n")
 
@@ -424,23 +437,43 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             if cfg.gateway_batch:
                 gw.pending.append(payload)  # sent by flush() at the end of the tick
                 return
+            if cfg.stagger:
+                gw.deferred.append((topic, payload))  # sent at the connection's phase (release)
+                return
             gw.conn.publish(topic, payload, qos=cfg.qos)
             publishes += 1
         else:
             gw.queue.append((topic, payload))
 
-    def flush() -> None:
-        """Gateway batching: publish what each gateway collected, in batches of at most ``gateway_batch``."""
+    def flush(only: _Gateway | None = None) -> None:
+        """Publish what gateways collected this tick (all, or ``only``): a staggered connection's messages, and
+        gateway batches of at most ``gateway_batch`` chunks."""
         nonlocal publishes
-        if not cfg.gateway_batch:
-            return
-        for gw in gateways:
+        for gw in gateways if only is None else [only]:
+            deferred, gw.deferred = gw.deferred, []
+            for topic, payload in deferred:
+                gw.conn.publish(topic, payload, qos=cfg.qos)
+                publishes += 1
+            if not cfg.gateway_batch:
+                continue
             pending, gw.pending = gw.pending, []
             for at in range(0, len(pending), cfg.gateway_batch):
                 batch = ChunkBatch(clinic_id=cfg.clinic_id, gateway_id=gw.batch_topic.split("/")[3],
                                    chunks=pending[at:at + cfg.gateway_batch])
                 gw.conn.publish(gw.batch_topic, encode_batch(batch), qos=cfg.qos)
                 publishes += 1
+
+    async def release(k: int) -> None:
+        """The end of tick ``k``: publish every connection's messages, at its phase when staggered."""
+        if not cfg.stagger:
+            flush()
+            return
+        for gw in gateways:  # in order of phase
+            target = wall0 + (k + gw.phase_s) / cfg.speed
+            now = loop.time()
+            if target > now:
+                await asyncio.sleep(target - now)
+            flush(gw)
 
     clean_end = False
     try:
@@ -483,7 +516,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
                     for topic, payload in queued:
                         send(gw, topic, payload)
             block = cohort.engine.step(1.0)
-            t0_ns = start_ns + k * seq_ns
+            t0_ns = device_start_ns + k * seq_ns
             beat_bounds = np.searchsorted(block.beat_device, np.arange(n + 1))
             draws = net.random((3, n))
             label_counts = np.stack([(block.labels == code).sum(axis=1) for code in range(len(label_names))], 1)
@@ -494,7 +527,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             delayed_dups = []
             for i in range(n):
                 sl = slice(beat_bounds[i], beat_bounds[i + 1])
-                beat_ns = start_ns + np.round(block.beat_time[sl] * seq_ns[i]).astype(np.int64)
+                beat_ns = device_start_ns[i] + np.round(block.beat_time[sl] * seq_ns[i]).astype(np.int64)
                 label = chunk_labels[i]
                 truth.add_chunk(ids[i], k, int(t0_ns[i]), beat_ns, block.beat_sbp[sl], block.beat_dbp[sl], label)
                 if truth_fh is not None:
@@ -527,7 +560,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
             while cuff_due and cuff_due[0][0] <= k + 1:
                 at_s, i, number = cuff_due.pop(0)
                 # a cuff reports whole seconds (its time travels as epoch seconds, exact for whole seconds)
-                at_ns = (start_ns + round(at_s * int(seq_ns[i]))) // 1_000_000_000 * 1_000_000_000
+                at_ns = (int(device_start_ns[i]) + round(at_s * int(seq_ns[i]))) // 1_000_000_000 * 1_000_000_000
                 cuff = _cuff_reading(cfg, truth, ids[i], at_ns, number, cuff_rng)
                 if cuff is None:
                     continue
@@ -539,7 +572,7 @@ async def run_fleet(cfg: FleetConfig) -> FleetReport:
                 truth.cuffs.append(cuff)
                 if truth_fh is not None:
                     truth_fh.write(json.dumps(cuff.as_json()) + "\n")
-            flush()
+            await release(k)
             if truth_fh is not None:
                 truth_fh.flush()
         device_s = float(n_chunks)

@@ -21,12 +21,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         gateway_batch: int = typer.Option(0, "--gateway-batch", min=0, max=256,
                                           help="Gateways of N devices, each sending a second's chunks as one "
                                                "batch message (0: one message per chunk)."),
+        stagger: bool = typer.Option(True, "--stagger/--no-stagger",
+                                     help="Connections publish at their own phase within each second, as "
+                                          "independent devices do (--no-stagger: all at once, the worst-case "
+                                          "burst)."),
     ) -> None:
         """The whole system in real time: devices sustained, p50/p99 latency, consumer lag, messages lost."""
         from bpstream.demo.bench import BenchConfig, run_bench
 
         run_bench(BenchConfig(devices=devices, duration_s=duration, inference_workers=inference_workers,
-                              output=output, profile=profile, gateway_batch=gateway_batch))
+                              output=output, profile=profile, gateway_batch=gateway_batch,
+                              stagger=stagger))
 
     @bench.command("writer")
     def bench_writer(

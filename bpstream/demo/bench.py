@@ -49,6 +49,8 @@ class BenchConfig:
     #: 0: one MQTT message per chunk. N >= 1: gateways of N devices, each sending its chunks of a second as
     #: one ``ChunkBatch`` (``FleetConfig.gateway_batch``).
     gateway_batch: int = 0
+    #: Connections publish at their own phase within each second (``FleetConfig.stagger``); False: all at once.
+    stagger: bool = True
 
 
 @dataclass(slots=True)
@@ -79,6 +81,7 @@ class BenchResult:
     metrics: dict[str, float] = field(default_factory=dict)
     profile: dict[str, list[str]] = field(default_factory=dict)
     gateway_batch: int = 0
+    stagger: bool = False
     #: CPU seconds per process, per 1,000 devices, per 60 s of streaming (``cpu_s`` scaled).
     cpu_s_per_1000_devices_per_min: dict[str, float] = field(default_factory=dict)
     #: The five services' CPU per 1,000 devices, in cores (CPU s per s of streaming).
@@ -165,7 +168,7 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
                                                       "BPSTREAM_INFERENCE_LOG_LEVEL": "WARNING"}})
     fleet_cfg = FleetConfig(**mqtt_connection(endpoints.mqtt_settings("simulator")), devices=cfg.devices,
                             duration_s=cfg.duration_s, speed=1.0, clinic_id=tag, device_prefix=f"{tag}-d",
-                            scenario="mixed", seed=1, gateway_batch=cfg.gateway_batch,
+                            scenario="mixed", seed=1, gateway_batch=cfg.gateway_batch, stagger=cfg.stagger,
                             connections=math.ceil(cfg.devices / cfg.gateway_batch) if cfg.gateway_batch else None)
     max_lag: dict[str, int] = {}
     async with Pipeline(pconf) as pipeline:
@@ -237,7 +240,8 @@ async def _bench(cfg: BenchConfig) -> BenchResult:
         to_estimate_p99_ms=round(float(np.percentile(to_estimate, 99)), 1) if len(to_estimate) else float("nan"),
         max_lag=max_lag, drain_s=round(drain_s, 1), sustained=drain_s <= 3 * hop_s + 5 and fleet.max_lag_s < 1.0,
         fleet_max_lag_s=round(fleet.max_lag_s, 2), cpu_s=cpu, metrics={k: round(v, 3) for k, v in metrics.items()},
-        profile=profile, gateway_batch=cfg.gateway_batch, **per_1000_devices(cpu, cfg.devices, cfg.duration_s))
+        profile=profile, gateway_batch=cfg.gateway_batch, stagger=cfg.stagger,
+        **per_1000_devices(cpu, cfg.devices, cfg.duration_s))
 
 
 #: The pipeline's five services (processes the bench starts), as named in ``cpu_s``.
@@ -293,6 +297,7 @@ def print_result(r: BenchResult) -> None:
             f"{k} {v}" for k, v in sorted(r.cpu_s_per_1000_devices_per_min.items(), key=lambda kv: -kv[1]))),
         ("five services: cores per 1,000 devices", r.services_cores_per_1000_devices),
         ("gateway batch (chunks per message, 0: none)", r.gateway_batch),
+        ("connections staggered within the second", "yes" if r.stagger else "no (all at once)"),
         ("inference: windows / batches / model s", f"{windows:.0f} / {batches:.0f} / {model_s:.1f}"),
         ("inference: mean batch, ms model per window",
          f"{windows / batches:.1f}, {1000 * model_s / windows:.2f}" if batches and windows else "n/a"),

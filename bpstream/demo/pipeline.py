@@ -69,6 +69,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _record_devices(key: bytes, value: bytes) -> list[str]:
+    """The device id of every chunk a ``signals.raw`` record carries (from the key, or each batched chunk's
+    header); a record that is neither is counted under its key."""
+    from bpstream.shared.errors import DecodeError
+    from bpstream.shared.gateway import is_chunk, raw_record_chunks
+    from bpstream.shared.messages import peek_chunk_ids
+
+    if is_chunk(value):
+        return [key.decode(errors="replace").rpartition("/")[2]]
+    try:
+        return [peek_chunk_ids(chunk)[1] for chunk in raw_record_chunks(value)]
+    except DecodeError:
+        return [key.decode(errors="replace").rpartition("/")[2]]
+
+
 @dataclass(slots=True)
 class PipelineConfig:
     """Where the pipeline runs and how its services are tuned.
@@ -215,9 +230,9 @@ class Pipeline:
         self._counter, self._partitions = counter, partitions
 
     async def forwarded(self, key_prefixes: tuple[str, ...]) -> int:
-        """Records in ``signals.raw`` since ``start()`` whose key's device id (key ``clinic/device``) starts with one
-        of ``key_prefixes``: what the bridge forwarded for this run's devices (other traffic on the same broker is
-        not counted)."""
+        """Chunks in ``signals.raw`` since ``start()`` whose device id starts with one of ``key_prefixes`` (chunk
+        records and the chunks of batch records): what the bridge forwarded for this run's devices (other
+        traffic on the same broker is not counted)."""
         async with self._count_lock:
             if self._counter is None:
                 await self._start_counting()
@@ -229,9 +244,9 @@ class Pipeline:
                     break
                 for records in (await counter.getmany(*behind, timeout_ms=500)).values():
                     for r in records:
-                        key = (r.key or b"").decode(errors="replace")
-                        self._counts[key] = self._counts.get(key, 0) + 1
-            return sum(n for key, n in self._counts.items() if key.rpartition("/")[2].startswith(key_prefixes))
+                        for device in _record_devices(r.key or b"", r.value or b""):
+                            self._counts[device] = self._counts.get(device, 0) + 1
+            return sum(n for device, n in self._counts.items() if device.startswith(key_prefixes))
 
     def restart_dead(self) -> list[str]:
         """Start again every service that exited on its own (what a container restart policy does)."""
