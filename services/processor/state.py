@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -138,17 +139,18 @@ class WindowCut:
                              seq_last=self.seq_last, quality_ok=False, detail=detail[:1000], emitted_ns=now_ns)
 
 
-#: Decoded forms of buffered chunks, oldest first (a chunk sits in about window/hop windows, so each is cut
-#: from several times). Keyed by the chunk's bytes, so a different chunk can never be mistaken for it.
-DECODED_CHUNKS_MAX: Final = 16384
-_decoded: dict[bytes, SignalChunk] = {}
+#: Decoded forms of buffered chunks, least recently used first (a chunk sits in about window/hop windows, so
+#: each is cut from several times). Keyed by the chunk's bytes, so a different chunk can never be mistaken for
+#: it. Sized for about 3,000 devices' buffers (window + hop + a chunk each) in one worker.
+DECODED_CHUNKS_MAX: Final = 32768
+_decoded: OrderedDict[bytes, SignalChunk] = OrderedDict()
 
 
 def remember_decoded(payload: bytes, chunk: SignalChunk) -> None:
     """Keep a chunk the caller has just decoded from ``payload``, so cutting windows does not decode it again."""
-    if len(_decoded) >= DECODED_CHUNKS_MAX:
-        del _decoded[next(iter(_decoded))]  # dicts keep insertion order: drop the oldest
     _decoded[payload] = chunk
+    if len(_decoded) > DECODED_CHUNKS_MAX:
+        _decoded.popitem(last=False)  # O(1); deleting a plain dict's first key makes the next scan longer
 
 
 def decode_buffered(payload: bytes) -> SignalChunk:
@@ -157,6 +159,8 @@ def decode_buffered(payload: bytes) -> SignalChunk:
     if chunk is None:
         chunk = decode_chunk(payload)
         remember_decoded(payload, chunk)
+    else:
+        _decoded.move_to_end(payload)
     return chunk
 
 

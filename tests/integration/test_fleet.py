@@ -28,6 +28,7 @@ class Recorder:
 
     def __init__(self, settings: MqttSettings, clinic: str) -> None:
         self.chunks: dict[str, list[Any]] = collections.defaultdict(list)
+        self.arrived: dict[str, list[float]] = collections.defaultdict(list)  # monotonic time of each chunk
         self.status: dict[str, list[bytes]] = collections.defaultdict(list)
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -45,6 +46,7 @@ class Recorder:
         with self.lock:
             if msg.topic.endswith("/signals"):
                 self.chunks[device].append(decode_chunk(msg.payload))
+                self.arrived[device].append(time.monotonic())
             else:
                 self.status[device].append(msg.payload)
 
@@ -117,6 +119,31 @@ async def test_shared_gateway_connections_deliver_everything(servers: Any) -> No
         rec.close()
     assert rec.total() == 120 * 5 and report.published == 600
     assert sorted(report.scenarios.values()).count("crisis") == 1
+
+
+async def test_a_staggered_fleet_publishes_each_connection_at_its_own_phase(servers: Any) -> None:
+    """Independent devices: connection j of 4 starts its chunks (device time) and publishes them j/4 s into
+    each second, so the pipeline sees a steady flow rather than one burst a second."""
+    clinic = f"t{uuid.uuid4().hex[:8]}"
+    rec = Recorder(servers.mqtt_settings("observer"), clinic)
+    try:
+        cfg = FleetConfig(**mqtt_connection(servers.mqtt_settings("simulator")), devices=8, duration_s=4,
+                          clinic_id=clinic, scenario="clinic", connections=4, stagger=True)
+        report = await run_fleet(cfg)
+        rec.wait_for(report.expected_delivered)
+    finally:
+        rec.close()
+    assert rec.total() == 8 * 4
+    ids = report.device_ids  # device i rides on connection i % 4
+    lags = []
+    for i, dev in enumerate(ids):
+        own = sorted(rec.chunks[dev], key=lambda c: c.seq)
+        assert [c.seq for c in own] == [0, 1, 2, 3]
+        # device clocks start at the connection's phase
+        assert own[0].t0_ns - rec.chunks[ids[0]][0].t0_ns == (i % 4) * 250_000_000
+        lags.append(float(np.median(np.array(sorted(rec.arrived[dev])) - np.array(sorted(rec.arrived[ids[0]])))))
+    # ...and each connection's chunks arrive after the previous connection's, 250 ms apart on a quiet machine
+    assert lags[0] == 0 and lags[1] > lags[0] and lags[2] > lags[1] and lags[3] > lags[2], lags
 
 
 async def test_replay_of_mimic_windows_publishes_every_gap_free_second(servers: Any, tmp_path: Path) -> None:
