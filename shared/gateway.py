@@ -10,7 +10,7 @@ Single-chunk messages on ``bpstream/<clinic>/<device>/signals`` stay accepted un
 The same envelope also travels on ``signals.raw``: the bridge forwards a gateway batch's valid chunks as one
 ``ChunkBatch`` record per Kafka partition (the chunks of the devices whose keys hash to that partition, sent
 to it explicitly, so per-device order and state ownership are those of single-chunk records). A record is a
-chunk when it starts with the chunk magic ``BP``, a batch otherwise (MessagePack maps never start with it);
+batch when it starts as a MessagePack map (a chunk starts with the magic ``BP``), a chunk otherwise;
 :func:`raw_record_chunks` gives the chunks of either.
 
 A batch names its clinic and gateway; both must match the topic it arrived on (the broker's ACL lets a gateway
@@ -34,7 +34,7 @@ from typing import Final
 import msgspec
 
 from bpstream.shared.errors import DecodeError, EncodeError
-from bpstream.shared.messages import CHUNK_MAGIC, MAX_CHUNK_BYTES
+from bpstream.shared.messages import MAX_CHUNK_BYTES
 from bpstream.shared.topics import ID_PATTERN
 
 BATCH_VERSION: Final = 1
@@ -95,11 +95,13 @@ def decode_batch(data: bytes | bytearray | memoryview) -> ChunkBatch:
     return batch
 
 
-def is_chunk(value: bytes) -> bool:
-    """True for a single encoded chunk, False for anything else (a ``ChunkBatch`` on ``signals.raw``)."""
-    return value[:2] == CHUNK_MAGIC
+def is_batch(value: bytes) -> bool:
+    """True when a ``signals.raw`` record is meant as a ``ChunkBatch`` (it starts as a MessagePack map); anything
+    else is read as a chunk, so garbage is refused by the chunk decoder (``bad_magic``, ...)."""
+    return bool(value) and (0x80 <= value[0] <= 0x8F or value[0] in (0xDE, 0xDF))
 
 
 def raw_record_chunks(value: bytes) -> list[bytes]:
-    """The encoded chunks a ``signals.raw`` record carries (one, or a batch's); ``DecodeError`` for a bad batch."""
-    return [value] if is_chunk(value) else decode_batch(value).chunks
+    """The encoded chunks a ``signals.raw`` record carries (a batch's, or the record itself); ``DecodeError``
+    for a bad batch (a bad chunk is the chunk decoder's to refuse)."""
+    return decode_batch(value).chunks if is_batch(value) else [value]

@@ -73,10 +73,10 @@ def _record_devices(key: bytes, value: bytes) -> list[str]:
     """The device id of every chunk a ``signals.raw`` record carries (from the key, or each batched chunk's
     header); a record that is neither is counted under its key."""
     from bpstream.shared.errors import DecodeError
-    from bpstream.shared.gateway import is_chunk, raw_record_chunks
+    from bpstream.shared.gateway import is_batch, raw_record_chunks
     from bpstream.shared.messages import peek_chunk_ids
 
-    if is_chunk(value):
+    if not is_batch(value):
         return [key.decode(errors="replace").rpartition("/")[2]]
     try:
         return [peek_chunk_ids(chunk)[1] for chunk in raw_record_chunks(value)]

@@ -42,7 +42,7 @@ from bpstream.services.processor.stage import (
     encode_state,
 )
 from bpstream.shared.errors import BpstreamError, DecodeError, TransientError
-from bpstream.shared.gateway import decode_batch, is_chunk
+from bpstream.shared.gateway import decode_batch, is_batch
 from bpstream.shared.kafka import OutgoingRecord, key_partition
 from bpstream.shared.logging import pseudonym
 from bpstream.shared.messages import DeadLetter, QualityRecord, Window, decode_chunk, encode_json, encode_window
@@ -252,7 +252,7 @@ class ProcessorService:
         if value is None or key is None:
             sends.append(self._dead_letter(record, "missing_key_or_value", "record without key or value"))
             return 0
-        if is_chunk(value):
+        if not is_batch(value):
             self._handle_chunk(record, value, key, None, states, cuts, sends)
             return 1
         try:

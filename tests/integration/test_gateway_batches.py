@@ -17,7 +17,7 @@ from test_bridge import BridgeProcess, Publisher, chunk_payload, consume, free_p
 from test_mqtt_security import Client, _with
 
 from bpstream.localservers import ServerEndpoints
-from bpstream.shared.gateway import ChunkBatch, encode_batch, is_chunk, raw_record_chunks
+from bpstream.shared.gateway import ChunkBatch, encode_batch, is_batch, raw_record_chunks
 from bpstream.shared.kafka import KafkaConsumer, key_partition
 from bpstream.shared.messages import decode_chunk, decode_dead_letter
 from bpstream.shared.settings import KafkaSettings
@@ -103,13 +103,13 @@ async def test_simulated_gateways_batches_become_per_partition_records_and_bad_o
     batches = 0
     for key, value, partition in raw:
         members = raw_record_chunks(value)
-        batches += not is_chunk(value)
+        batches += is_batch(value)
         for member in members:
             chunk = decode_chunk(member)
             own_key = f"{chunk.clinic_id}/{chunk.device_id}"
             # one device's chunks always land in the partition Kafka's partitioner gives its key
             assert key_partition(own_key.encode(), SIGNALS_RAW.partitions) == partition and chunk.clinic_id == clinic
-            assert key.decode() == own_key if is_chunk(value) else key.decode().startswith(f"{clinic}/gateway/")
+            assert key.decode() == own_key if not is_batch(value) else key.decode().startswith(f"{clinic}/gateway/")
             seen.add((chunk.device_id, chunk.seq))
             forwarded.append(member)
     fleet = {(d, s) for d in report.device_ids for s in range(seconds)}

@@ -90,8 +90,10 @@ async def _run(servers: ServerEndpoints, log_dir: Path) -> RunResult:
                   duration_s=DURATION_S, speed=SPEED, scenarios=SCENARIOS, seed=11, start_time_ns=start_ns,
                   crisis_onset_s=CRISIS_ONSET_S)
     clean = FleetConfig(**common, clinic_id=clinics["clean"], device_prefix=f"{tag}-c")  # type: ignore[arg-type]
+    # The rough clinic's devices send through two gateways (ChunkBatch messages of up to 4 chunks), so its chunks
+    # reach the processor as the bridge's per-partition batch records, duplicates and reordering included.
     rough = FleetConfig(**common, clinic_id=clinics["rough"], device_prefix=f"{tag}-r",  # type: ignore[arg-type]
-                        duplicate_rate=0.1, reorder_rate=0.1)
+                        duplicate_rate=0.1, reorder_rate=0.1, connections=2, gateway_batch=4)
     async with Pipeline(config) as pipeline:
         await pipeline.start()
         reports = await asyncio.gather(run_fleet(clean), run_fleet(rough),

@@ -213,3 +213,5 @@ def test_good_chunks_are_forwarded_as_one_record_per_partition_in_device_order()
     # a partition that gets one chunk keeps the plain chunk record; unbatched: one record per chunk
     assert raw_records("clinic-1", "gw-1", good[:1]) == [(SIGNALS_RAW, payloads[0], "clinic-1/dev-0")]
     assert [r[1] for r in raw_records("clinic-1", "gw-1", good, batched=False)] == payloads
+    # a record that does not start as a MessagePack map is a chunk (garbage is the chunk decoder's to refuse)
+    assert raw_record_chunks(payloads[0]) == [payloads[0]] and raw_record_chunks(b"garbage") == [b"garbage"]
