@@ -3,8 +3,8 @@
 Clinic gateways (and phones) collect BLE readings from several wearables and may send them together: one
 message on ``bpstream/<clinic>/gateway/<gateway>/batch`` carrying chunks of several devices and/or several
 seconds of one device. Each chunk inside is a complete ``SignalChunk`` in its own binary encoding
-(``messages.encode_chunk``, with its own CRC), so the bridge splits a batch without re-encoding: it validates
-every chunk exactly as a single-chunk message and forwards each one byte for byte, keyed ``clinic/device``.
+(``messages.encode_chunk``, with its own CRC), so the bridge never re-encodes a chunk: it validates every chunk
+exactly as a single-chunk message and forwards the valid ones byte for byte (below).
 Single-chunk messages on ``bpstream/<clinic>/<device>/signals`` stay accepted unchanged.
 
 The same envelope also travels on ``signals.raw``: the bridge forwards a gateway batch's valid chunks as one
