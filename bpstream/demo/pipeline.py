@@ -20,8 +20,11 @@ import httpx
 from bpstream.demo.supervisor import SERVICE_MODULES, ServiceSupervisor
 from bpstream.localservers.core import ServerEndpoints
 from bpstream.shared import influx_api
+from bpstream.shared.errors import DecodeError
+from bpstream.shared.gateway import is_batch, raw_record_chunks
 from bpstream.shared.kafka import ensure_topics
 from bpstream.shared.lag import LagProbe
+from bpstream.shared.messages import peek_chunk_ids
 from bpstream.shared.mqtt import configure_client
 from bpstream.shared.settings import InfluxSettings, KafkaSettings, MqttSettings
 from bpstream.shared.topics import ALL_TOPICS, PIPELINE_GROUPS, SIGNALS_RAW, topic_name
@@ -72,10 +75,6 @@ def free_port() -> int:
 def _record_devices(key: bytes, value: bytes) -> list[str]:
     """The device id of every chunk a ``signals.raw`` record carries (from the key, or each batched chunk's
     header); a record that is neither is counted under its key."""
-    from bpstream.shared.errors import DecodeError
-    from bpstream.shared.gateway import is_batch, raw_record_chunks
-    from bpstream.shared.messages import peek_chunk_ids
-
     if not is_batch(value):
         return [key.decode(errors="replace").rpartition("/")[2]]
     try:

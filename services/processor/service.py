@@ -89,9 +89,9 @@ class ProcessorService:
         self.read_back, self.read_changelog = read_back, read_changelog
         self.checkpoints = Checkpointer(store, changelog)
         #: Device states as objects (read from the store once); ``_changed``: keys whose live state is newer
-        #: than the stored one, with their partition (encoded into the store at the next checkpoint).
+        #: than the stored one (encoded into the store at the next checkpoint).
         self._live: dict[bytes, DeviceState] = {}
-        self._changed: dict[bytes, int] = {}
+        self._changed: set[bytes] = set()
         self.started = False
         #: Incremented when partitions are revoked (a rebalance starts); a partition whose state was read from the
         #: changelog in an older generation is read again before its next record is processed.
@@ -144,9 +144,9 @@ class ProcessorService:
                 self._forget_unsaved()
             raise
         # The states are live objects; the store and the changelog get them at checkpoints (marks after states).
-        for key, (state, partition) in states.items():
+        for key, (state, _) in states.items():
             self._live[key] = state
-            self._changed[key] = partition
+            self._changed.add(key)
         for partition, offset in ordered.marks.items():
             self.checkpoints.put_mark(partition, offset)
         if (self.settings.evict_after_s > 0
@@ -173,7 +173,7 @@ class ProcessorService:
                 continue
             self.checkpoints.delete(key)
             self._live.pop(key, None)
-            self._changed.pop(key, None)
+            self._changed.discard(key)
             evicted += 1
         if evicted:
             self.metrics.evicted.inc(evicted)
@@ -184,8 +184,9 @@ class ProcessorService:
         """Write every device state and offset mark changed since the last checkpoint to the changelog."""
         self._checkpoint_now = False
         self._last_checkpoint = time.monotonic()
-        for key, partition in self._changed.items():
-            self.checkpoints.put(key, encode_state(self._live[key]), partition)
+        for key in self._changed:
+            state = self._live[key]
+            self.checkpoints.put(key, encode_state(state), state.partition)
         self._changed.clear()
         records = self.checkpoints.take()
         if not records:

@@ -130,24 +130,6 @@ class BridgeProcess:
 
 
 @pytest.fixture
-def clinic() -> str:
-    """A clinic id unique to this test, so the bridge under test sees only this test's devices."""
-    return f"clinic-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture
-def bridge_env(servers: ServerEndpoints, service_env: dict[str, str], clinic: str) -> dict[str, str]:
-    tag = uuid.uuid4().hex[:8]
-    return {**os.environ, **service_env, **servers.env("bridge"),  # the bridge's own users
-            "BPSTREAM_BRIDGE_CLINIC": clinic,
-            "BPSTREAM_BRIDGE_CLIENT_ID": f"test-bridge-{tag}",
-            "BPSTREAM_BRIDGE_SHARE_GROUP": f"test-{tag}",
-            "BPSTREAM_BRIDGE_SESSION_EXPIRY_S": "120",
-            "BPSTREAM_BRIDGE_METRICS_PORT": str(free_port()),
-            "BPSTREAM_BRIDGE_ALLOWED_SAMPLE_RATES": "[125.0, 250.0]"}
-
-
-@pytest.fixture
 def bridge(bridge_env: dict[str, str], tmp_path: Path) -> Iterator[BridgeProcess]:
     process = BridgeProcess(bridge_env, tmp_path / "bridge.log")
     yield process

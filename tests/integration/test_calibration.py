@@ -10,14 +10,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pipeline_support import SIMULATOR_MODEL, wait_until
-from test_bridge import BridgeProcess, Publisher, free_port
+from test_bridge import BridgeProcess, Publisher
 
 from bpstream.localservers import ServerEndpoints
 from bpstream.services.inference.service import run_inference
@@ -68,18 +67,8 @@ async def _calibrated(kafka: KafkaSettings, key: str, cuff_id: str) -> None:
 
 
 @pytest.fixture
-def clinic() -> str:
-    return f"clinic-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture
-def bridge(servers: ServerEndpoints, service_env: dict[str, str], clinic: str,
-           tmp_path: Path) -> Iterator[BridgeProcess]:
-    tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, **service_env, **servers.env("bridge"), "BPSTREAM_BRIDGE_CLINIC": clinic,
-           "BPSTREAM_BRIDGE_CLIENT_ID": f"t-{tag}",
-           "BPSTREAM_BRIDGE_SHARE_GROUP": f"t-{tag}", "BPSTREAM_BRIDGE_METRICS_PORT": str(free_port())}
-    process = BridgeProcess(env, tmp_path / "bridge.log")
+def bridge(bridge_env: dict[str, str], tmp_path: Path) -> Iterator[BridgeProcess]:
+    process = BridgeProcess(bridge_env, tmp_path / "bridge.log")
     process.start()
     yield process
     process.ensure_stopped()

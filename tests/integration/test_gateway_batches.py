@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_bridge import BridgeProcess, Publisher, chunk_payload, consume, free_port
+from test_bridge import BridgeProcess, Publisher, chunk_payload, consume
 from test_mqtt_security import Client, _with
 
 from bpstream.localservers import ServerEndpoints
@@ -29,21 +29,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_mosquitto_
 
 
 @pytest.fixture
-def clinic() -> str:
-    return f"clinic-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture
-def bridge(servers: ServerEndpoints, service_env: dict[str, str], clinic: str,
-           tmp_path: Path) -> Iterator[BridgeProcess]:
-    import os
-
-    tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, **service_env, **servers.env("bridge"), "BPSTREAM_BRIDGE_CLINIC": clinic,
-           "BPSTREAM_BRIDGE_CLIENT_ID": f"test-bridge-{tag}", "BPSTREAM_BRIDGE_SHARE_GROUP": f"test-{tag}",
-           "BPSTREAM_BRIDGE_SESSION_EXPIRY_S": "120", "BPSTREAM_BRIDGE_METRICS_PORT": str(free_port()),
-           "BPSTREAM_BRIDGE_ALLOWED_SAMPLE_RATES": "[125.0]"}
-    process = BridgeProcess(env, tmp_path / "bridge.log")
+def bridge(bridge_env: dict[str, str], tmp_path: Path) -> Iterator[BridgeProcess]:
+    """test_bridge's bridge, accepting only 125 Hz (so a 250 Hz chunk in a batch is refused)."""
+    process = BridgeProcess({**bridge_env, "BPSTREAM_BRIDGE_ALLOWED_SAMPLE_RATES": "[125.0]"}, tmp_path / "bridge.log")
     yield process
     process.ensure_stopped()
 

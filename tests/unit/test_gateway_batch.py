@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_messages import corrupted
 
 from bpstream.services.bridge.batches import split_batch
 from bpstream.services.bridge.limits import PAYLOAD_TOO_LARGE, RATE_LIMITED, DeviceLimits, LimitChecker
@@ -108,20 +109,8 @@ def test_random_bytes_never_escape_as_anything_but_decode_error(data: bytes) -> 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_corrupted_batches_decode_or_raise_and_their_chunks_too(data: st.DataObject) -> None:
-    payload = bytearray(batch(chunk("dev-1"), chunk("dev-2"), chunk("dev-1", seq=1)))
-    how = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
-    if how == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            bit = data.draw(st.integers(0, len(payload) * 8 - 1))
-            payload[bit // 8] ^= 1 << (bit % 8)
-    elif how == "truncate":
-        payload = payload[: data.draw(st.integers(0, len(payload) - 1))]
-    elif how == "extend":
-        payload += data.draw(st.binary(min_size=1, max_size=64))
-    else:
-        start = data.draw(st.integers(0, len(payload) - 1))
-        payload[start:] = data.draw(st.binary(max_size=64))
-    _decode_or_error(bytes(payload))
+    payload = corrupted(batch(chunk("dev-1"), chunk("dev-2"), chunk("dev-1", seq=1)), data)
+    _decode_or_error(payload)
     # what the bridge does with it never raises: a whole-batch rejection or a verdict per chunk
     verdicts = split_batch(TOPIC, bytes(payload), RATES, limits(), mono=0.0)
     if not isinstance(verdicts, Rejection):

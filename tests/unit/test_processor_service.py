@@ -12,14 +12,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from test_processor_stage import simulated_payloads
 
+from bpstream.services.bridge.batches import raw_records as bridge_records
 from bpstream.services.processor.changelog import changelog_topic, latest_values
 from bpstream.services.processor.checkpoint import Checkpointer, DictStore, is_offset_mark, offset_mark_key
 from bpstream.services.processor.readback import RawRecord, in_offset_order
 from bpstream.services.processor.service import ProcessorService
 from bpstream.services.processor.settings import ProcessorSettings
 from bpstream.shared.errors import BpstreamError, TransientError
-from bpstream.shared.kafka import OutgoingRecord
-from bpstream.shared.messages import decode_dead_letter, decode_window
+from bpstream.shared.gateway import ChunkBatch, encode_batch
+from bpstream.shared.kafka import OutgoingRecord, key_partition
+from bpstream.shared.messages import SignalChunk, decode_chunk, decode_dead_letter, decode_window, encode_chunk
 from bpstream.shared.settings import KafkaSettings
 from bpstream.shared.topics import SIGNALS_DLQ, WINDOWS, device_key
 
@@ -260,13 +262,6 @@ def test_states_stay_live_between_checkpoints_and_a_batch_cut_short_reloads_them
 
 def test_batch_records_give_the_windows_of_chunk_records_and_bad_chunks_cost_only_themselves() -> None:
     """The bridge's per-partition ChunkBatch records on signals.raw: same windows as one record per chunk."""
-    from test_processor_stage import simulated_payloads
-
-    from bpstream.services.bridge.batches import raw_records as bridge_records
-    from bpstream.shared.gateway import ChunkBatch, encode_batch
-    from bpstream.shared.kafka import key_partition
-    from bpstream.shared.messages import SignalChunk, decode_chunk, encode_chunk
-
     devices = [f"dev-{i}" for i in range(8)]
     streams = {d: simulated_payloads(30, device=d, seed=i) for i, d in enumerate(devices)}
     singles: list[RawRecord] = []
